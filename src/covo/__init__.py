@@ -1,0 +1,1 @@
+"""Self-rewarding RL for LLM reasoning: CoVo and its baselines."""

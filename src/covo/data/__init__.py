@@ -1,0 +1,3 @@
+from covo.data.datamodule import PromptDataModule
+
+__all__ = ["PromptDataModule"]

@@ -1,0 +1,66 @@
+"""Prompts for rollouts: a Lightning data module over lists of `{"problem", "answer"}` items."""
+
+from __future__ import annotations
+
+import lightning.pytorch as L
+from torch.utils.data import DataLoader
+
+MATH_PROMPT = (
+    "Question: {problem}\n"
+    "Please reason step by step, and put your final answer within \\boxed{{}}\n"
+)
+
+
+def collate(items: list[dict]) -> dict[str, list]:
+    return {key: [item[key] for item in items] for key in items[0]}
+
+
+class PromptDataModule(L.LightningDataModule):
+    """Batches of prompts (the problem put through `prompt_template`) with their answers.
+
+    Answers travel with the batch for the ground-truth reward and diagnostics only. Without
+    a `val` list, the last `val_size` items of `train` are held out for validation.
+    """
+
+    def __init__(
+        self,
+        train: list[dict],
+        val: list[dict] | None = None,
+        val_size: int = 0,
+        prompt_template: str = MATH_PROMPT,
+        batch_size: int = 4,
+        val_batch_size: int = 16,
+        name: str = "data",
+    ):
+        super().__init__()
+        if "{problem}" not in prompt_template:
+            raise ValueError(
+                f"data.prompt_template must contain '{{problem}}': {prompt_template!r}"
+            )
+        if val is None:
+            if val_size >= len(train):
+                raise ValueError(
+                    f"data.val_size={val_size} leaves no training items ({len(train)})"
+                )
+            train, val = (train[:-val_size], train[-val_size:]) if val_size else (train, [])
+        self.name = name
+        self.prompt_template = prompt_template
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size
+        self.train_items = [self.with_prompt(item) for item in train]
+        self.val_items = [self.with_prompt(item) for item in val]
+
+    def with_prompt(self, item: dict) -> dict:
+        return {**item, "prompt": self.prompt_template.format(problem=item["problem"])}
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_items,
+            batch_size=self.batch_size,
+            shuffle=True,
+            collate_fn=collate,
+            drop_last=True,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_items, batch_size=self.val_batch_size, collate_fn=collate)

@@ -1,0 +1,1 @@
+"""Rewards: each maps one prompt's group of responses to a `GroupReward` (see `base`)."""

@@ -1,0 +1,85 @@
+"""What a reward sees (one prompt's whole group) and what it returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class Group:
+    """One prompt and its N sampled responses, as the policy produced them.
+
+    `response_ids[i]` holds the generated token ids of response i without the EOS token and
+    without padding; the per-token tensors below have the same length. `label` is the data's
+    ground-truth answer: only `ground_truth` and diagnostics may read it.
+    """
+
+    prompt_ids: list[int]
+    response_ids: list[list[int]]
+    texts: list[str]
+    token_logprobs: list[torch.Tensor]
+    token_entropy: list[torch.Tensor]
+    token_self_certainty: list[torch.Tensor]
+    label: str | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.response_ids)
+
+
+@dataclass
+class GroupReward:
+    """Rewards for one group.
+
+    `rewards[i]` is response i's training reward. `components` maps a metric name to one value
+    per response (logged as the batch mean of `reward/<name>`, NaN entries skipped);
+    `group_metrics` holds group-level values (logged as the mean over groups). `scores` is
+    the continuous intrinsic score used for AUROC (higher = the reward believes it more).
+    `answers[i]` is the extracted answer (None when there is none) and `clusters[i]` the index
+    of its answer cluster (-1 without an answer); `verdicts[c]` says whether cluster c passed.
+    `details` holds reward-specific per-response data (e.g. CoVo's distance matrices) for
+    plots and the score command.
+    """
+
+    rewards: list[float]
+    answers: list[str | None]
+    clusters: list[int]
+    scores: list[float]
+    verdicts: list[bool] = field(default_factory=list)
+    components: dict[str, list[float]] = field(default_factory=dict)
+    group_metrics: dict[str, float] = field(default_factory=dict)
+    details: dict[str, list] = field(default_factory=dict)
+
+
+class Scorer(Protocol):
+    """Policy log-likelihoods of continuations that branch off a sequence.
+
+    `tokenizer` is the policy's tokenizer (rewards tokenise their branches with it).
+    `tokens_processed` / `floor_tokens` count the work done since the last `reset_counters()`.
+    """
+
+    tokenizer: object
+    tokens_processed: int
+    floor_tokens: int
+
+    def reset_counters(self) -> None: ...
+
+    def branch_nll(
+        self,
+        context_ids: list[int],
+        state_ends: list[int],
+        branches: list[list[list[int]]],
+        scored_from: list[list[int]],
+    ) -> list[torch.Tensor]:
+        """Mean NLL of each branch given `context_ids[:state_ends[i]]`.
+
+        `branches[i][k]` is the token list of branch k at state i; only its tokens from
+        `scored_from[i][k]` on are averaged. Returns one float32 tensor of shape [K_i] per state.
+        """
+
+
+class Reward(Protocol):
+    def __call__(self, group: Group, scorer: Scorer | None) -> GroupReward: ...

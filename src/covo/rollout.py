@@ -1,0 +1,229 @@
+"""Rollout: sample N responses per prompt, then per-token statistics from one forward pass."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from covo.rewards.base import Group
+
+
+@dataclass
+class Rollout:
+    """B prompts x N responses, prompt-major (response r answers prompt r // N).
+
+    `sequences` [R, P+G]: left-padded prompts followed by right-padded responses.
+    `response_mask` [R, G]: 1.0 on generated tokens up to and including the first EOS.
+    `logprobs`, `entropy`, `self_certainty` [R, G]: the sampling policy's per-token values
+    (float32, zero on padding); `self_certainty` is KL(uniform || policy) per token.
+    """
+
+    sequences: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    logprobs: torch.Tensor
+    entropy: torch.Tensor
+    self_certainty: torch.Tensor
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    texts: list[str]
+    truncated: torch.Tensor
+    group_size: int
+    ref_logprobs: torch.Tensor | None = None
+
+    @property
+    def prompt_len(self) -> int:
+        return self.sequences.shape[1] - self.response_mask.shape[1]
+
+    def groups(self, labels: list[str | None]) -> list[Group]:
+        """One `Group` per prompt: what a reward sees."""
+        n, out = self.group_size, []
+        lengths = [len(ids) for ids in self.response_ids]
+        for b, prompt_ids in enumerate(self.prompt_ids):
+            rows = range(b * n, (b + 1) * n)
+
+            def cut(values: torch.Tensor) -> list[torch.Tensor]:
+                return [values[r, : lengths[r]].float().cpu() for r in rows]  # noqa: B023
+
+            out.append(
+                Group(
+                    prompt_ids=prompt_ids,
+                    response_ids=[self.response_ids[r] for r in rows],
+                    texts=[self.texts[r] for r in rows],
+                    token_logprobs=cut(self.logprobs),
+                    token_entropy=cut(self.entropy),
+                    token_self_certainty=cut(self.self_certainty),
+                    label=labels[b],
+                )
+            )
+        return out
+
+
+def format_prompts(tokenizer, prompts: list[str], chat_template: bool) -> list[str]:
+    if not chat_template:
+        return prompts
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+        )
+        for p in prompts
+    ]
+
+
+def encode_prompts(tokenizer, texts: list[str], device) -> dict[str, torch.Tensor]:
+    # chat templates already carry their special tokens
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+
+
+def response_mask_from(tokens: torch.Tensor, eos_ids: set[int]) -> torch.Tensor:
+    """[R, G] generated ids -> float mask up to and including the first EOS."""
+    is_eos = torch.zeros_like(tokens, dtype=torch.bool)
+    for eos in eos_ids:
+        is_eos |= tokens == eos
+    after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
+    return (~after_eos).float()
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids]) if ids is not None else set()
+    ids.add(tokenizer.eos_token_id)
+    return {i for i in ids if i is not None}
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    synced: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Sample `num_samples` responses per prompt (greedy when temperature is 0).
+
+    `synced` keeps every rank stepping until all ranks are done: needed when parameters are
+    sharded (FSDP), where each forward is a collective. Returns (sequences [R, P+G],
+    prompt attention mask repeated [R, P], P).
+    """
+    enc = encode_prompts(tokenizer, prompts, model.device)
+    sampling = temperature > 0
+    out = model.generate(
+        **enc,
+        do_sample=sampling,
+        temperature=temperature if sampling else None,
+        top_p=top_p if sampling else None,
+        top_k=0 if sampling else None,
+        max_new_tokens=max_new_tokens,
+        num_return_sequences=num_samples,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=sorted(eos_token_ids(model, tokenizer)),
+        synced_gpus=synced,
+    )
+    prompt_mask = enc["attention_mask"].repeat_interleave(num_samples, dim=0)
+    return out, prompt_mask, enc["input_ids"].shape[1]
+
+
+def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def response_token_stats(
+    model,
+    sequences: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_len: int,
+    temperature: float = 1.0,
+    with_distribution_stats: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Per response token: log-prob of the sampled token, and (optionally) the entropy and
+    KL(uniform || policy) of the policy's next-token distribution. All [R, G], float32.
+
+    Logits are taken only at the response positions (they dominate memory).
+    """
+    hidden = model.model(
+        input_ids=sequences,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from(attention_mask),
+        use_cache=False,
+    ).last_hidden_state
+    hidden = hidden[:, -response_len - 1 : -1]
+    logits = model.get_output_embeddings()(hidden).float()
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
+    logp_all = F.log_softmax(logits, dim=-1)
+    targets = sequences[:, -response_len:]
+    stats = {"logprobs": logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)}
+    if with_distribution_stats:
+        p = logp_all.exp()
+        stats["entropy"] = -(p * logp_all).sum(-1)
+        stats["self_certainty"] = -logp_all.mean(-1) - math.log(logp_all.shape[-1])
+    return stats
+
+
+def batched_token_stats(model, sequences, attention_mask, response_len, temperature, chunk):
+    """`response_token_stats` over row chunks, without gradients."""
+    parts = []
+    with torch.no_grad():
+        for start in range(0, sequences.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            parts.append(
+                response_token_stats(
+                    model, sequences[rows], attention_mask[rows], response_len, temperature
+                )
+            )
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def build_rollout(
+    model,
+    tokenizer,
+    prompts: list[str],
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    stats_chunk: int = 4,
+    synced: bool = False,
+) -> Rollout:
+    """Generate, then score the sampled tokens with one forward pass per chunk of rows."""
+    sequences, prompt_mask, prompt_len = generate(
+        model, tokenizer, prompts, num_samples, max_new_tokens, temperature, top_p, synced
+    )
+    tokens = sequences[:, prompt_len:]
+    eos = eos_token_ids(model, tokenizer)
+    response_mask = response_mask_from(tokens, eos)
+    attention_mask = torch.cat([prompt_mask, response_mask.long()], dim=1)
+    stats = batched_token_stats(
+        model, sequences, attention_mask, tokens.shape[1], temperature, stats_chunk
+    )
+    for key in stats:
+        stats[key] = stats[key] * response_mask
+    response_ids, texts, truncated = [], [], []
+    for row, mask in zip(tokens.tolist(), response_mask.long().tolist()):
+        ids = row[: sum(mask)]
+        ended = bool(ids) and ids[-1] in eos
+        truncated.append(not ended)
+        response_ids.append(ids[:-1] if ended else ids)
+        texts.append(tokenizer.decode(response_ids[-1], skip_special_tokens=True))
+    prompt_rows = sequences[::num_samples, :prompt_len]
+    prompt_ids = [
+        row[m.bool()].tolist() for row, m in zip(prompt_rows, prompt_mask[::num_samples])
+    ]
+    return Rollout(
+        sequences=sequences,
+        attention_mask=attention_mask,
+        response_mask=response_mask,
+        prompt_ids=prompt_ids,
+        response_ids=response_ids,
+        texts=texts,
+        truncated=torch.tensor(truncated),
+        group_size=num_samples,
+        **stats,
+    )

@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from covo.losses import kl_estimate, kl_loss, masked_mean, policy_loss
+
+torch.set_num_threads(1)
+
+# d = logp - logp_ref = [1, -1, 0]
+LOGP = torch.tensor([[-1.0, -2.0, -0.5]])
+REF = torch.tensor([[-2.0, -1.0, -0.5]])
+E = math.e
+
+
+@pytest.mark.parametrize(
+    ("estimator", "expected"),
+    [
+        ("k1", [1.0, -1.0, 0.0]),
+        ("k2", [0.5, 0.5, 0.0]),  # d^2 / 2
+        ("k3", [1 / E + 1 - 1, E - 1 - 1, 0.0]),  # exp(-d) + d - 1
+    ],
+)
+def test_kl_estimates_hand_values(estimator, expected):
+    torch.testing.assert_close(kl_estimate(LOGP, REF, estimator), torch.tensor([expected]))
+
+
+def test_k3_is_never_negative_and_k1_k3_are_unbiased():
+    pi = torch.tensor([0.5, 0.25, 0.25])
+    ref = torch.tensor([0.25, 0.25, 0.5])
+    # KL(pi || ref) = 0.5 ln 2 + 0.25 ln 1 + 0.25 ln 0.5 = 0.25 ln 2
+    true_kl = 0.25 * math.log(2)
+    for name in ("k1", "k3"):
+        per_outcome = kl_estimate(pi.log(), ref.log(), name)
+        torch.testing.assert_close((pi * per_outcome).sum(), torch.tensor(true_kl))
+    d = torch.linspace(-5, 5, 101)
+    assert (kl_estimate(d, torch.zeros(101), "k3") >= 0).all()
+
+
+def test_unknown_kl_estimator_names_the_options():
+    with pytest.raises(ValueError, match="k1"):
+        kl_estimate(LOGP, REF, "k4")
+
+
+def test_kl_loss_reductions():
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    torch.testing.assert_close(kl_loss(LOGP, REF, mask, "k1"), torch.tensor(0.0))  # (1 - 1) / 2
+    torch.testing.assert_close(kl_loss(LOGP, REF, mask, "k2"), torch.tensor(0.5))
+    # with a batch-wide normalizer of 4 tokens: (1/e + e - 2) / 4
+    expected = torch.tensor((1 / E + E - 2) / 4)
+    torch.testing.assert_close(kl_loss(LOGP, REF, mask, "k3", normalizer=4), expected)
+
+
+def test_masked_mean_per_row_and_empty_row():
+    x = torch.tensor([[1.0, 3.0, 100.0], [5.0, 6.0, 7.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    torch.testing.assert_close(masked_mean(x, mask, dim=1), torch.tensor([2.0, 0.0]))
+    torch.testing.assert_close(masked_mean(x, mask), torch.tensor(2.0))
+
+
+def test_policy_loss_clips_both_signs_and_blocks_their_gradient():
+    ratios = torch.tensor([[1.5, 1.1, 0.5, 0.9, 0.5, 1.5, 3.0]])
+    advantages = torch.tensor([[1.0, 1.0, -1.0, -1.0, 1.0, -1.0, 5.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0]])
+    logprobs = ratios.log().requires_grad_()
+    loss, stats = policy_loss(logprobs, torch.zeros(1, 7), advantages, mask, clip_eps=0.2)
+    # per token max(-A r, -A clip(r, 0.8, 1.2)):
+    # A=+1 r=1.5 -> max(-1.5, -1.2) = -1.2 clipped | A=+1 r=1.1 -> -1.1
+    # A=-1 r=0.5 -> max(0.5, 0.8) = 0.8 clipped    | A=-1 r=0.9 -> 0.9
+    # A=+1 r=0.5 -> max(-0.5, -0.8) = -0.5 (pessimistic, not clipped)
+    # A=-1 r=1.5 -> max(1.5, 1.2) = 1.5 (not clipped); padding ignored
+    # mean = (-1.2 - 1.1 + 0.8 + 0.9 - 0.5 + 1.5) / 6 = 0.4 / 6
+    torch.testing.assert_close(loss, torch.tensor(0.4 / 6))
+    loss.backward()
+    # d(-A r)/d logp = -A r on unclipped tokens, 0 on clipped ones and padding
+    expected_grad = torch.tensor([[0.0, -1.1, 0.0, 0.9, -0.5, 1.5, 0.0]]) / 6
+    torch.testing.assert_close(logprobs.grad, expected_grad)
+    torch.testing.assert_close(stats["clip_frac"], torch.tensor(2 / 6))
+    # (1.5 + 1.1 + 0.5 + 0.9 + 0.5 + 1.5) / 6 = 1
+    torch.testing.assert_close(stats["ratio_mean"], torch.tensor(1.0))
+    approx_kl = -math.log(1.5 * 1.1 * 0.5 * 0.9 * 0.5 * 1.5) / 6
+    torch.testing.assert_close(stats["approx_kl"], torch.tensor(approx_kl))
+    assert not any(v.requires_grad for v in stats.values())
+
+
+def test_micro_batch_losses_with_normalizer_sum_to_the_batch_mean():
+    generator = torch.Generator().manual_seed(0)
+    logprobs = -torch.rand(4, 5, generator=generator)
+    old = logprobs + 0.3 * torch.randn(4, 5, generator=generator)
+    advantages = torch.randn(4, 5, generator=generator)
+    # rows with 5, 1, 3 and 2 real tokens: micro-batch means would weight tokens unequally
+    mask = (torch.arange(5) < torch.tensor([5, 1, 3, 2])[:, None]).float()
+    full, _ = policy_loss(logprobs, old, advantages, mask, 0.2)
+    normalizer = mask.sum()
+    parts = [
+        policy_loss(logprobs[rows], old[rows], advantages[rows], mask[rows], 0.2, normalizer)[0]
+        for rows in (slice(0, 2), slice(2, 4))
+    ]
+    torch.testing.assert_close(parts[0] + parts[1], full)
+    means = [
+        policy_loss(logprobs[r], old[r], advantages[r], mask[r], 0.2)[0]
+        for r in (slice(0, 2), slice(2, 4))
+    ]
+    assert not torch.isclose((means[0] + means[1]) / 2, full)

@@ -1,0 +1,141 @@
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from covo.answers import AnswerEquivalence
+from covo.rewards.base import Group
+from covo.rewards.certainty import EntropyReward, SelfCertaintyReward
+from covo.rewards.ground_truth import GroundTruthReward
+from covo.rewards.majority import MajorityReward
+
+torch.set_num_threads(1)
+REWARD_CONF = Path(__file__).resolve().parents[1] / "conf" / "reward"
+
+
+class LabelGuardGroup(Group):
+    """A group whose label raises when read: self-rewards must never look at it."""
+
+    def __getattribute__(self, name):
+        if name == "label":
+            raise AssertionError("a self-reward read group.label")
+        return super().__getattribute__(name)
+
+
+def make_group(texts, label=None, certainty=None, entropy=None, group_cls=Group):
+    """Fake tokens: one id per value; per-token values default to 1.0 per response token."""
+    certainty = certainty or [[1.0, 1.0] for _ in texts]
+    entropy = entropy or certainty
+    return group_cls(
+        prompt_ids=[1, 2],
+        response_ids=[list(range(len(v))) for v in certainty],
+        texts=list(texts),
+        token_logprobs=[torch.zeros(len(v)) for v in certainty],
+        token_entropy=[torch.tensor(v, dtype=torch.float32) for v in entropy],
+        token_self_certainty=[torch.tensor(v, dtype=torch.float32) for v in certainty],
+        label=label,
+    )
+
+
+def boxed(*answers):
+    return [r"so \boxed{" + a + "}" if a is not None else "I give up" for a in answers]
+
+
+def test_majority_rewards_the_largest_cluster():
+    group = make_group(boxed("2", "3", "3.0", None, "2", r"\frac{6}{2}"), label="2")
+    out = MajorityReward()(group, None)
+    # clusters: 2 -> {0, 4}, 3 -> {1, 2, 5}; shares 2/6 and 3/6 of all six responses.
+    assert out.clusters == [0, 1, 1, -1, 0, 1]
+    assert out.rewards == [0.0, 1.0, 1.0, 0.0, 0.0, 1.0]
+    assert out.scores == pytest.approx([2 / 6, 3 / 6, 3 / 6, 0.0, 2 / 6, 3 / 6])
+    assert out.verdicts == [False, True]
+    assert out.components["majority_share"] == out.scores
+    assert out.answers[3] is None
+
+
+def test_majority_tie_goes_to_the_first_cluster():
+    out = MajorityReward()(make_group(boxed("7", "5", "5", "7", "9")), None)
+    # counts: 7 -> 2, 5 -> 2, 9 -> 1; cluster of "7" appears first.
+    assert out.rewards == [1.0, 0.0, 0.0, 1.0, 0.0]
+    assert out.verdicts == [True, False, False]
+
+
+def test_majority_without_answers_gives_zero():
+    out = MajorityReward()(make_group(boxed(None, None)), None)
+    assert out.rewards == [0.0, 0.0]
+    assert out.scores == [0.0, 0.0]
+    assert out.clusters == [-1, -1]
+    assert out.verdicts == []
+
+
+@pytest.mark.parametrize("reward_cls", [MajorityReward, SelfCertaintyReward, EntropyReward])
+def test_self_rewards_never_read_the_label(reward_cls):
+    texts = boxed("1", "2", "2")
+    plain = reward_cls()(make_group(texts, label="1"), None)
+    guarded = reward_cls()(make_group(texts, label="1", group_cls=LabelGuardGroup), None)
+    assert guarded.rewards == plain.rewards
+    assert guarded.verdicts == plain.verdicts
+    with pytest.raises(AssertionError, match="label"):
+        GroundTruthReward()(make_group(texts, label="1", group_cls=LabelGuardGroup), None)
+
+
+def test_ground_truth_reward():
+    group = make_group(boxed(r"\frac{1}{2}", "2", None, "0.5"), label=r"\boxed{1/2}")
+    out = GroundTruthReward()(group, None)
+    assert out.rewards == [1.0, 0.0, 0.0, 1.0]
+    assert out.scores == out.rewards
+    assert out.clusters == [0, 1, -1, 0]
+    assert out.verdicts == [True, False]
+    with pytest.raises(ValueError, match="label"):
+        GroundTruthReward()(make_group(boxed("1")), None)
+
+
+def test_self_certainty_reward():
+    texts = [r"\boxed{1}", r"\boxed{2}", "", "no answer", r"\boxed{1.0}"]
+    certainty = [[1.0, 2.0, 3.0], [4.0], [], [9.0, 9.0], [0.5, 1.5]]
+    out = SelfCertaintyReward()(make_group(texts, certainty=certainty), None)
+    # means: (1+2+3)/3 = 2, 4, empty -> 0, 9, (0.5+1.5)/2 = 1.
+    assert out.rewards == pytest.approx([2.0, 4.0, 0.0, 9.0, 1.0])
+    assert out.scores == out.rewards
+    assert out.clusters == [0, 1, -1, -1, 0]
+    # the top score 9 has no answer; the best answered response (4) sits in cluster 1.
+    assert out.verdicts == [False, True]
+    values = out.components["self_certainty"]
+    assert values[:2] == pytest.approx([2.0, 4.0]) and math.isnan(values[2])
+
+
+def test_entropy_reward_is_negative_mean_entropy():
+    texts = [r"\boxed{1}", r"\boxed{2}", r"\boxed{2}"]
+    entropy = [[0.5, 1.5], [0.2], [3.0, 1.0, 2.0]]
+    out = EntropyReward()(make_group(texts, entropy=entropy, certainty=[[0.0]] * 3), None)
+    # mean entropies: 1.0, 0.2, 2.0 -> rewards -1.0, -0.2, -2.0; the best (-0.2) is in cluster 1.
+    assert out.rewards == pytest.approx([-1.0, -0.2, -2.0])
+    assert out.components["entropy"] == pytest.approx([1.0, 0.2, 2.0])
+    assert out.verdicts == [False, True]
+
+
+def test_extractor_choice_changes_answers():
+    texts = ["it is 4", r"\boxed{4}"]
+    assert MajorityReward(extractor="boxed")(make_group(texts), None).answers == [None, "4"]
+    assert MajorityReward(extractor="last_number")(make_group(texts), None).answers == ["4", "4"]
+
+
+@pytest.mark.parametrize(
+    ("name", "cls"),
+    [
+        ("ground_truth", GroundTruthReward),
+        ("majority", MajorityReward),
+        ("self_certainty", SelfCertaintyReward),
+        ("entropy", EntropyReward),
+    ],
+)
+def test_reward_configs_instantiate(name, cls):
+    shared = AnswerEquivalence()
+    reward = instantiate(OmegaConf.load(REWARD_CONF / f"{name}.yaml"), equivalence=shared)
+    assert type(reward) is cls
+    assert reward.equivalence is shared
