@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -48,27 +46,35 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 class InferenceView:
     """The policy as rollout and scoring see it.
 
-    Unsharded models are used as they are. Sharded (FSDP2) policies are copied, whole, into a
-    local replica refreshed before each rollout: generation and scoring then run rank-local,
-    with no collective per decoding step, so ranks can finish at different times.
+    With no `dtype` (or the policy's own) and unsharded weights, the policy itself. Otherwise a
+    local replica, refreshed from the policy before each use: in `dtype` (bf16 decoding would
+    otherwise re-cast fp32 master weights at every token), and whole when the policy is
+    sharded (FSDP2), so generation and scoring run rank-local, with no collective per step.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: torch.dtype | None = None) -> None:
+        self.dtype = dtype
         self.replica: nn.Module | None = None
 
+    def needs_replica(self, policy: nn.Module) -> bool:
+        own_dtype = self.dtype is None or self.dtype == next(policy.parameters()).dtype
+        return is_sharded(policy) or not own_dtype
+
     def __call__(self, policy: nn.Module) -> nn.Module:
-        if not is_sharded(policy):
+        if not self.needs_replica(policy):
             return policy
-        state = {k: v.detach() for k, v in full_state_dict(policy).items()}
+        state = full_state_dict(policy)
         if self.replica is None:
-            self.replica = copy.deepcopy(unsharded_skeleton(policy, state))
-        self.replica.load_state_dict(state)
+            self.replica = replica_of(policy, state, self.dtype)
+        else:
+            self.replica.load_state_dict(state)
         return self.replica
 
 
-def unsharded_skeleton(policy: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    """A plain module of the policy's class and config, holding `state`."""
+def replica_of(policy: nn.Module, state: dict[str, torch.Tensor], dtype) -> nn.Module:
+    """A plain (unsharded) module of the policy's class and config holding `state`."""
     replica = type(policy)(policy.config)
     replica.load_state_dict(state)
     replica.generation_config = policy.generation_config
-    return replica.to(next(iter(state.values())).device).eval()
+    device = next(iter(state.values())).device
+    return replica.to(device=device, dtype=dtype).eval().requires_grad_(False)

@@ -213,9 +213,7 @@ def build_rollout(
         response_ids.append(ids[:-1] if ended else ids)
         texts.append(tokenizer.decode(response_ids[-1], skip_special_tokens=True))
     prompt_rows = sequences[::num_samples, :prompt_len]
-    prompt_ids = [
-        row[m.bool()].tolist() for row, m in zip(prompt_rows, prompt_mask[::num_samples])
-    ]
+    prompt_ids = [row[m.bool()].tolist() for row, m in zip(prompt_rows, prompt_mask[::num_samples])]
     return Rollout(
         sequences=sequences,
         attention_mask=attention_mask,

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import hydra
 import lightning.pytorch as L
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from covo.export import export_policy
+from covo.hardware import auto_dtype, auto_precision
 from covo.module import SelfRewardRL
 
 log = logging.getLogger(__name__)
@@ -22,7 +23,18 @@ def instantiate_dict(cfg: DictConfig | None) -> list:
     return [hydra.utils.instantiate(node) for node in cfg.values() if node is not None]
 
 
+def resolve_auto(cfg: DictConfig) -> None:
+    """`precision: auto` and `rollout.dtype: auto` follow what this hardware runs fast."""
+    accelerator = cfg.trainer.accelerator
+    with open_dict(cfg):
+        if cfg.trainer.precision == "auto":
+            cfg.trainer.precision = auto_precision(accelerator)
+        if cfg.rollout.dtype == "auto":
+            cfg.rollout.dtype = auto_dtype(accelerator)
+
+
 def build(cfg: DictConfig) -> tuple[SelfRewardRL, L.LightningDataModule, L.Trainer]:
+    resolve_auto(cfg)
     loaded = hydra.utils.instantiate(cfg.model)
     datamodule = hydra.utils.instantiate(cfg.data)
     module = SelfRewardRL(
@@ -35,6 +47,7 @@ def build(cfg: DictConfig) -> tuple[SelfRewardRL, L.LightningDataModule, L.Train
         max_grad_norm=cfg.max_grad_norm,
         scoring_dtype=cfg.scoring_dtype,
         samples_every=cfg.samples_every,
+        plots_every=cfg.plots_every,
         threads=cfg.threads,
     )
     trainer = hydra.utils.instantiate(

@@ -1,0 +1,195 @@
+"""Self-reward diagnostics against ground-truth labels (COVO_SPEC section 9).
+
+Labels are read here only, never by a reward. Every function takes one `GroupReward` and one
+label per prompt; prompts whose label is None are left out. A response is correct when its own
+answer matches the label (no answer: incorrect); a cluster is correct when its representative,
+the answer of its first member, matches.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+
+from covo.answers import AnswerEquivalence
+from covo.rewards.base import GroupReward
+
+
+def auroc(scores: Sequence[float], positives: Sequence[bool]) -> float:
+    """Area under the ROC curve via the rank-sum formula; tied scores share their mean rank.
+
+    Equals P(score of a random positive > score of a random negative), ties counting 1/2.
+    NaN when either class is empty.
+
+    >>> auroc([0.9, 0.5, 0.5, 0.1], [True, True, False, False])  # (1 + 1 + 0.5 + 1) / 4
+    0.875
+    """
+    n_pos = sum(bool(p) for p in positives)
+    n_neg = len(positives) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    ranks = [0.0] * len(scores)
+    start = 0
+    for _, tied in itertools.groupby(order, key=lambda i: scores[i]):
+        tied = list(tied)
+        for i in tied:
+            ranks[i] = start + (len(tied) + 1) / 2
+        start += len(tied)
+    rank_sum = math.fsum(r for r, p in zip(ranks, positives) if p)
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def _labelled(results: list[GroupReward], labels: list[str | None]):
+    return [(res, label) for res, label in zip(results, labels) if label is not None]
+
+
+def _cluster_sizes(clusters: list[int]) -> list[int]:
+    return [clusters.count(c) for c in range(max(clusters, default=-1) + 1)]
+
+
+def _cluster_correct(res: GroupReward, label: str, equivalence: AnswerEquivalence) -> list[bool]:
+    reps = [res.answers[res.clusters.index(c)] for c in range(len(_cluster_sizes(res.clusters)))]
+    return [equivalence.is_correct(rep, label) for rep in reps]
+
+
+def _first_max(values: list[float]) -> int:
+    """Index of the largest value, the earliest on ties; NaN ranks below everything."""
+    keyed = [-math.inf if math.isnan(v) else v for v in values]
+    return keyed.index(max(keyed))
+
+
+def _top_by_score(res: GroupReward) -> int:
+    """Cluster with the highest mean score over its members (-1 without answers)."""
+    k = len(_cluster_sizes(res.clusters))
+    if k == 0:
+        return -1
+    means = []
+    for c in range(k):
+        member = [s for s, ci in zip(res.scores, res.clusters) if ci == c and not math.isnan(s)]
+        means.append(math.fsum(member) / len(member) if member else math.nan)
+    return _first_max(means)
+
+
+def _majority(res: GroupReward) -> int:
+    sizes = _cluster_sizes(res.clusters)
+    return sizes.index(max(sizes)) if sizes else -1
+
+
+def _entropy(sizes: list[int]) -> float:
+    total = sum(sizes)
+    return -math.fsum(n / total * math.log(n / total) for n in sizes)
+
+
+def _mean(values: list[float]) -> float:
+    return math.fsum(values) / len(values) if values else math.nan
+
+
+def reward_diagnostics(
+    results: list[GroupReward], labels: list[str | None], equivalence: AnswerEquivalence
+) -> dict[str, float]:
+    """Batch diagnostics of one step: `diag/...` -> value, only the entries defined here.
+
+    - reward_accuracy / majority_reward_accuracy: over prompts with >= 2 clusters, the share of
+      all their clusters (pooled) whose verdict (the reward's / "is the majority cluster")
+      equals the cluster's correctness (paper Fig. 5).
+    - auroc: `scores` against correctness over all responses (non-finite scores left out).
+    - label_accuracy / majority_label_accuracy: share of prompts whose top cluster (highest
+      mean score / most members; ties -> earliest) is correct; no answers count as wrong.
+    - num_answers: mean clusters per prompt; answer_entropy: mean entropy (nats) of the
+      cluster-size distribution over prompts with at least one answer.
+    """
+    verdict_hits, majority_hits = [], []
+    scores, correct = [], []
+    label_hits, majority_label_hits, num_answers, entropies = [], [], [], []
+    for res, label in _labelled(results, labels):
+        sizes = _cluster_sizes(res.clusters)
+        cluster_correct = _cluster_correct(res, label, equivalence)
+        top, majority = _top_by_score(res), _majority(res)
+        # Rewards that pass no verdict per cluster are left out of reward accuracy.
+        if len(sizes) >= 2 and len(res.verdicts) == len(sizes):
+            for c, is_correct in enumerate(cluster_correct):
+                verdict_hits.append(float(bool(res.verdicts[c]) == is_correct))
+                majority_hits.append(float((c == majority) == is_correct))
+        for answer, score in zip(res.answers, res.scores):
+            if math.isfinite(score):
+                scores.append(score)
+                correct.append(equivalence.is_correct(answer, label))
+        label_hits.append(float(top >= 0 and cluster_correct[top]))
+        majority_label_hits.append(float(majority >= 0 and cluster_correct[majority]))
+        num_answers.append(float(len(sizes)))
+        if sizes:
+            entropies.append(_entropy(sizes))
+    metrics = {
+        "diag/reward_accuracy": _mean(verdict_hits),
+        "diag/majority_reward_accuracy": _mean(majority_hits),
+        "diag/auroc": auroc(scores, correct),
+        "diag/label_accuracy": _mean(label_hits),
+        "diag/majority_label_accuracy": _mean(majority_label_hits),
+        "diag/num_answers": _mean(num_answers),
+        "diag/answer_entropy": _mean(entropies),
+    }
+    return {name: value for name, value in metrics.items() if not math.isnan(value)}
+
+
+def distance_curves(
+    results: list[GroupReward],
+    labels: list[str | None],
+    equivalence: AnswerEquivalence,
+    key: str = "ratios",
+    bins: int = 10,
+) -> dict[str, list[float] | int]:
+    """Mean distance ratio r_i per bin of state position, correct vs incorrect (paper Fig. 2).
+
+    State i of a trajectory with T states sits at position (i + 1) / T in (0, 1]: the share of
+    its steps the state has seen under the released-code states (with `include_prompt_state`
+    each state has seen one step less). Bin b covers (b / bins, (b + 1) / bins]. Reads
+    `details[key][i]` (r per state, None when not scored). Returns `bin_centers` [bins] and,
+    for `correct` and `incorrect`, `<which>_mean` [bins] (NaN for empty bins), `<which>_count`
+    [bins] (states per bin) and `<which>_trajectories` (int). Non-finite ratios are skipped.
+    """
+    sums = {which: [0.0] * bins for which in ("correct", "incorrect")}
+    counts = {which: [0] * bins for which in ("correct", "incorrect")}
+    trajectories = {"correct": 0, "incorrect": 0}
+    for res, label in _labelled(results, labels):
+        for answer, ratios in zip(res.answers, res.details.get(key, [])):
+            if not ratios:
+                continue
+            which = "correct" if equivalence.is_correct(answer, label) else "incorrect"
+            trajectories[which] += 1
+            T = len(ratios)
+            for i, r in enumerate(ratios):
+                if math.isfinite(r):
+                    # Integer form of ceil((i + 1) / T * bins) - 1: exact at bin edges.
+                    b = ((i + 1) * bins - 1) // T
+                    sums[which][b] += r
+                    counts[which][b] += 1
+    out: dict[str, list[float] | int] = {"bin_centers": [(b + 0.5) / bins for b in range(bins)]}
+    for which in ("correct", "incorrect"):
+        out[f"{which}_mean"] = [
+            s / n if n else math.nan for s, n in zip(sums[which], counts[which])
+        ]
+        out[f"{which}_count"] = counts[which]
+        out[f"{which}_trajectories"] = trajectories[which]
+    return out
+
+
+def consistency_volatility_values(
+    results: list[GroupReward], labels: list[str | None], equivalence: AnswerEquivalence
+) -> dict[str, list[float]]:
+    """Per-response `consistency` / `volatility` components split by correctness.
+
+    Keys `consistency/correct`, `consistency/incorrect`, `volatility/correct`,
+    `volatility/incorrect`; NaN entries (responses not judged) are skipped and empty lists
+    left out, so every value can go to a histogram as it is.
+    """
+    values: dict[str, list[float]] = {}
+    for res, label in _labelled(results, labels):
+        correct = [equivalence.is_correct(answer, label) for answer in res.answers]
+        for name in ("consistency", "volatility"):
+            for value, is_correct in zip(res.components.get(name, []), correct):
+                if not math.isnan(value):
+                    which = "correct" if is_correct else "incorrect"
+                    values.setdefault(f"{name}/{which}", []).append(value)
+    return values

@@ -1,0 +1,31 @@
+"""What the local processor does fast."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 matmuls natively (AVX512-BF16 or AMX). Without them,
+    torch emulates bf16 on CPU and it runs several times slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def auto_precision(accelerator: str) -> str:
+    """Lightning precision for `precision: auto`."""
+    if accelerator in ("gpu", "cuda"):
+        return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32"
+    return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
+
+
+def auto_dtype(accelerator: str) -> str | None:
+    """Rollout replica dtype for `rollout.dtype: auto` (None = the fp32 policy itself)."""
+    return "bfloat16" if auto_precision(accelerator).startswith("bf16") else None

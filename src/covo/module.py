@@ -1,0 +1,332 @@
+"""The LightningModule: rollout -> reward -> advantages -> policy-gradient update."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import lightning.pytorch as L
+import torch
+from omegaconf import DictConfig
+
+from covo import distributed as dist
+from covo.advantages import filter_groups
+from covo.answers import AnswerEquivalence, get_extractor
+from covo.diagnostics import consistency_volatility_values, distance_curves
+from covo.losses import kl_estimate, kl_loss, masked_mean, policy_loss
+from covo.model import LoadedModel
+from covo.plots import distance_curve_figure, figure_to_array
+from covo.rewards.base import GroupReward, Reward
+from covo.rollout import (
+    Rollout,
+    build_rollout,
+    eos_token_ids,
+    format_prompts,
+    generate,
+    response_mask_from,
+    response_token_stats,
+)
+from covo.scoring import PrefixSharedScorer
+from covo.step_metrics import reward_metrics, rollout_metrics, sample_table
+
+
+@dataclass
+class Scored:
+    rewards: torch.Tensor
+    results: list[GroupReward]
+
+
+def dtype_of(name: str | None) -> torch.dtype | None:
+    return {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+class SelfRewardRL(L.LightningModule):
+    """Self-rewarding RL of a causal LM.
+
+    `reward` maps a prompt's group of responses to rewards; `algorithm` holds the advantage
+    estimator (a partial), KL, clipping and batching settings; `optimizer` and `scheduler`
+    are partials completed here.
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        reward: Reward,
+        algorithm: DictConfig,
+        optimizer,
+        scheduler,
+        rollout: DictConfig,
+        max_grad_norm: float = 1.0,
+        scoring_dtype: str | None = None,
+        samples_every: int = 10,
+        plots_every: int = 10,
+        threads: int | None = None,
+        val_extractor: str = "boxed_or_last_number",
+    ):
+        super().__init__()
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints leave out the frozen reference
+        self.policy = model.model
+        self.tokenizer = model.tokenizer
+        self.chat_template = model.chat_template
+        self.reward = reward
+        self.algorithm = algorithm
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.rollout_cfg = rollout
+        self.max_grad_norm = max_grad_norm
+        self.scoring_dtype = dtype_of(scoring_dtype)
+        self.samples_every = samples_every
+        self.plots_every = plots_every
+        self.val_extract = get_extractor(val_extractor)
+        self.threads = threads
+        rollout_dtype = dtype_of(rollout.dtype)
+        self.reference = None
+        if algorithm.kl_coef > 0:
+            self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
+            self.reference.to(dtype=rollout_dtype)
+        self.rollout_view = dist.InferenceView(rollout_dtype)
+        self.scoring_view = (
+            dist.InferenceView(self.scoring_dtype)
+            if self.scoring_dtype not in (None, rollout_dtype)
+            else self.rollout_view
+        )
+        self.equivalence = AnswerEquivalence()
+
+    def setup(self, stage: str) -> None:
+        cores = len(os.sched_getaffinity(0))
+        per_node = max(1, getattr(self.trainer, "num_devices", 1))
+        if self.device.type == "cpu":
+            torch.set_num_threads(self.threads or max(1, cores // per_node))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("reference.")]:
+            del state[key]
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(params=self.policy.parameters())
+        scheduler = self.scheduler_factory(optimizer=optimizer, total_steps=self.total_steps())
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler}}
+
+    def total_steps(self) -> int:
+        steps = self.trainer.max_steps
+        return steps if steps and steps > 0 else int(self.trainer.estimated_stepping_batches)
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        rollout = self.rollout(batch["prompt"])
+        scored = self.score(rollout, batch["answer"])
+        advantages, keep = self.advantages(rollout, scored.rewards)
+        start = time.perf_counter()
+        update = self.update(rollout, advantages, keep)
+        self.timings["time/update_s"] = time.perf_counter() - start
+        self.log_step(rollout, scored, keep, update)
+
+    def rollout(self, prompts: list[str]) -> Rollout:
+        start = time.perf_counter()
+        cfg = self.rollout_cfg
+        model = self.rollout_view(self.policy)
+        model.eval()
+        rollout = build_rollout(
+            model,
+            self.tokenizer,
+            format_prompts(self.tokenizer, prompts, self.chat_template),
+            num_samples=cfg.num_samples,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            stats_chunk=cfg.stats_chunk,
+        )
+        if self.reference is not None:
+            rollout.ref_logprobs = self.token_logprobs(self.reference, rollout, no_grad=True)
+        self.timings = {"time/rollout_s": time.perf_counter() - start}
+        return rollout
+
+    def score(self, rollout: Rollout, labels: list[str | None]) -> Scored:
+        start = time.perf_counter()
+        # the rollout view already holds this step's weights: no second refresh
+        view = self.scoring_view
+        model = view.replica if view is self.rollout_view and view.replica else view(self.policy)
+        scorer = PrefixSharedScorer(model, self.tokenizer)
+        results = [self.reward(group, scorer) for group in rollout.groups(labels)]
+        rewards = torch.tensor([r for res in results for r in res.rewards], dtype=torch.float32)
+        elapsed = time.perf_counter() - start
+        self.timings["time/reward_s"] = elapsed
+        self.scoring_counts = {
+            "perf/scoring_tokens": float(scorer.tokens_processed),
+            "perf/scoring_floor_tokens": float(scorer.floor_tokens),
+        }
+        if scorer.tokens_processed:
+            self.timings["time/scoring_s"] = elapsed
+        self.labels = labels
+        return Scored(rewards.to(self.device), results)
+
+    def advantages(self, rollout: Rollout, rewards: torch.Tensor):
+        algo = self.algorithm
+        mask = rollout.response_mask
+        keep = filter_groups(rewards, rollout.group_size, **algo.filter)
+        advantages = torch.zeros_like(mask)
+        if dist.all_reduce_max(int(keep.any())) == 0:
+            return advantages, keep
+        token_kl = None
+        if algo.kl_in_reward and rollout.ref_logprobs is not None:
+            token_kl = kl_estimate(rollout.logprobs, rollout.ref_logprobs, algo.kl_estimator)
+            token_kl = token_kl[keep] * mask[keep]
+        advantages[keep] = algo.advantage(
+            rewards[keep],
+            mask[keep],
+            rollout.group_size,
+            token_kl=token_kl,
+            kl_coef=algo.kl_coef,
+            all_reduce=dist.all_reduce_sum,
+        )
+        return advantages, keep
+
+    def token_logprobs(self, model, rollout: Rollout, rows=None, no_grad=False) -> torch.Tensor:
+        rows = slice(None) if rows is None else rows
+        with torch.set_grad_enabled(not no_grad):
+            return response_token_stats(
+                model,
+                rollout.sequences[rows],
+                rollout.attention_mask[rows],
+                rollout.response_mask.shape[1],
+                self.rollout_cfg.temperature,
+                with_distribution_stats=False,
+            )["logprobs"]
+
+    def update(self, rollout: Rollout, advantages: torch.Tensor, keep: torch.Tensor) -> dict:
+        """PPO epochs over mini-batches (one optimizer step each), micro-batches accumulate.
+
+        Every rank runs the same number of backward passes (gradients are all-reduced in each);
+        a rank with fewer kept responses runs zero-weighted passes.
+        """
+        algo = self.algorithm
+        rows = keep.nonzero().squeeze(1)
+        most_rows = dist.all_reduce_max(len(rows))
+        if most_rows == 0:
+            return {}
+        mini = algo.mini_batch_size or most_rows
+        n_mini = math.ceil(most_rows / mini)
+        n_micro = math.ceil(min(mini, most_rows) / algo.micro_batch_size)
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        self.policy.train()
+        totals = {"loss": 0.0, "clip_frac": [], "grad_norm": []}
+        for _ in range(algo.ppo_epochs):
+            order = rows[torch.randperm(len(rows), device=rows.device)]
+            for m in range(n_mini):
+                chunk = order[m * mini : (m + 1) * mini]
+                tokens = rollout.response_mask[chunk].sum().reshape(1).double()
+                normalizer = dist.all_reduce_sum(tokens).item() / dist.world_size()
+                for i in range(n_micro):
+                    part = chunk[i * algo.micro_batch_size : (i + 1) * algo.micro_batch_size]
+                    loss, clip_frac = self.micro_batch_loss(rollout, advantages, part, normalizer)
+                    self.manual_backward(loss)
+                    totals["loss"] += loss.item()
+                    if clip_frac is not None:
+                        totals["clip_frac"].append(clip_frac)
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    self.policy.parameters(), self.max_grad_norm
+                )
+                if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+                    grad_norm = grad_norm.full_tensor()
+                totals["grad_norm"].append(float(grad_norm))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        return {
+            "train/loss": totals["loss"] / (algo.ppo_epochs * n_mini),
+            "train/clip_frac": sum(totals["clip_frac"]) / max(1, len(totals["clip_frac"])),
+            "train/grad_norm": sum(totals["grad_norm"]) / len(totals["grad_norm"]),
+        }
+
+    def micro_batch_loss(self, rollout, advantages, part, normalizer):
+        """Loss of rows `part` scaled for accumulation; an empty part gives a zero loss that
+        still touches every parameter (so collective backward passes stay matched)."""
+        algo = self.algorithm
+        empty = len(part) == 0
+        rows = part if not empty else torch.zeros(1, dtype=torch.long, device=self.device)
+        mask = rollout.response_mask[rows] * (0.0 if empty else 1.0)
+        logprobs = self.token_logprobs(self.policy, rollout, rows)
+        loss, stats = policy_loss(
+            logprobs,
+            rollout.logprobs[rows],
+            advantages[rows],
+            mask,
+            algo.clip_eps,
+            normalizer=max(normalizer, 1.0),
+        )
+        if not algo.kl_in_reward and rollout.ref_logprobs is not None:
+            loss = loss + algo.kl_coef * kl_loss(
+                logprobs, rollout.ref_logprobs[rows], mask, algo.kl_estimator, max(normalizer, 1.0)
+            )
+        if empty:
+            return loss + 0.0 * logprobs.sum(), None
+        return loss, float(stats["clip_frac"])
+
+    def log_step(self, rollout: Rollout, scored: Scored, keep, update: dict) -> None:
+        metrics = {
+            **rollout_metrics(rollout, keep),
+            **reward_metrics(scored.results, scored.rewards, self.labels, self.equivalence),
+            **update,
+            **self.timings,
+            **self.scoring_counts,
+            "train/lr": self.optimizers().param_groups[0]["lr"],
+        }
+        if rollout.ref_logprobs is not None:
+            kl = masked_mean(rollout.logprobs - rollout.ref_logprobs, rollout.response_mask)
+            metrics["train/kl"] = float(kl)
+        tokens = float(rollout.response_mask.sum())
+        step_time = sum(v for k, v in self.timings.items() if k != "time/scoring_s")
+        metrics["perf/tokens_per_s"] = tokens / max(step_time, 1e-9)
+        shown = {"reward/mean": "reward", "diag/accuracy": "acc"}
+        for name, value in metrics.items():
+            self.log(
+                name,
+                float(value),
+                on_step=True,
+                sync_dist=True,
+                batch_size=1,
+                prog_bar=name in shown,
+            )
+        if self.global_rank == 0:
+            self.log_media(rollout, scored)
+
+    def log_media(self, rollout: Rollout, scored: Scored) -> None:
+        """Samples as text, reward-component histograms, the distance-curve figure."""
+        board = getattr(self.logger, "experiment", None)
+        if not hasattr(board, "add_text"):
+            return
+        step, results, labels = self.global_step, scored.results, self.labels
+        if step % self.samples_every == 0:
+            board.add_text("samples", sample_table(rollout, results, labels), step)
+        if step % self.plots_every != 0 or any(label is None for label in labels):
+            return
+        for name, values in consistency_volatility_values(
+            results, labels, self.equivalence
+        ).items():
+            board.add_histogram(f"diag/{name}", torch.tensor(values), step)
+        curves = distance_curves(results, labels, self.equivalence)
+        if curves["correct_trajectories"] + curves["incorrect_trajectories"] > 0:
+            image = figure_to_array(distance_curve_figure(curves))
+            board.add_image("diag/distance_curves", image, step, dataformats="HWC")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Greedy pass@1 on the validation split."""
+        model = self.rollout_view(self.policy)
+        prompts = format_prompts(self.tokenizer, batch["prompt"], self.chat_template)
+        sequences, _, prompt_len = generate(
+            model, self.tokenizer, prompts, 1, self.rollout_cfg.max_new_tokens, temperature=0.0
+        )
+        eos = eos_token_ids(model, self.tokenizer)
+        mask = response_mask_from(sequences[:, prompt_len:], eos)
+        texts = self.tokenizer.batch_decode(sequences[:, prompt_len:], skip_special_tokens=True)
+        correct = [
+            float(self.equivalence.is_correct(self.val_extract(text), label))
+            for text, label in zip(texts, batch["answer"])
+        ]
+        size = len(correct)
+        self.log("val/accuracy", sum(correct) / size, batch_size=size, sync_dist=True)
+        self.log("val/len_mean", float(mask.sum(1).mean()), batch_size=size, sync_dist=True)

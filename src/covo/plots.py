@@ -1,0 +1,56 @@
+"""Figures of the diagnostics, drawn on Agg canvases without pyplot's global figure registry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+_COLORS = {"correct": "tab:green", "incorrect": "tab:red"}
+
+
+def distance_curve_figure(curves: dict, figsize=(6.0, 4.0), dpi: int = 100) -> Figure:
+    """Mean distance ratio against state position, correct vs incorrect (paper Fig. 2).
+
+    `curves` is the output of `covo.diagnostics.distance_curves`; empty bins leave gaps.
+    """
+    fig = Figure(figsize=figsize, dpi=dpi)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    x = curves["bin_centers"]
+    for which, color in _COLORS.items():
+        n = curves[f"{which}_trajectories"]
+        ax.plot(x, curves[f"{which}_mean"], marker="o", color=color, label=f"{which} (n={n})")
+    ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
+    ax.annotate(
+        "below: closer to own answer",
+        xy=(0.01, 1.0),
+        xycoords=("axes fraction", "data"),
+        xytext=(0, -4),
+        textcoords="offset points",
+        va="top",
+        fontsize=8,
+        color="gray",
+    )
+    ax.set_xlim(0.0, 1.0)
+    ax.set_xlabel("normalised state position (i + 1) / T")
+    ax.set_ylabel("mean ratio r = D[own] / min D[other]")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
+def figure_to_array(fig: Figure) -> np.ndarray:
+    """Rendered RGB pixels [H, W, 3] uint8, for `add_image(..., dataformats="HWC")`."""
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def save_figure(fig: Figure, path: str | Path) -> None:
+    """Write `fig` to `path` (format from the suffix), creating parent folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)

@@ -1,0 +1,88 @@
+"""Per-step metrics from a rollout and its rewards (names as listed in the README)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from covo.answers import AnswerEquivalence
+from covo.diagnostics import reward_diagnostics
+from covo.rewards.base import GroupReward
+from covo.rollout import Rollout
+
+
+def nanmean(values: list[float]) -> float:
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def rollout_metrics(rollout: Rollout, keep: torch.Tensor) -> dict[str, float]:
+    lengths = rollout.response_mask.sum(1)
+    return {
+        "rollout/len_mean": float(lengths.mean()),
+        "rollout/len_max": float(lengths.max()),
+        "rollout/truncated_frac": float(rollout.truncated.float().mean()),
+        "rollout/kept_frac": float(keep.float().mean()),
+        "train/entropy": float(
+            (rollout.entropy * rollout.response_mask).sum() / rollout.response_mask.sum()
+        ),
+    }
+
+
+def correctness(
+    results: list[GroupReward], labels: list[str | None], equivalence: AnswerEquivalence
+) -> list[list[bool]] | None:
+    """Per group, per response: is the extracted answer right? None when labels are missing."""
+    if any(label is None for label in labels):
+        return None
+    return [
+        [equivalence.is_correct(answer, label) for answer in res.answers]
+        for res, label in zip(results, labels)
+    ]
+
+
+def reward_metrics(
+    results: list[GroupReward],
+    rewards: torch.Tensor,
+    labels: list[str | None],
+    equivalence: AnswerEquivalence,
+) -> dict[str, float]:
+    metrics = {
+        "reward/mean": float(rewards.mean()),
+        "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+        "reward/answered_frac": nanmean(
+            [float(a is not None) for res in results for a in res.answers]
+        ),
+    }
+    for name in sorted({n for res in results for n in res.components}):
+        metrics[f"reward/{name}"] = nanmean(
+            [v for res in results for v in res.components.get(name, [])]
+        )
+    for name in sorted({n for res in results for n in res.group_metrics}):
+        values = [res.group_metrics[name] for res in results if name in res.group_metrics]
+        metrics[f"reward/{name}"] = nanmean(values)
+    correct = correctness(results, labels, equivalence)
+    if correct is not None:
+        metrics["diag/accuracy"] = nanmean([float(c) for group in correct for c in group])
+    metrics.update(reward_diagnostics(results, labels, equivalence))
+    return {k: v for k, v in metrics.items() if not math.isnan(v)}
+
+
+def sample_table(
+    rollout: Rollout, results: list[GroupReward], labels: list[str | None], per_group: int = 2
+) -> str:
+    """A Markdown table of a few responses per prompt, for TensorBoard's text tab."""
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", "<br>")[:1500]
+
+    rows = ["| prompt | label | response | answer | reward |", "|---|---|---|---|---|"]
+    n = rollout.group_size
+    for b, res in enumerate(results):
+        for i in range(min(per_group, n)):
+            rows.append(
+                f"| {b} | {cell(str(labels[b]))} | {cell(rollout.texts[b * n + i])} "
+                f"| {cell(str(res.answers[i]))} | {res.rewards[i]:.3f} |"
+            )
+    return "\n".join(rows)

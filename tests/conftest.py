@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+SHARED_DATA = Path(os.environ.get("COVO_BENCHMARK_DIR", ROOT.parent / "shared" / "data"))
+
+torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+
+
+def compose_config(name: str, overrides: list[str], output_dir: Path) -> DictConfig:
+    """The real config as @hydra.main would compose it, with outputs under `output_dir`."""
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose(name, overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+    return cfg
+
+
+TINY_RUN = [
+    "model=tiny",
+    "trainer.max_steps=2",
+    "data.batch_size=2",
+    "data.train.num_problems=16",
+    "data.val.num_problems=4",
+    "rollout.num_samples=3",
+    "rollout.max_new_tokens=24",
+    "logger=tensorboard",
+]
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    def make(*overrides: str, name: str = "train") -> DictConfig:
+        return compose_config(name, [*TINY_RUN, *overrides], tmp_path)
+
+    return make

@@ -1,0 +1,336 @@
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from covo.rewards.base import Group
+from covo.rewards.covo import NO_ANSWER_SCORE, CoVoReward, build_branches
+from covo.rewards.covo_stats import CURIOSITY_FORMS
+from covo.scoring import NaiveScorer
+
+torch.set_num_threads(1)
+CONF = Path(__file__).resolve().parents[1] / "conf"
+PIECES = re.compile(r"\n|\\boxed|[{}]|[^\s{}]+| +")
+
+
+class WordTokenizer:
+    """Words, spaces, newlines, `\\boxed` and braces; ids assigned on first sight."""
+
+    def __init__(self):
+        self.vocab: dict[str, int] = {}
+
+    def id(self, piece: str) -> int:
+        return self.vocab.setdefault(piece, len(self.vocab))
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [self.id(p) for p in PIECES.findall(text)]
+
+    def batch_decode(self, batch: list[list[int]], **_) -> list[str]:
+        pieces = {i: p for p, i in self.vocab.items()}
+        return ["".join(pieces[i] for i in ids) for ids in batch]
+
+
+class FakeScorer:
+    """Returns a chosen D [T, K] per response (keyed by its context) and records its inputs."""
+
+    def __init__(self, tokenizer: WordTokenizer, distances: dict[tuple, list[list[float]]]):
+        self.tokenizer = tokenizer
+        self.distances = distances
+        self.calls: list[tuple] = []
+
+    def branch_nll(self, context_ids, state_ends, branches, scored_from):
+        self.calls.append((list(context_ids), state_ends, branches, scored_from))
+        D = self.distances[tuple(context_ids)]
+        assert len(D) == len(state_ends)
+        return [torch.tensor(row) for row in D]
+
+
+PROMPT = ["Question:", " ", "2+2?", "\n"]
+
+
+def response(answer: str | None, i: int) -> list[str]:
+    """Three lines (T = 3), the last without newline: steps end at tokens 2, 4, 6.
+
+    The first token differs per response, so each response has its own context.
+    """
+    last = ["So", " \\boxed{" + answer + "}"] if answer else ["No", " idea"]
+    return ["Try " + "abcdefgh"[i], "\n", "add them", ".\n", *last]
+
+
+def make_case(answers, distances, nll_per_token=None):
+    """Group of responses with `answers` and a scorer returning `distances[i]` for response i."""
+    tok = WordTokenizer()
+    prompt_ids = [tok.id(p) for p in PROMPT]
+    tokens = [response(a, i) for i, a in enumerate(answers)]
+    ids = [[tok.id(t) for t in ts] for ts in tokens]
+    nlls = nll_per_token or [[1.0] * len(ts) for ts in tokens]
+    group = Group(
+        prompt_ids=prompt_ids,
+        response_ids=ids,
+        texts=["".join(ts) for ts in tokens],
+        token_logprobs=[-torch.tensor(v) for v in nlls],
+        token_entropy=[torch.zeros(len(ts)) for ts in tokens],
+        token_self_certainty=[torch.zeros(len(ts)) for ts in tokens],
+    )
+    table = {tuple(prompt_ids + r): d for r, d in zip(ids, distances) if d is not None}
+    return group, FakeScorer(tok, table)
+
+
+# Cluster "4" (responses 0, 1) stays with its answer; cluster "5" (response 2) drifts.
+# r0: ratios (1/2, 1/2, 1/2) -> Con 1, Vol 0
+# r1: ratios (2, 1/2, 1/2) -> Con 2/3, Vol (0 + 1) / 3 = 1/3
+# r2 (own column 1): ratios (2, 1/2, 2) -> Con 1/3, Vol (2 + 1) / 3 = 1
+D0 = [[1.0, 2.0], [1.0, 2.0], [1.0, 2.0]]
+D1 = [[2.0, 1.0], [1.0, 2.0], [1.0, 2.0]]
+D2 = [[1.0, 2.0], [2.0, 1.0], [1.0, 2.0]]
+# RiV of "4": x = (1 + 2/3 cos(1/3)) / 2 = 0.814986, y = (2/3 sin(1/3)) / 2 = 0.109065
+# -> sqrt(0.664202 + 0.011895) = 0.822251; RiV of "5": 1/3 * |(cos 1, sin 1)| = 1/3
+RIV_4, RIV_5 = 0.822251, 1 / 3
+
+
+def test_consistent_cluster_passes_drifting_cluster_fails():
+    group, scorer = make_case(["4", "4", "5", None], [D0, D1, D2, None])
+    out = CoVoReward()(group, scorer)
+    assert out.clusters == [0, 0, 1, -1]
+    assert out.rewards == [1.0, 1.0, 0.0, 0.0]
+    assert out.verdicts == [True, False]
+    assert out.scores[:3] == pytest.approx([RIV_4, RIV_4, RIV_5], abs=1e-6)
+    assert out.scores[3] == NO_ANSWER_SCORE
+    c = out.components
+    assert c["consistency"][:3] == pytest.approx([1.0, 2 / 3, 1 / 3])
+    assert c["volatility"][:3] == pytest.approx([0.0, 1 / 3, 1.0])
+    assert c["intrinsic"][:3] == pytest.approx([RIV_4, RIV_4, RIV_5], abs=1e-6)
+    assert c["num_states"][:3] == [3.0, 3.0, 3.0]
+    assert all(math.isnan(c[name][3]) for name in c)
+    assert all(math.isnan(v) for v in c["curiosity"])  # off by default
+    assert out.group_metrics == {"num_answers": 2.0, "pass_frac": 0.5}
+    assert out.details["representatives"] == ["4", "5"]
+    assert out.details["D"][:3] == [D0, D1, D2]
+    assert out.details["ratios"][0] == [0.5, 0.5, 0.5]
+    assert out.details["step_ends"][:3] == [[2, 4, 6]] * 3
+    assert out.details["state_ends"][0] == [6, 8, 10]  # prompt of 4 tokens + step ends
+    assert out.details["D"][3] is None
+    assert len(scorer.calls) == 3  # the answerless response is never scored
+
+
+@pytest.mark.parametrize(
+    ("knobs", "state_ends", "scored_from", "newline_at"),
+    [
+        # released states end after "\n", ".\n" and " \boxed{4}": only the last one gets a
+        # newline in front of its branches, which is never scored; the template is scored
+        ({}, [6, 8, 10], [[0, 0], [0, 0], [1, 1]], [False, False, True]),
+        # "4", "}" follow the 8 template tokens ("The", " ", "answer", " ", "is:", " ", ...)
+        ({"distance_tokens": "answer"}, [6, 8, 10], [[8, 8], [8, 8], [9, 9]], [False, False, True]),
+        # paper states: the prompt (ends with "\n"), after step 0, after step 1: no prefix
+        ({"include_prompt_state": True}, [4, 6, 8], [[0, 0]] * 3, [False] * 3),
+    ],
+)
+def test_states_and_branches_passed_to_the_scorer(knobs, state_ends, scored_from, newline_at):
+    group, scorer = make_case(["4", "5"], [D0, D2])
+    CoVoReward(**knobs)(group, scorer)
+    tok = scorer.tokenizer
+    plain = [tok.encode("The answer is: \\boxed{" + a + "}") for a in ("4", "5")]
+    with_newline = [tok.encode("\n") + b for b in plain]
+    _, got_ends, branches, got_scored_from = scorer.calls[0]
+    assert (got_ends, got_scored_from) == (state_ends, scored_from)
+    assert branches == [with_newline if n else plain for n in newline_at]
+
+
+def test_scoring_starts_inside_a_token_merged_across_the_brace():
+    def tokenize(text: str) -> list[int]:
+        return [ord(p[0]) * 100 + len(p) for p in re.findall(r"\{\d|\\boxed|[^{]", text)]
+
+    # "x\boxed{" -> x, \boxed, {   but "x\boxed{4}" -> x, \boxed, {4, }
+    branches, starts = build_branches(tokenize, "x\\boxed{", ["4"], [7], "answer")
+    assert len(branches[0]) == 5 and branches[0][0] == 7
+    assert starts == [1 + 2]  # newline prefix, then the common prefix x, \boxed
+    assert build_branches(tokenize, "x\\boxed{", ["4"], [], "template_and_answer")[1] == [0]
+
+
+def test_several_clusters_can_pass_in_binary_mode():
+    D = [[[1.0, 2.0, 3.0]] * 3, [[2.0, 1.0, 3.0]] * 3, [[1.0, 2.0, 3.0]] * 3]
+    group, scorer = make_case(["4", "5", "6"], D)
+    # "4": ratios 1/2 -> Con 1, Vol 0 -> RiV 1; "5": 1/2 -> 1; "6": 3/1 -> Con 0 -> RiV 0
+    out = CoVoReward()(group, scorer)
+    assert out.rewards == [1.0, 1.0, 0.0]
+    assert out.verdicts == [True, True, False]
+    assert out.group_metrics["pass_frac"] == pytest.approx(2 / 3)
+
+
+def test_single_cluster_gives_zero_and_is_not_scored():
+    group, scorer = make_case(["4", "4.0", None], [None, None, None])
+    out = CoVoReward()(group, scorer)
+    assert out.rewards == [0.0, 0.0, 0.0]
+    assert out.scores == [0.0, 0.0, NO_ANSWER_SCORE]
+    assert out.verdicts == [False]
+    assert out.group_metrics == {"num_answers": 1.0}
+    assert scorer.calls == []
+
+
+def test_continuous_mode_and_paper_knobs():
+    # r0 row 0 is a tie (ratio 1), then 1/2, then 2: released Con 1/3, Vol 3/3;
+    # paper (ties consistent) Con 2/3, Vol m / T = 2/3
+    tie_then_drift = [[1.0, 1.0], [1.0, 2.0], [2.0, 1.0]]
+    group, scorer = make_case(["4", "5"], [tie_then_drift, D2])
+    released = CoVoReward(aggregation="linear", mode="continuous")(group, scorer)
+    assert released.components["consistency"][0] == pytest.approx(1 / 3)
+    assert released.components["volatility"][0] == pytest.approx(1.0)
+    assert released.rewards[0] == pytest.approx(1 / 3 - 1)  # RiL, a continuous reward
+    paper = CoVoReward(
+        aggregation="linear", mode="continuous", ties_consistent=True, volatility_index="paper"
+    )(group, scorer)
+    assert paper.components["consistency"][0] == pytest.approx(2 / 3)
+    assert paper.components["volatility"][0] == pytest.approx(2 / 3)
+    assert paper.rewards[0] == pytest.approx(0.0)
+    # r2: Con 1/3; Vol: last r > 1 at m = 2 -> 2/3 -> RiL = -1/3
+    assert paper.rewards[1] == pytest.approx(1 / 3 - 2 / 3)
+
+
+# token NLLs per step of response 0: [1, 1], [3, 1], [2, 0]
+# paper: 1 - 0; 2 - ln(1 + 0.130812) = 1.877064; [2, 0]: P = (1, 0), KL = ln 2,
+#   1 - ln(1.693147) = 0.473411 -> mean (1 + 1.877064 + 0.473411) / 3 = 1.116825
+# released: e - 0 = 2.718282; e^2 - ln(1 + 0.130812^(1/3)) = 6.978516;
+#   e - ln(1 + (ln 2)^(1/3)) = 2.718282 - 0.633926 = 2.084356 -> mean 3.927051 > 2: bonus 0.4
+NLLS = [[1.0, 1.0, 3.0, 1.0, 2.0, 0.0], [1.0] * 6, [1.0] * 6]
+
+
+def test_curiosity_is_added_to_the_reward_when_on():
+    group, scorer = make_case(["4", "4", "5"], [D0, D1, D2], NLLS)
+    paper = CoVoReward(curiosity={"form": "paper", "weight": 0.1})(group, scorer)
+    assert paper.components["curiosity"][0] == pytest.approx(1.116825, abs=1e-6)
+    assert paper.components["curiosity"][2] == pytest.approx(1.0)  # all NLLs 1: KL 0
+    assert paper.rewards[0] == pytest.approx(1.0 + 0.1 * 1.116825, abs=1e-6)
+    assert paper.rewards[2] == pytest.approx(0.0 + 0.1 * 1.0)
+    released = CoVoReward(curiosity={"form": "released", "weight": 0.5})(group, scorer)
+    assert released.components["curiosity"][0] == pytest.approx(3.927051, abs=1e-6)
+    assert released.components["curiosity"][2] == pytest.approx(math.e)  # e^1 > 2
+    assert released.rewards == pytest.approx([1.2, 1.2, 0.2])  # + 0.5 * 0.4 each
+    off = CoVoReward(curiosity={"form": "paper", "weight": 0.0})(group, scorer)
+    assert off.rewards == [1.0, 1.0, 0.0]
+    assert all(math.isnan(v) for v in off.components["curiosity"])
+
+
+def test_unknown_knob_values_are_refused():
+    with pytest.raises(ValueError, match="aggregation"):
+        CoVoReward(aggregation="quadratic")
+    with pytest.raises(ValueError, match="curiosity form"):
+        CoVoReward(curiosity={"form": "bored", "weight": 1.0})
+
+
+def byte_level_tokenizer() -> PreTrainedTokenizerFast:
+    corpus = ["Question: what is 2+2?\nFirst we add.\nThen 2 + 2 = 4.\nSo \\boxed{4}"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=alphabet, show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def branch_nll_oracle(model, context: list[int], branch: list[int], start: int) -> float:
+    """Mean NLL of branch[start:] after context, from one plain forward."""
+    ids = torch.tensor([context + branch])
+    with torch.no_grad():
+        logp = model(ids).logits[0].float().log_softmax(-1)
+    positions = range(len(context) + start, len(context) + len(branch))
+    return -sum(logp[p - 1, ids[0, p]].item() for p in positions) / len(positions)
+
+
+def test_tiny_llama_end_to_end():
+    hf = byte_level_tokenizer()
+    # a wide init makes the NLLs depend on the context, so a wrong state or prefix shows
+    sizes = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, initializer_range=0.3)
+    config = LlamaConfig(vocab_size=len(hf), num_hidden_layers=2, num_key_value_heads=2, **sizes)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+
+    def encode(text: str) -> list[int]:
+        return hf.encode(text, add_special_tokens=False)
+
+    texts = [
+        "First we add.\nThen 2 + 2 = 4.\nSo \\boxed{4}",
+        "First we add.\nThen 2 + 2 = 5.\nSo \\boxed{5}",
+        "We add.\nSo \\boxed{4}\n",
+    ]
+    prompt = encode("Question: what is 2+2?\n")
+    ids = [encode(t) for t in texts]
+    group = Group(prompt, ids, texts, *([[torch.zeros(len(r)) for r in ids]] * 3))
+    out = CoVoReward(mode="continuous")(group, NaiveScorer(model, hf))
+
+    assert out.clusters == [0, 1, 0]
+    # "First", " we", " add", ".", "\n" | "Then", ..., " 4", ".", "\n" | "So", ..., "}"
+    assert out.details["step_ends"][0] == [5, 13, 19]
+    assert out.details["step_ends"][2] == [5, 12]  # "W", "e", " add", ".", "\n" | "So", ..., "\n"
+    branches = [encode("The answer is: \\boxed{" + a + "}") for a in ("4", "5")]
+    newline = encode("\n")
+    context = prompt + ids[0]
+    D = out.details["D"][0]
+    for k in range(2):
+        # state 0 ends after "add.\n": the branch follows directly
+        assert D[0][k] == pytest.approx(
+            branch_nll_oracle(model, context[: len(prompt) + 5], branches[k], 0)
+        )
+        # the last state ends with "}": "\n" in front, not scored
+        want = branch_nll_oracle(model, context, newline + branches[k], len(newline))
+        assert D[2][k] == pytest.approx(want, abs=1e-5)
+        assert abs(D[2][k] - branch_nll_oracle(model, context, branches[k], 0)) > 1e-2
+    # response 2 ends with a newline: its last state needs no prefix
+    want = branch_nll_oracle(model, prompt + ids[2], branches[1], 0)
+    assert out.details["D"][2][-1][1] == pytest.approx(want, abs=1e-5)
+    # continuous reward of cluster "4" = RiV of its members' (Con, Vol)
+    cons = [out.components["consistency"][i] for i in (0, 2)]
+    vols = [out.components["volatility"][i] for i in (0, 2)]
+    riv = abs(sum(c * complex(math.cos(v), math.sin(v)) for c, v in zip(cons, vols))) / 2
+    assert out.rewards[0] == out.rewards[2] == pytest.approx(riv)
+
+    answer_only = CoVoReward(distance_tokens="answer")(group, NaiveScorer(model, hf))
+    template_len = len(encode("The answer is: \\boxed{"))  # "{4" is not merged here
+    want = branch_nll_oracle(model, context[: len(prompt) + 5], branches[0], template_len)
+    assert answer_only.details["D"][0][0][0] == pytest.approx(want, abs=1e-5)
+
+
+# what each config changes against `covo` (the released code's semantics)
+CONFIG_CHANGES = {
+    "covo": {},
+    "covo_paper": {
+        "to_reward": "_continuous",
+        "include_prompt_state": True,
+        "distance_tokens": "answer",
+        "ties_consistent": True,
+        "volatility_index": "paper",
+        "curiosity": CURIOSITY_FORMS["paper"],
+        "curiosity_weight": 0.1,
+    },
+    "covo_linear": {"aggregate": "aggregate_linear", "threshold": 0.05},
+    "consistency": {"aggregate": "aggregate_consistency"},
+    "volatility": {"aggregate": "aggregate_volatility"},
+}
+
+
+def knobs(reward: CoVoReward) -> dict:
+    names = ("include_prompt_state", "distance_tokens", "ties_consistent", "volatility_index")
+    return {
+        "aggregate": reward.aggregate.__name__,
+        "to_reward": reward.to_reward.__name__,
+        "threshold": reward.threshold,
+        "curiosity": reward.curiosity,
+        "curiosity_weight": reward.curiosity_weight,
+        "template": reward.template,
+        **{name: getattr(reward, name) for name in names},
+    }
+
+
+@pytest.mark.parametrize("name", list(CONFIG_CHANGES))
+def test_reward_configs_compose(name):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        reward = instantiate(compose(overrides=[f"+reward={name}"]).reward)
+    assert knobs(reward) == knobs(CoVoReward()) | CONFIG_CHANGES[name]

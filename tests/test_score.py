@@ -1,0 +1,262 @@
+"""`python -m covo.score`: one explained line per prompt, D reproducible from the dumped ids."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import compose_config
+from hydra.utils import instantiate
+
+from covo.data.jsonl import DataError
+from covo.errors import exit_on_user_error
+from covo.rewards.base import Group
+from covo.score import score
+from covo.scoring import NaiveScorer, PrefixSharedScorer
+
+torch.set_num_threads(1)
+BASE = ["model=tiny", "device=cpu", "threads=1"]
+ITEMS = [
+    {
+        "prompt": "What is 2 + 2?",
+        "responses": [
+            "First, 2 + 2 = 4.\nSo the total is 4.\nThe answer is: \\boxed{4}",
+            "We compute 2 + 2 = 5.\nThus \\boxed{5}",
+            "Step 1: add.\n\\[ 2 + 2 = 4 \\]\nAnswer: \\boxed{4}",
+            "No idea.",
+        ],
+        "answer": "4",
+    },
+    {
+        "prompt": "What is 3 * 4?",
+        "responses": [
+            "3 * 4 = 12.\n\nThe answer is: \\boxed{12}\n",
+            "3 * 4 = 7.\nSo \\boxed{7}",
+            "Add 3 four times: 12.\nCheck: 12.\n\\boxed{12}",
+        ],
+        "answer": "12",
+    },
+]
+
+
+def write_jsonl(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run(tmp: Path, lines: list[str], *overrides: str):
+    """Score `lines` with the tiny model; returns (cfg, summary, output records)."""
+    source = write_jsonl(tmp / "in.jsonl", lines)
+    cfg = compose_config(
+        "score", [*BASE, f"input={source}", f"output={tmp / 'out.jsonl'}", *overrides], tmp
+    )
+    summary = score(cfg)
+    return cfg, summary, read_output(tmp)
+
+
+def read_output(tmp: Path) -> list[dict]:
+    return [json.loads(line) for line in (tmp / "out.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module", params=["covo", "covo_paper"])
+def scored(request, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp(request.param)
+    lines = [json.dumps(item) for item in ITEMS]
+    overrides = [f"reward={request.param}", "dump_ids=true", f"plot={tmp / 'curves.png'}"]
+    return run(tmp, lines, *overrides)
+
+
+def reference_group(loaded, prompt: str, responses: list[str], label: str | None) -> Group:
+    """The group built without the score command's code: chat template, own tokenisation,
+    per-token statistics from the full logits of one forward per response."""
+    tok, model = loaded.tokenizer, loaded.model
+    messages = [{"role": "user", "content": prompt}]
+    chat = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompt_ids = tok.encode(chat, add_special_tokens=False)
+    response_ids, logprobs, entropy, certainty = [], [], [], []
+    for text in responses:
+        ids = tok.encode(text, add_special_tokens=False)
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt_ids + ids])).logits[0]
+        logp = logits[len(prompt_ids) - 1 : -1].float().log_softmax(-1)
+        response_ids.append(ids)
+        logprobs.append(logp[torch.arange(len(ids)), ids])
+        entropy.append(-(logp.exp() * logp).sum(-1))
+        certainty.append(-logp.mean(-1) - math.log(logp.shape[-1]))  # KL(uniform || policy)
+    return Group(prompt_ids, response_ids, responses, logprobs, entropy, certainty, label)
+
+
+def test_one_line_per_prompt_with_clusters_in_sample_order(scored):
+    _, summary, records = scored
+    assert len(records) == 2
+    # "4" (responses 0, 2) opens cluster 0, "5" cluster 1; "No idea." has no answer
+    first, second = records
+    assert [(c["answer"], c["members"], c["correct"]) for c in first["clusters"]] == [
+        ("4", [0, 2], True),
+        ("5", [1], False),
+    ]
+    assert [r["cluster"] for r in first["responses"]] == [0, 1, 0, -1]
+    assert [r["correct"] for r in first["responses"]] == [True, False, True, False]
+    assert [c["members"] for c in second["clusters"]] == [[0, 2], [1]]
+    rewards = [r["reward"] for rec in records for r in rec["responses"]]
+    assert summary["prompts"] == 2 and summary["responses"] == 7
+    assert summary["mean_reward"] == pytest.approx(sum(rewards) / 7)
+    assert {"diag/auroc", "diag/reward_accuracy"} <= set(summary)
+
+
+def test_steps_and_D_shapes(scored):
+    cfg, _, records = scored
+    first = records[0]["responses"]
+    # newline-ended lines are steps; the display-math line is a step of its own
+    assert first[0]["steps"] == [
+        "First, 2 + 2 = 4.\n",
+        "So the total is 4.\n",
+        "The answer is: \\boxed{4}",
+    ]
+    assert first[2]["steps"] == ["Step 1: add.\n", "\\[ 2 + 2 = 4 \\]\n", "Answer: \\boxed{4}"]
+    # the empty line joins the step after it, the trailing newline the last step
+    assert records[1]["responses"][0]["steps"] == [
+        "3 * 4 = 12.\n",
+        "\nThe answer is: \\boxed{12}\n",
+    ]
+    assert first[3]["D"] is None and first[3]["steps"] is None
+    for item, record in zip(ITEMS, records):
+        K, P = len(record["clusters"]), len(record["prompt_ids"])
+        for r, text in zip(record["responses"][:3], item["responses"]):
+            # byte-level BPE: the step spans decode back to the response exactly
+            assert "".join(r["steps"]) == text
+            T = len(r["step_ends"])
+            assert len(r["D"]) == len(r["ratios"]) == T and all(len(row) == K for row in r["D"])
+            ends = [P + e for e in r["step_ends"]]
+            paper = cfg.reward.include_prompt_state
+            assert r["state_ends"] == ([P] + ends[:-1] if paper else ends)
+
+
+def test_recorded_reward_equals_the_reward_on_the_same_group(scored):
+    cfg, _, records = scored
+    loaded = instantiate(cfg.model)
+    reward = instantiate(cfg.reward)
+    for item, record in zip(ITEMS, records):
+        prompt = cfg.prompt_template.format(problem=item["prompt"])
+        group = reference_group(loaded, prompt, item["responses"], item["answer"])
+        assert group.prompt_ids == record["prompt_ids"]
+        assert group.response_ids == [r["response_ids"] for r in record["responses"]]
+        expected = reward(group, PrefixSharedScorer(loaded.model, loaded.tokenizer))
+        got = record["responses"]
+        assert [r["reward"] for r in got] == pytest.approx(expected.rewards, abs=1e-5)
+        assert [c["verdict"] for c in record["clusters"]] == expected.verdicts
+        for name in ("consistency", "volatility", "curiosity"):
+            want = [None if math.isnan(v) else v for v in expected.components[name]]
+            assert [r[name] for r in got] == pytest.approx(want, abs=1e-5)
+    if cfg.reward.curiosity.weight > 0:  # covo_paper: curiosity from the real token log-probs
+        assert all(r["curiosity"] > 0 for r in records[0]["responses"][:3])
+
+
+def test_dumped_ids_reproduce_D_with_the_naive_scorer(scored):
+    cfg, _, records = scored
+    loaded = instantiate(cfg.model)
+    tok = loaded.tokenizer
+    for record in records:
+        template, newline = record["template_ids"], record["newline_ids"]
+        response = record["responses"][0]
+        context = record["prompt_ids"] + response["response_ids"]
+        branches, scored_from = [], []
+        for end in response["state_ends"]:
+            # a state that does not end in a newline gets one, unscored, before its branches
+            prefix = [] if "\n" in tok.decode(context[end - 1 : end]) else newline
+            branches.append([prefix + c["answer_ids"] for c in record["clusters"]])
+            starts = []
+            for c in record["clusters"]:
+                ids, common = c["answer_ids"], 0
+                while common < len(template) and ids[common] == template[common]:
+                    common += 1
+                answer_only = cfg.reward.distance_tokens == "answer"
+                starts.append(len(prefix) + (min(common, len(ids) - 1) if answer_only else 0))
+            scored_from.append(starts)
+        naive = NaiveScorer(loaded.model, tok).branch_nll(
+            context, response["state_ends"], branches, scored_from
+        )
+        torch.testing.assert_close(
+            torch.stack(naive), torch.tensor(response["D"]), atol=1e-4, rtol=0
+        )
+
+
+def test_plot_is_a_png(scored):
+    cfg = scored[0]
+    assert Path(cfg.plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_without_answers_no_correctness_and_the_plot_is_skipped(tmp_path, capsys):
+    lines = [json.dumps({k: v for k, v in item.items() if k != "answer"}) for item in ITEMS]
+    _, summary, records = run(tmp_path, lines, f"plot={tmp_path / 'curves.png'}")
+    assert not any("correct" in r for rec in records for r in rec["responses"])
+    assert "diag/auroc" not in summary
+    assert not (tmp_path / "curves.png").exists()
+    assert "plot skipped" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ('{"prompt": "x", ', "malformed JSON (Expecting property name enclosed in double quotes)"),
+        ('{"responses": ["a"]}', "missing key 'prompt'"),
+        ('{"prompt": "x", "responses": []}', "'responses' must be a non-empty list"),
+    ],
+)
+def test_bad_line_names_file_and_line_and_keeps_earlier_lines(tmp_path, capsys, bad, message):
+    source = write_jsonl(tmp_path / "in.jsonl", [json.dumps(ITEMS[1]), bad])
+    cfg = compose_config(
+        "score", [*BASE, f"input={source}", f"output={tmp_path / 'out.jsonl'}"], tmp_path
+    )
+    with pytest.raises(DataError):
+        score(cfg)
+    with pytest.raises(SystemExit) as exit_info:
+        exit_on_user_error(score)(cfg)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"error: {source}:2: {message}\n"
+    assert len(read_output(tmp_path)) == 1
+
+
+@pytest.mark.parametrize("name", ["majority", "self_certainty"])
+def test_simple_rewards_ignore_the_scorer(tmp_path, name):
+    cfg, _, records = run(tmp_path, [json.dumps(ITEMS[0])], f"reward={name}")
+    got = records[0]["responses"]
+    assert all(r["D"] is None and r["steps"] is None for r in got)
+    if name == "majority":  # "4" holds 2 of 4 responses
+        assert [r["reward"] for r in got] == [1.0, 0.0, 1.0, 0.0]
+    else:  # mean per-token KL(uniform || policy) of each response
+        loaded = instantiate(cfg.model)
+        prompt = cfg.prompt_template.format(problem=ITEMS[0]["prompt"])
+        group = reference_group(loaded, prompt, ITEMS[0]["responses"], None)
+        want = [v.mean().item() for v in group.token_self_certainty]
+        assert [r["reward"] for r in got] == pytest.approx(want, abs=1e-5)
+
+
+def test_prompt_template_is_the_data_config_one(tmp_path):
+    data = compose_config("train", ["model=tiny"], tmp_path).data.prompt_template
+    assert compose_config("score", BASE, tmp_path).prompt_template == data
+
+
+def test_command_line(tmp_path):
+    source = write_jsonl(tmp_path / "in.jsonl", [json.dumps(item) for item in ITEMS])
+    overrides = [f"input={source}", f"output={tmp_path / 'out.jsonl'}", f"paths.log_dir={tmp_path}"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "covo.score", *BASE, *overrides],
+        cwd=tmp_path,  # the config is found from the package, not from the working directory
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert re.fullmatch(r"scored 2 prompts, 7 responses, mean reward \d\.\d{4}", lines[-1])
+    assert re.fullmatch(r"reward accuracy \d\.\d{4}, AUROC \d\.\d{4}", lines[-2])
+    assert len(read_output(tmp_path)) == 2

@@ -1,0 +1,153 @@
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from covo.scoring import NaiveScorer, PrefixSharedScorer, pack_trie
+
+torch.set_num_threads(1)
+VOCAB = 97
+TEMPLATE = [5, 6, 7]
+
+
+def tiny_llama(attn: str = "sdpa") -> LlamaForCausalLM:
+    # a wide init makes the logits depend strongly on the context, so a mask or position
+    # error shows up far above the 1e-4 tolerance
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.3,
+        attn_implementation=attn,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+def random_case(seed: int = 1):
+    """40 context tokens (prompt of 10), 5 states incl. one at the prompt end and one at the
+    context end; 1 or 3 branches per state = template + tails of 1-4 tokens."""
+    rng = random.Random(seed)
+    context = [rng.randrange(VOCAB) for _ in range(40)]
+    ends = [10, *sorted(rng.sample(range(11, 40), 3)), 40]
+    branches, scored_from = [], []
+    for i in range(len(ends)):
+        first = [rng.randrange(VOCAB)]
+        # the second tail extends the first: tries must share tails too, not only the template
+        tails = [first, first + [rng.randrange(VOCAB)], [rng.randrange(VOCAB) for _ in range(4)]]
+        k = 1 if i % 2 else 3
+        branches.append([TEMPLATE + t for t in tails[:k]])
+        scored_from.append([rng.choice([0, len(TEMPLATE)]) for _ in range(k)])
+    return context, ends, branches, scored_from
+
+
+# context [10, 11, 12, 13]; state 0 ends at 2 with branches [5, 6], [5, 7]; state 1 ends at 4
+# with branch [8]; the second branch of state 0 is scored from its token 1
+HAND = ([10, 11, 12, 13], [2, 4], [[[5, 6], [5, 7]], [[8]]], [[0, 1], [0]])
+
+
+def test_pack_trie_hand_case():
+    packed = pack_trie(*HAND)
+    # state 0's trie is 5 -> {6, 7}: node 5 once at index 4, then 6, 7; state 1's node 8
+    assert packed.input_ids.tolist() == [10, 11, 12, 13, 5, 6, 7, 8]
+    # branch token j after boundary b sits at position b + j
+    assert packed.position_ids.tolist() == [0, 1, 2, 3, 2, 3, 3, 4]
+    expected = [
+        [1, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 1, 0, 0, 0],  # 5: context[:2] and itself
+        [1, 1, 0, 0, 1, 1, 0, 0],  # 6: context[:2], 5, itself; not its sibling 7
+        [1, 1, 0, 0, 1, 0, 1, 0],
+        [1, 1, 1, 1, 0, 0, 0, 1],  # 8: context[:4], none of state 0's trie
+    ]
+    assert packed.allowed.int().tolist() == expected
+    # 5 from context[1]; 6 and 7 from node 5 (index 4); 8 from context[3]
+    assert packed.logit_pos.tolist() == [1, 4, 4, 3]
+    assert packed.targets.tolist() == [5, 6, 7, 8]
+    assert packed.owner.tolist() == [0, 0, 1, 2]
+
+
+def test_single_token_branch_is_plain_next_token_nll():
+    model = tiny_llama()
+    context = [3, 14, 15, 92, 65]
+    want = -model(torch.tensor([context])).logits[0, -1].log_softmax(-1)[35]
+    for scorer in (PrefixSharedScorer(model, None), NaiveScorer(model, None)):
+        (got,) = scorer.branch_nll(context, [5], [[[35]]], [[0]])
+        assert got.shape == (1,) and got.dtype == torch.float32
+        assert got.item() == pytest.approx(want.item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_shared_equals_naive(attn):
+    model = tiny_llama(attn)
+    case = random_case()
+    shared, naive = PrefixSharedScorer(model, None), NaiveScorer(model, None)
+    got, want = shared.branch_nll(*case), naive.branch_nll(*case)
+    assert [g.shape for g in got] == [(len(bs),) for bs in case[2]]
+    diff = max((g - w).abs().max().item() for g, w in zip(got, want))
+    assert diff <= 1e-4
+    # the case is sensitive to context: the same branch after different states differs
+    assert abs(want[0][0] - want[-1][0]) > 1e-2
+    assert shared.tokens_processed == shared.floor_tokens == naive.floor_tokens
+    assert naive.tokens_processed > 3 * shared.tokens_processed
+
+
+def test_token_counts_hand_case():
+    model = tiny_llama()
+    shared, naive = PrefixSharedScorer(model, None), NaiveScorer(model, None)
+    shared.branch_nll(*HAND)
+    naive.branch_nll(*HAND)
+    # floor: 4 context tokens + trie nodes {5, 56, 57} + {8} = 8, all in one forward
+    assert shared.floor_tokens == shared.tokens_processed == 8
+    # naive: state 0 feeds 2 rows of 2 + 2, state 1 one row of 4 + 1: 8 + 5 = 13
+    assert naive.tokens_processed == 13
+    shared.reset_counters()
+    assert shared.tokens_processed == shared.floor_tokens == 0
+
+
+def test_states_per_forward_refeeds_context():
+    model = tiny_llama()
+    case = random_case(seed=2)
+    one = PrefixSharedScorer(model, None).branch_nll(*case)
+    split = PrefixSharedScorer(model, None, chunk_size=2, states_per_forward=2)
+    got = split.branch_nll(*case)
+    assert max((g - w).abs().max().item() for g, w in zip(got, one)) <= 1e-4
+    context, ends, branches, _ = case
+    nodes = [len({tuple(b[:j]) for b in bs for j in range(1, len(b) + 1)}) for bs in branches]
+    # states {0, 1}, {2, 3}, {4}: each forward feeds the context up to its last state
+    refed = ends[1] + ends[3] + ends[4]
+    assert split.tokens_processed == refed + sum(nodes)
+    assert split.floor_tokens == ends[4] + sum(nodes)
+
+
+def test_bf16_scoring_stays_close_to_fp32():
+    model = tiny_llama()
+    case = random_case(seed=3)
+    fp32 = NaiveScorer(model, None).branch_nll(*case)
+    for scorer in (
+        PrefixSharedScorer(model, None, torch.bfloat16),
+        NaiveScorer(model, None, torch.bfloat16),
+    ):
+        got = scorer.branch_nll(*case)
+        diff = max((g - w).abs().max().item() for g, w in zip(got, fp32))
+        assert 0 < diff < 0.1
+
+
+def test_empty_state_and_bad_inputs():
+    model = tiny_llama()
+    shared = PrefixSharedScorer(model, None)
+    got = shared.branch_nll([1, 2, 3], [2, 3], [[], [[4, 5]]], [[], [1]])
+    assert got[0].shape == (0,) and got[1].shape == (1,)
+    with pytest.raises(ValueError, match="state end"):
+        shared.branch_nll([1, 2, 3], [0], [[[4]]], [[0]])
+    with pytest.raises(ValueError, match="nothing to score"):
+        shared.branch_nll([1, 2, 3], [3], [[[4]]], [[1]])
