@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import lightning.pytorch as L
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from omegaconf import DictConfig
 
 from covo import distributed as dist
@@ -101,6 +102,20 @@ class SelfRewardRL(L.LightningModule):
         per_node = max(1, getattr(self.trainer, "num_devices", 1))
         if self.device.type == "cpu":
             torch.set_num_threads(self.threads or max(1, cores // per_node))
+
+    def configure_model(self) -> None:
+        """FSDP2: shard each decoder layer and the root of the policy (the frozen reference
+        stays whole on every process: its forwards then need no collectives)."""
+        if not isinstance(self.trainer.strategy, ModelParallelStrategy) or dist.is_sharded(
+            self.policy
+        ):
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.policy.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self.policy, mesh=mesh)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["state_dict"]

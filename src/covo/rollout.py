@@ -147,14 +147,18 @@ def response_token_stats(
 
     Logits are taken only at the response positions (they dominate memory).
     """
-    hidden = model.model(
-        input_ids=sequences,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from(attention_mask),
-        use_cache=False,
-    ).last_hidden_state
-    hidden = hidden[:, -response_len - 1 : -1]
-    logits = model.get_output_embeddings()(hidden).float()
+    # through the model's own forward (FSDP2 hooks live there), logits at response positions only
+    logits = (
+        model(
+            input_ids=sequences,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from(attention_mask),
+            use_cache=False,
+            logits_to_keep=response_len + 1,
+        )
+        .logits[:, :-1]
+        .float()
+    )
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
     logp_all = F.log_softmax(logits, dim=-1)

@@ -1,3 +1,1 @@
-from covo.data.datamodule import PromptDataModule
-
-__all__ = ["PromptDataModule"]
+"""Problem sets and the prompt data module."""
