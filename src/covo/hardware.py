@@ -22,7 +22,9 @@ def cpu_has_native_bf16() -> bool:
 def auto_precision(accelerator: str) -> str:
     """Lightning precision for `precision: auto`."""
     if accelerator in ("gpu", "cuda"):
-        return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32"
+        return (
+            "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32"
+        )
     return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
 
 
