@@ -26,7 +26,9 @@ STEP_TAGS = [
     "time/reward_s",
     "time/update_s",
     "perf/tokens_per_s",
+    "diag/num_answers",
 ]
+VAL_TAGS = ["val/accuracy", "val/len_mean"]
 
 
 def scalars(tensorboard_dir: str) -> dict[str, list[float]]:
@@ -50,13 +52,17 @@ def test_one_step_changes_policy_not_reference(tiny_cfg):
 
 
 def test_train_logs_checkpoints_exports_and_resumes(tiny_cfg, tmp_path):
-    cfg = tiny_cfg("reward=self_certainty", "callbacks.model_checkpoint.every_n_train_steps=1")
+    cfg = tiny_cfg(
+        "reward=self_certainty", "callbacks.model_checkpoint.every_n_train_steps=1", "val_every=1"
+    )
     out = train(cfg)
     values = scalars(out["tensorboard_dir"])
-    for tag in STEP_TAGS:
+    for tag in STEP_TAGS + VAL_TAGS:
         assert tag in values, tag
         assert len(values[tag]) == 2, tag
         assert all(torch.isfinite(torch.tensor(values[tag]))), tag
+    assert 0.0 <= values["val/accuracy"][-1] <= 1.0
+    assert values["val/len_mean"][-1] >= 1
     assert 0.0 <= values["diag/accuracy"][-1] <= 1.0
     assert values["train/lr"][0] > 0
 
@@ -97,3 +103,41 @@ def test_every_estimator_trains(tiny_cfg):
         )
         out = train(cfg)
         assert out["metrics"]["train/grad_norm"] > 0, algorithm
+
+
+COVO_TAGS = [
+    "reward/consistency",
+    "reward/volatility",
+    "reward/intrinsic",
+    "reward/num_states",
+    "reward/pass_frac",
+    "reward/num_answers",
+    "diag/reward_accuracy",
+    "diag/majority_reward_accuracy",
+    "diag/label_accuracy",
+    "diag/majority_label_accuracy",
+    "diag/answer_entropy",
+    "time/scoring_s",
+    "perf/scoring_tokens",
+    "perf/scoring_floor_tokens",
+]
+
+
+def test_covo_run_logs_reward_components_and_diagnostics(tiny_cfg):
+    # the random tiny model writes digits, so groups have several answers (K >= 2)
+    cfg = tiny_cfg("reward=covo", "rollout.num_samples=4", "rollout.max_new_tokens=32",
+                   "plots_every=1", "callbacks=none", "export_dir=null")
+    out = train(cfg)
+    values = scalars(out["tensorboard_dir"])
+    for tag in COVO_TAGS:
+        assert tag in values, tag
+        assert all(torch.isfinite(torch.tensor(values[tag]))), tag
+    assert values["reward/num_answers"][0] >= 2
+    assert 0.0 <= min(values["reward/consistency"]) <= max(values["reward/consistency"]) <= 1.0
+    # one forward per trajectory over the trajectory plus the branch tries: exactly the floor
+    assert values["perf/scoring_tokens"] == values["perf/scoring_floor_tokens"]
+    events = EventAccumulator(out["tensorboard_dir"])
+    events.Reload()
+    assert "diag/distance_curves" in events.Tags()["images"]
+    assert any(tag.startswith("diag/consistency/") for tag in events.Tags()["histograms"])
+    assert "samples/text_summary" in events.Tags()["tensors"]

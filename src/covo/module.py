@@ -132,6 +132,7 @@ class SelfRewardRL(L.LightningModule):
         return steps if steps and steps > 0 else int(self.trainer.estimated_stepping_batches)
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
+        self.step_at_rollout = self.global_step
         rollout = self.rollout(batch["prompt"])
         scored = self.score(rollout, batch["answer"])
         advantages, keep = self.advantages(rollout, scored.rewards)
@@ -314,7 +315,7 @@ class SelfRewardRL(L.LightningModule):
         board = getattr(self.logger, "experiment", None)
         if not hasattr(board, "add_text"):
             return
-        step, results, labels = self.global_step, scored.results, self.labels
+        step, results, labels = self.step_at_rollout, scored.results, self.labels
         if step % self.samples_every == 0:
             board.add_text("samples", sample_table(rollout, results, labels), step)
         if step % self.plots_every != 0 or any(label is None for label in labels):
