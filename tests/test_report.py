@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from torch.utils.tensorboard import SummaryWriter
+
+from covo.eval.results import markdown_table, write_json
+from covo.report import main, read_scalars, summary_table
+
+SCALARS = {
+    "reward/mean": [0.1, 0.5, 0.3],
+    "reward/num_answers": [3.0, 2.0, 2.0],
+    "diag/accuracy": [0.2, 0.4, 0.6],
+    "train/kl": [0.0, 0.02, 0.01],
+    "rollout/len_mean": [100.0, 80.0, 90.0],
+    "perf/tokens_per_s": [50.0, 70.0, 60.0],
+}
+
+
+@pytest.fixture
+def run_dir(tmp_path) -> Path:
+    run = tmp_path / "run"
+    with SummaryWriter(str(run / "tensorboard")) as writer:
+        for tag, values in SCALARS.items():
+            for step, value in enumerate(values):
+                writer.add_scalar(tag, value, global_step=step)
+    return run
+
+
+def test_read_scalars_and_summary(run_dir):
+    scalars = read_scalars(run_dir)
+    assert set(scalars) == set(SCALARS)
+    assert scalars["train/kl"] == [(0, 0.0), (1, pytest.approx(0.02)), (2, pytest.approx(0.01))]
+    lines = summary_table(scalars).splitlines()
+    # main metrics first in their fixed order, then the rest alphabetically
+    assert [line.split(" | ")[0][2:] for line in lines[2:]] == [
+        "reward/mean", "diag/accuracy", "train/kl", "rollout/len_mean",
+        "perf/tokens_per_s", "reward/num_answers",
+    ]  # fmt: skip
+    rows = {line.split(" | ")[0][2:]: line for line in lines[2:]}
+    assert rows["reward/mean"] == "| reward/mean | 0.3 | 0.5 (max) | 1 | 3 |"
+    assert rows["train/kl"] == "| train/kl | 0.01 | 0 (min) | 0 | 3 |"
+    assert rows["rollout/len_mean"] == "| rollout/len_mean | 90 | 80 (min) | 1 | 3 |"
+    assert rows["perf/tokens_per_s"] == "| perf/tokens_per_s | 60 | 70 (max) | 1 | 3 |"
+
+
+def test_a_resumed_run_keeps_the_later_value_per_step(run_dir):
+    with SummaryWriter(str(run_dir / "tensorboard" / "version_1")) as writer:
+        writer.add_scalar("reward/mean", 0.9, global_step=2)
+        writer.add_scalar("reward/mean", 0.4, global_step=3)
+    series = read_scalars(run_dir)["reward/mean"]
+    assert series == [(0, pytest.approx(0.1)), (1, pytest.approx(0.5)), (2, pytest.approx(0.9)),
+                      (3, pytest.approx(0.4))]  # fmt: skip
+
+
+def test_main_prints_the_table_and_writes_plots(run_dir, capsys):
+    main([str(run_dir)])
+    out = capsys.readouterr().out
+    assert "| reward/mean | 0.3 | 0.5 (max) | 1 | 3 |" in out
+    for name in ["reward", "accuracy", "kl", "length"]:
+        png = run_dir / "plots" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"plot: {png}" in out
+
+
+def test_a_dir_without_events_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "empty")])
+    assert exit_info.value.code == 2
+    assert (
+        capsys.readouterr().err == f"error: no TensorBoard event files under {tmp_path / 'empty'}\n"
+    )
+
+
+def test_markdown_table_in_percent_with_a_mean_row():
+    totals = {
+        "gsm8k": {"items": 20, "pass@1": 0.25, "maj@4": 0.5, "pass@4": 0.4},
+        "math500": {"items": 10, "pass@1": 0.1, "pass@4": 0.2},
+    }
+    assert markdown_table(totals).splitlines() == [
+        "| benchmark | items | pass@1 | pass@4 | maj@4 |",
+        "|---|---:|---:|---:|---:|",
+        "| gsm8k | 20 | 25.0 | 40.0 | 50.0 |",
+        "| math500 | 10 | 10.0 | 20.0 | - |",
+        # pass@1 (25 + 10) / 2 = 17.5, pass@4 (40 + 20) / 2 = 30; maj@4 from gsm8k only
+        "| mean | 30 | 17.5 | 30.0 | 50.0 |",
+    ]
+    assert "mean" not in markdown_table({"gsm8k": totals["gsm8k"]})
+
+
+def test_eval_results_of_a_multirun_merge_into_one_table(tmp_path, capsys):
+    jobs = {"0_benchmark=gsm8k": "gsm8k", "1_benchmark=math500": "math500", "2_seed=1": "gsm8k"}
+    for job, name in jobs.items():
+        write_json(
+            {"totals": {name: {"items": 4, "pass@1": 0.5}}}, tmp_path / job / "eval_results.json"
+        )
+    main(["--eval", str(tmp_path)])
+    rows = [line.split(" | ")[0][2:] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert rows == ["gsm8k (0_benchmark=gsm8k)", "math500", "gsm8k (2_seed=1)", "mean"]
