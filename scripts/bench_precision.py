@@ -1,0 +1,54 @@
+"""fp32 against bf16 on this machine: one forward of the default model, side by side.
+
+python scripts/bench_precision.py [--batch 4] [--tokens 128] [--threads N] [--repeats 2]
+Decides nothing by itself: `precision: auto` reads the CPU flags (covo.hardware); this prints
+what those flags mean here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from contextlib import nullcontext
+
+import torch
+
+from covo.hardware import cpu_has_native_bf16
+from covo.model import load_smollm2
+
+
+def timed_forward(model, x, autocast: bool) -> float:
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext()
+    with torch.no_grad(), context:
+        start = time.perf_counter()
+        model(x)
+        return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--cache-dir", default="~/.cache/covo")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model = load_smollm2(args.cache_dir).model.eval()
+    x = torch.randint(0, model.config.vocab_size, (args.batch, args.tokens))
+    print(f"native bf16 (avx512_bf16/amx): {cpu_has_native_bf16()}, {args.threads} threads")
+    times = {"fp32": [], "bf16 autocast": [], "bf16 weights": []}
+    for _ in range(args.repeats):  # interleaved, so load changes hit every variant alike
+        model.float()
+        times["fp32"].append(timed_forward(model, x, autocast=False))
+        times["bf16 autocast"].append(timed_forward(model, x, autocast=True))
+        model.to(torch.bfloat16)
+        times["bf16 weights"].append(timed_forward(model, x, autocast=False))
+    base = min(times["fp32"])
+    for name, values in times.items():
+        print(f"{name:>14}: {min(values):7.2f} s  ({min(values) / base:5.2f} x fp32)")
+
+
+if __name__ == "__main__":
+    main()
