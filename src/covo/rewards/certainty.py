@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 
-from covo.answers import AnswerEquivalence, cluster_answers, get_extractor
+from covo.rewards.answered import AnswerClustering
 from covo.rewards.base import Group, GroupReward, Scorer
 
 
-class _TokenMeanReward:
+class _TokenMeanReward(AnswerClustering):
     """Reward = sign * mean of a per-token policy statistic over the response's tokens.
 
     Empty responses get reward and score 0 and a NaN component. Every response is rewarded,
@@ -20,18 +20,8 @@ class _TokenMeanReward:
     component: str
     sign: float
 
-    def __init__(
-        self,
-        extractor: str = "boxed_or_last_number",
-        timeout_s: float = 2.0,
-        equivalence: AnswerEquivalence | None = None,
-    ):
-        self.extract = get_extractor(extractor)
-        self.equivalence = equivalence or AnswerEquivalence(timeout_s)
-
     def __call__(self, group: Group, scorer: Scorer | None = None) -> GroupReward:
-        answers = [self.extract(text) for text in group.texts]
-        clusters, representatives = cluster_answers(answers, self.equivalence)
+        answers, clusters, representatives = self.answers_and_clusters(group)
         means = [
             v.float().mean().item() if v.numel() else math.nan for v in getattr(group, self.field)
         ]

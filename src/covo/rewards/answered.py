@@ -1,0 +1,25 @@
+"""The part rewards share: extract each response's answer and cluster the group's answers."""
+
+from __future__ import annotations
+
+from covo.answers import AnswerEquivalence, cluster_answers, get_extractor
+from covo.rewards.base import Group
+
+
+class AnswerClustering:
+    """Extractor and (cached) answer equivalence, set by the reward's config."""
+
+    def __init__(
+        self,
+        extractor: str = "boxed_or_last_number",
+        timeout_s: float = 2.0,
+        equivalence: AnswerEquivalence | None = None,
+    ):
+        self.extract = get_extractor(extractor)
+        self.equivalence = equivalence or AnswerEquivalence(timeout_s)
+
+    def answers_and_clusters(self, group: Group) -> tuple[list[str | None], list[int], list[str]]:
+        """(answer per response, cluster per response (-1: none), representative per cluster)."""
+        answers = [self.extract(text) for text in group.texts]
+        clusters, representatives = cluster_answers(answers, self.equivalence)
+        return answers, clusters, representatives
