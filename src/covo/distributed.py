@@ -29,6 +29,25 @@ def all_reduce_max(value: int) -> int:
     return int(t.item())
 
 
+def mean_across_ranks(metrics: dict[str, float]) -> dict[str, float]:
+    """Each metric averaged over the ranks that report it.
+
+    Ranks may report different names (a diagnostic is only defined for some batches), so
+    the names are agreed first and the values then reduced in one collective: per-name
+    collectives would pair up different metrics on different ranks.
+    """
+    if not is_distributed():
+        return metrics
+    every = [None] * world_size()
+    dist.all_gather_object(every, sorted(metrics))
+    names = sorted(set().union(*every))
+    sums = torch.tensor(
+        [[metrics[n], 1.0] if n in metrics else [0.0, 0.0] for n in names], dtype=torch.float64
+    )
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+    return {n: float(total / count) for n, (total, count) in zip(names, sums.tolist()) if count}
+
+
 def is_sharded(model: nn.Module) -> bool:
     """True when parameters are FSDP2 DTensors (each forward is then a collective)."""
     return any(type(p).__name__ == "DTensor" for p in model.parameters())

@@ -298,15 +298,8 @@ class SelfRewardRL(L.LightningModule):
         step_time = sum(v for k, v in self.timings.items() if k != "time/scoring_s")
         metrics["perf/tokens_per_s"] = tokens / max(step_time, 1e-9)
         shown = {"reward/mean": "reward", "diag/accuracy": "acc"}
-        for name, value in metrics.items():
-            self.log(
-                name,
-                float(value),
-                on_step=True,
-                sync_dist=True,
-                batch_size=1,
-                prog_bar=name in shown,
-            )
+        for name, value in dist.mean_across_ranks(metrics).items():
+            self.log(name, value, on_step=True, batch_size=1, prog_bar=name in shown)
         if self.global_rank == 0:
             self.log_media(rollout, scored)
 
