@@ -125,8 +125,14 @@ COVO_TAGS = [
 
 def test_covo_run_logs_reward_components_and_diagnostics(tiny_cfg):
     # the random tiny model writes digits, so groups have several answers (K >= 2)
-    cfg = tiny_cfg("reward=covo", "rollout.num_samples=4", "rollout.max_new_tokens=32",
-                   "plots_every=1", "callbacks=none", "export_dir=null")
+    cfg = tiny_cfg(
+        "reward=covo",
+        "rollout.num_samples=4",
+        "rollout.max_new_tokens=32",
+        "plots_every=1",
+        "callbacks=none",
+        "export_dir=null",
+    )
     out = train(cfg)
     values = scalars(out["tensorboard_dir"])
     for tag in COVO_TAGS:
