@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig
 
 from covo.answers import AnswerEquivalence
-from covo.data.jsonl import DataError
+from covo.data.jsonl import DataError, json_objects
 from covo.diagnostics import distance_curves, reward_diagnostics
 from covo.errors import exit_on_user_error
 from covo.eval.harness import resolve_device
@@ -45,30 +45,15 @@ STAT_FIELDS = {
 
 def read_records(path: Path) -> Iterator[dict]:
     """One record per non-blank line, read lazily; a bad line raises `DataError` naming it."""
-    if not path.is_file():
-        raise DataError(f"input file not found: {path}")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: malformed JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object")
-            for key in ("prompt", "responses"):
-                if key not in record:
-                    raise DataError(f"{where}: missing key '{key}'")
-            if not isinstance(record["prompt"], str):
-                raise DataError(f"{where}: 'prompt' must be a string")
-            responses = record["responses"]
-            if not (isinstance(responses, list) and responses):
-                raise DataError(f"{where}: 'responses' must be a non-empty list")
-            if not all(isinstance(r, str) for r in responses):
-                raise DataError(f"{where}: every response must be a string")
-            yield record
+    for where, record in json_objects(path, ["prompt", "responses"], what="input file"):
+        if not isinstance(record["prompt"], str):
+            raise DataError(f"{where}: 'prompt' must be a string")
+        responses = record["responses"]
+        if not (isinstance(responses, list) and responses):
+            raise DataError(f"{where}: 'responses' must be a non-empty list")
+        if not all(isinstance(r, str) for r in responses):
+            raise DataError(f"{where}: every response must be a string")
+        yield record
 
 
 @torch.no_grad()

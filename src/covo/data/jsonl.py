@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 PACKAGED = "package:"
@@ -10,6 +11,28 @@ PACKAGED = "package:"
 
 class DataError(ValueError):
     pass
+
+
+def json_objects(path: Path, required: list[str], what: str = "file") -> Iterator[tuple[str, dict]]:
+    """(`file:line`, object) per non-blank line, read lazily; a malformed line or a missing
+    required key raises `DataError` naming file and line. Needs no trailing newline."""
+    if not path.is_file():
+        raise DataError(f"{what} not found: {path}")
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{where}: malformed JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{where}: expected a JSON object")
+            for key in required:
+                if key not in record:
+                    raise DataError(f"{where}: missing key '{key}'")
+            yield where, record
 
 
 def read_jsonl(
@@ -24,32 +47,15 @@ def read_jsonl(
     """
     path = packaged_path(path[len(PACKAGED) :]) if str(path).startswith(PACKAGED) else path
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}")
     items = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object")
-            if problem_key not in record:
-                raise DataError(f"{path}:{lineno}: missing key '{problem_key}'")
-            if answer_key is not None and answer_key not in record:
-                raise DataError(f"{path}:{lineno}: missing key '{answer_key}'")
-            answer = record[answer_key] if answer_key is not None else None
-            items.append(
-                {
-                    "problem": str(record[problem_key]),
-                    "answer": None if answer is None else str(answer),
-                }
-            )
-            if max_samples is not None and len(items) >= max_samples:
-                break
+    required = [problem_key] if answer_key is None else [problem_key, answer_key]
+    for _, record in json_objects(path, required, what="data file"):
+        answer = record[answer_key] if answer_key is not None else None
+        items.append(
+            {"problem": str(record[problem_key]), "answer": None if answer is None else str(answer)}
+        )
+        if max_samples is not None and len(items) >= max_samples:
+            break
     if not items:
         raise DataError(f"{path}: no items")
     return items
