@@ -153,6 +153,19 @@ class _ScorerBase:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @torch.no_grad()
+    def branch_nll(
+        self,
+        context_ids: list[int],
+        state_ends: list[int],
+        branches: list[list[list[int]]],
+        scored_from: list[list[int]],
+    ) -> list[Tensor]:
+        """Mean NLL [K_i] (float32, CPU) of each branch's scored tokens, per state."""
+        check_inputs(context_ids, state_ends, branches, scored_from)
+        self.floor_tokens += floor_tokens(state_ends, branches)
+        return self._score(context_ids, state_ends, branches, scored_from)
+
     def autocast(self) -> torch.autocast:
         dtype = self.dtype or self.model.dtype
         return torch.autocast(self.device.type, dtype=dtype, enabled=self.dtype is not None)
@@ -179,17 +192,7 @@ class PrefixSharedScorer(_ScorerBase):
         self.chunk_size = chunk_size
         self.states_per_forward = states_per_forward
 
-    @torch.no_grad()
-    def branch_nll(
-        self,
-        context_ids: list[int],
-        state_ends: list[int],
-        branches: list[list[list[int]]],
-        scored_from: list[list[int]],
-    ) -> list[Tensor]:
-        """Mean NLL [K_i] (float32, CPU) of each branch's scored tokens, per state."""
-        check_inputs(context_ids, state_ends, branches, scored_from)
-        self.floor_tokens += floor_tokens(state_ends, branches)
+    def _score(self, context_ids, state_ends, branches, scored_from) -> list[Tensor]:
         step = self.states_per_forward or max(len(state_ends), 1)
         out: list[Tensor] = []
         for s in range(0, len(state_ends), step):
@@ -233,17 +236,7 @@ class PrefixSharedScorer(_ScorerBase):
 class NaiveScorer(_ScorerBase):
     """The oracle: each (state, branch) as its own right-padded sequence, K per forward."""
 
-    @torch.no_grad()
-    def branch_nll(
-        self,
-        context_ids: list[int],
-        state_ends: list[int],
-        branches: list[list[list[int]]],
-        scored_from: list[list[int]],
-    ) -> list[Tensor]:
-        """Mean NLL [K_i] (float32, CPU) of each branch's scored tokens, per state."""
-        check_inputs(context_ids, state_ends, branches, scored_from)
-        self.floor_tokens += floor_tokens(state_ends, branches)
+    def _score(self, context_ids, state_ends, branches, scored_from) -> list[Tensor]:
         return [
             self._state(context_ids[:end], bs, starts)
             for end, bs, starts in zip(state_ends, branches, scored_from)
