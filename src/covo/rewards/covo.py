@@ -13,7 +13,8 @@ from functools import partial
 
 import torch
 
-from covo.answers import AnswerEquivalence, cluster_answers, get_extractor
+from covo.answers import AnswerEquivalence
+from covo.rewards.answered import AnswerClustering
 from covo.rewards.base import Group, GroupReward, Scorer
 from covo.rewards.covo_stats import (
     AGGREGATIONS,
@@ -98,7 +99,7 @@ def token_texts(tokenizer, ids: list[int]) -> list[str]:
     )
 
 
-class CoVoReward:
+class CoVoReward(AnswerClustering):
     """Consistency and volatility of intermediate states, aggregated per answer cluster.
 
     Knobs (paper vs released code, COVO_SPEC section 11): `aggregation` (a key of
@@ -145,8 +146,7 @@ class CoVoReward:
             raise ValueError(
                 f"unknown curiosity form {form!r}; valid: {', '.join(CURIOSITY_FORMS)}"
             )
-        self.extract = get_extractor(extractor)
-        self.equivalence = equivalence or AnswerEquivalence(timeout_s)
+        super().__init__(extractor, timeout_s, equivalence)
         self.aggregate = AGGREGATIONS[aggregation]
         self.to_reward = MODES[mode]
         self.threshold = threshold
@@ -252,8 +252,7 @@ class CoVoReward:
     def __call__(self, group: Group, scorer: Scorer) -> GroupReward:
         """Rewards of one group; K <= 1 answer clusters give every response 0."""
         n = group.size
-        answers = [self.extract(text) for text in group.texts]
-        clusters, representatives = cluster_answers(answers, self.equivalence)
+        answers, clusters, representatives = self.answers_and_clusters(group)
         k = len(representatives)
         components = ("consistency", "volatility", "curiosity", "intrinsic", "num_states")
         per_response = ("D", "ratios", "step_ends", "state_ends")
