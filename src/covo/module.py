@@ -38,6 +38,7 @@ from covo.step_metrics import reward_metrics, rollout_metrics, sample_table
 class Scored:
     rewards: torch.Tensor
     results: list[GroupReward]
+    labels: list[str | None]  # diagnostics only
 
 
 def dtype_of(name: str | None) -> torch.dtype | None:
@@ -177,8 +178,7 @@ class SelfRewardRL(L.LightningModule):
         }
         if scorer.tokens_processed:
             self.timings["time/scoring_s"] = elapsed
-        self.labels = labels
-        return Scored(rewards.to(self.device), results)
+        return Scored(rewards.to(self.device), results, labels)
 
     def advantages(self, rollout: Rollout, rewards: torch.Tensor):
         algo = self.algorithm
@@ -285,7 +285,7 @@ class SelfRewardRL(L.LightningModule):
     def log_step(self, rollout: Rollout, scored: Scored, keep, update: dict) -> None:
         metrics = {
             **rollout_metrics(rollout, keep),
-            **reward_metrics(scored.results, scored.rewards, self.labels, self.equivalence),
+            **reward_metrics(scored.results, scored.rewards, scored.labels, self.equivalence),
             **update,
             **self.timings,
             **self.scoring_counts,
@@ -297,7 +297,7 @@ class SelfRewardRL(L.LightningModule):
         tokens = float(rollout.response_mask.sum())
         step_time = sum(v for k, v in self.timings.items() if k != "time/scoring_s")
         metrics["perf/tokens_per_s"] = tokens / max(step_time, 1e-9)
-        shown = {"reward/mean": "reward", "diag/accuracy": "acc"}
+        shown = {"reward/mean", "diag/accuracy"}
         for name, value in dist.mean_across_ranks(metrics).items():
             self.log(name, value, on_step=True, batch_size=1, prog_bar=name in shown)
         if self.global_rank == 0:
@@ -308,7 +308,7 @@ class SelfRewardRL(L.LightningModule):
         board = getattr(self.logger, "experiment", None)
         if not hasattr(board, "add_text"):
             return
-        step, results, labels = self.step_at_rollout, scored.results, self.labels
+        step, results, labels = self.step_at_rollout, scored.results, scored.labels
         if step % self.samples_every == 0:
             board.add_text("samples", sample_table(rollout, results, labels), step)
         if step % self.plots_every != 0 or any(label is None for label in labels):
@@ -322,9 +322,12 @@ class SelfRewardRL(L.LightningModule):
             image = figure_to_array(distance_curve_figure(curves))
             board.add_image("diag/distance_curves", image, step, dataformats="HWC")
 
+    def on_validation_epoch_start(self) -> None:
+        self.validation_model = self.rollout_view(self.policy)  # weights fixed until the end
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Greedy pass@1 on the validation split."""
-        model = self.rollout_view(self.policy)
+        model = self.validation_model
         prompts = format_prompts(self.tokenizer, batch["prompt"], self.chat_template)
         sequences, _, prompt_len = generate(
             model, self.tokenizer, prompts, 1, self.rollout_cfg.max_new_tokens, temperature=0.0
