@@ -45,7 +45,10 @@ class LoadedModel:
     name: str
 
 
-def _dtype(name: str) -> torch.dtype:
+def torch_dtype(name: str | None) -> torch.dtype | None:
+    """A dtype named in a config (`float32`, `bfloat16`, `float16`); None stays None."""
+    if name is None:
+        return None
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if name not in dtypes:
         raise ModelLoadError(f"unknown dtype '{name}': expected one of {sorted(dtypes)}")
@@ -76,7 +79,7 @@ def load_hf(
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **offline)
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=_dtype(dtype), attn_implementation=attn_implementation, **offline
+            path, dtype=torch_dtype(dtype), attn_implementation=attn_implementation, **offline
         )
     except OSError as err:
         first = str(err).strip().splitlines()[0]

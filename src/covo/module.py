@@ -18,7 +18,7 @@ from covo.advantages import filter_groups
 from covo.answers import AnswerEquivalence, get_extractor
 from covo.diagnostics import consistency_volatility_values, distance_curves
 from covo.losses import kl_estimate, kl_loss, masked_mean, policy_loss
-from covo.model import LoadedModel
+from covo.model import LoadedModel, torch_dtype
 from covo.plots import distance_curve_figure, figure_to_array
 from covo.rewards.base import GroupReward, Reward
 from covo.rollout import (
@@ -39,10 +39,6 @@ class Scored:
     rewards: torch.Tensor
     results: list[GroupReward]
     labels: list[str | None]  # diagnostics only
-
-
-def dtype_of(name: str | None) -> torch.dtype | None:
-    return {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
 class SelfRewardRL(L.LightningModule):
@@ -80,12 +76,12 @@ class SelfRewardRL(L.LightningModule):
         self.scheduler_factory = scheduler
         self.rollout_cfg = rollout
         self.max_grad_norm = max_grad_norm
-        self.scoring_dtype = dtype_of(scoring_dtype)
+        self.scoring_dtype = torch_dtype(scoring_dtype)
         self.samples_every = samples_every
         self.plots_every = plots_every
         self.val_extract = get_extractor(val_extractor)
         self.threads = threads
-        rollout_dtype = dtype_of(rollout.dtype)
+        rollout_dtype = torch_dtype(rollout.dtype)
         self.reference = None
         if algorithm.kl_coef > 0:
             self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
