@@ -1,9 +1,11 @@
 """Step time of the default training config with reward=covo against reward=ground_truth.
 
-Runs alternate (covo, ground_truth, covo, ground_truth, ...) in one process, each a few steps
-from the same seed and weights, so both see the same prompts and the same first rollout.
-Prints per-phase times and the step-time ratio: over all steps, and for the first step, whose
-rollout is identical in both runs (later rollouts differ in length as the policies diverge).
+Runs alternate (covo, covo_refeed, ground_truth, covo, ...) in one process, each a few steps
+from the same seed and weights, so all see the same prompts and the same first rollout.
+`covo_refeed` is reward=covo with reuse_rollout_cache=false: its scorer feeds every trajectory
+again instead of reading it from the rollout's keys and values.
+Prints per-phase times and the step-time ratios: over all steps, and for the first step, whose
+rollout is identical in all runs (later rollouts differ in length as the policies diverge).
 
 python scripts/bench_reward_overhead.py --steps 3 --rounds 2 [extra Hydra overrides]
 """
@@ -23,6 +25,11 @@ from covo.train import build
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 PHASES = ["time/rollout_s", "time/reward_s", "time/update_s"]
+VARIANTS = {
+    "covo": ["reward=covo"],
+    "covo_refeed": ["reward=covo", "reuse_rollout_cache=false"],
+    "ground_truth": ["reward=ground_truth"],
+}
 
 
 class StepTimer(L.Callback):
@@ -35,15 +42,16 @@ class StepTimer(L.Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         row = {"step_s": time.perf_counter() - self.start, **module.timings}
         row["scoring_tokens"] = module.scoring_counts["perf/scoring_tokens"]
+        row["reused_tokens"] = module.scoring_counts["perf/scoring_reused_tokens"]
         self.steps.append(row)
 
 
-def run(reward: str, steps: int, overrides: list[str]) -> list[dict[str, float]]:
+def run(variant: list[str], steps: int, overrides: list[str]) -> list[dict[str, float]]:
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose(
             "train",
             [
-                f"reward={reward}",
+                *variant,
                 f"trainer.max_steps={steps}",
                 "logger=none",
                 "callbacks=none",
@@ -70,25 +78,29 @@ def summary(rows: list[dict[str, float]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3, help="steps per run")
-    parser.add_argument("--rounds", type=int, default=2, help="covo/ground_truth run pairs")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides for both runs")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of one run per variant")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
     args = parser.parse_args()
-    rows: dict[str, list[dict[str, float]]] = {"covo": [], "ground_truth": []}
+    rows: dict[str, list[dict[str, float]]] = {name: [] for name in VARIANTS}
     for round_ in range(args.rounds):
-        for reward in rows:
-            steps = run(reward, args.steps, args.overrides)
-            rows[reward] += steps
-            print(f"round {round_} {reward:>12}: {summary(steps)}", flush=True)
+        for name, variant in VARIANTS.items():
+            steps = run(variant, args.steps, args.overrides)
+            rows[name] += steps
+            print(f"round {round_} {name:>12}: {summary(steps)}", flush=True)
     print("\nmean over all steps (seconds)")
-    for reward, steps in rows.items():
-        print(f"{reward:>12}: {summary(steps)}")
-    first = rows["covo"][0]["step_s"] / rows["ground_truth"][0]["step_s"]
-    print(f"first step (same weights, seed and rollout) ratio covo / ground_truth: {first:.3f}")
-    covo = statistics.mean(r["step_s"] for r in rows["covo"])
-    truth = statistics.mean(r["step_s"] for r in rows["ground_truth"])
-    tokens = statistics.mean(r["scoring_tokens"] for r in rows["covo"])
-    print(f"covo scoring tokens per step: {tokens:.0f}")
-    print(f"step-time ratio covo / ground_truth: {covo / truth:.3f}")
+    for name, steps in rows.items():
+        print(f"{name:>12}: {summary(steps)}")
+    truth = rows["ground_truth"]
+    for name in ("covo", "covo_refeed"):
+        fed = statistics.mean(r["scoring_tokens"] for r in rows[name])
+        reused = statistics.mean(r["reused_tokens"] for r in rows[name])
+        print(f"{name} scoring tokens per step: {fed:.0f} fed, {reused:.0f} read from the rollout")
+    for name in ("covo", "covo_refeed"):
+        first = rows[name][0]["step_s"] / truth[0]["step_s"]
+        ratio = statistics.mean(r["step_s"] for r in rows[name]) / statistics.mean(
+            r["step_s"] for r in truth
+        )
+        print(f"step-time ratio {name} / ground_truth: {ratio:.3f} (first step {first:.3f})")
 
 
 if __name__ == "__main__":

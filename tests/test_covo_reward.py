@@ -46,7 +46,8 @@ class FakeScorer:
         self.distances = distances
         self.calls: list[tuple] = []
 
-    def branch_nll(self, context_ids, state_ends, branches, scored_from):
+    def branch_nll(self, context_ids, state_ends, branches, scored_from, context_cache=None):
+        assert context_cache is None
         self.calls.append((list(context_ids), state_ends, branches, scored_from))
         D = self.distances[tuple(context_ids)]
         assert len(D) == len(state_ends)

@@ -6,7 +6,14 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from covo.scoring import NaiveScorer, PrefixSharedScorer, pack_trie
+from covo.scoring import (
+    ContextCache,
+    NaiveScorer,
+    PrefixSharedScorer,
+    pack_trie,
+    split_cache,
+    trie_size,
+)
 
 torch.set_num_threads(1)
 VOCAB = 97
@@ -74,6 +81,82 @@ def test_pack_trie_hand_case():
     assert packed.logit_pos.tolist() == [1, 4, 4, 3]
     assert packed.targets.tolist() == [5, 6, 7, 8]
     assert packed.owner.tolist() == [0, 0, 1, 2]
+
+
+def test_pack_trie_cached_context_hand_case():
+    packed = pack_trie(*HAND, context_cached=True)
+    # state 0 scores its first branch token: its last context token 11 is fed again (a root at
+    # position 1); state 1 likewise re-feeds 13 at position 3; the context itself is not fed
+    assert packed.input_ids.tolist() == [11, 5, 6, 7, 13, 8]
+    assert packed.position_ids.tolist() == [1, 2, 3, 3, 3, 4]
+    # columns: the 4 cached context tokens, then the 6 fed tokens
+    expected = [
+        [1, 0, 0, 0, 1, 0, 0, 0, 0, 0],  # root 11: context[:1] and itself
+        [1, 1, 0, 0, 0, 1, 0, 0, 0, 0],  # 5: context[:2] (cached 11 included) and itself
+        [1, 1, 0, 0, 0, 1, 1, 0, 0, 0],
+        [1, 1, 0, 0, 0, 1, 0, 1, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0, 0, 1, 0],  # root 13: context[:3] and itself
+        [1, 1, 1, 1, 0, 0, 0, 0, 0, 1],
+    ]
+    assert packed.allowed.int().tolist() == expected
+    assert packed.logit_pos.tolist() == [0, 1, 1, 4]
+    assert packed.targets.tolist() == [5, 6, 7, 8]
+    # no branch scores its first token: no root
+    none_first = pack_trie(HAND[0], HAND[1], HAND[2], [[1, 1], [0]], context_cached=True)
+    assert none_first.input_ids.tolist() == [5, 6, 7, 13, 8]
+
+
+def left_padded_caches(model, contexts: list[list[int]], pad: int = 0) -> list[ContextCache]:
+    """Keys and values of `contexts` from one left-padded batched forward, as a rollout's
+    log-prob pass computes them (positions counted from each row's first real token)."""
+    width = max(map(len, contexts))
+    ids = torch.tensor([[pad] * (width - len(c)) + c for c in contexts])
+    mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    return split_cache(out.cache, [(c, width - len(c)) for c in contexts])
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_cached_context_equals_naive(attn):
+    model = tiny_llama(attn)
+    cases = [random_case(seed) for seed in (4, 5)]
+    short = cases[1][0][:33]  # a shorter row in the batch: left padding in front of it
+    cases[1] = (short, [10, 20, 33], cases[1][2][:3], cases[1][3][:3])
+    caches = left_padded_caches(model, [cases[0][0], short])
+    for case, cache in zip(cases, caches):
+        reused, naive = PrefixSharedScorer(model, None), NaiveScorer(model, None)
+        got = reused.branch_nll(*case, context_cache=cache)
+        want = naive.branch_nll(*case, context_cache=cache)
+        diff = max((g - w).abs().max().item() for g, w in zip(got, want))
+        assert diff <= 1e-4
+        context, ends, branches, starts = case
+        nodes = sum(trie_size(bs) for bs in branches)
+        roots = sum(0 in s for s in starts)
+        assert roots >= 2
+        assert reused.tokens_processed == nodes + roots
+        assert reused.reused_tokens == ends[-1] == len(context)
+        assert reused.floor_tokens == naive.floor_tokens == ends[-1] + nodes
+        assert naive.reused_tokens == 0
+
+
+def test_cached_context_split_states_and_bad_cache():
+    model = tiny_llama()
+    case = random_case(seed=6)
+    (cache,) = left_padded_caches(model, [case[0]])
+    whole = PrefixSharedScorer(model, None).branch_nll(*case)
+    split = PrefixSharedScorer(model, None, states_per_forward=2)
+    got = split.branch_nll(*case, context_cache=cache)
+    assert max((g - w).abs().max().item() for g, w in zip(got, whole)) <= 1e-4
+    # every forward reads its context from the cache: nothing is fed twice
+    assert split.reused_tokens == case[1][1] + case[1][3] + case[1][4]
+    other = [(t + 1) % VOCAB for t in case[0]]
+    with pytest.raises(ValueError, match="context_cache does not hold the first 40"):
+        split.branch_nll(other, *case[1:], context_cache=cache)
+    (short,) = left_padded_caches(model, [case[0][:30]])
+    with pytest.raises(ValueError, match="context_cache"):
+        split.branch_nll(*case, context_cache=short)
 
 
 def test_single_token_branch_is_plain_next_token_nll():

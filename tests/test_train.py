@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
+from omegaconf import open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM
 
@@ -120,7 +122,50 @@ COVO_TAGS = [
     "time/scoring_s",
     "perf/scoring_tokens",
     "perf/scoring_floor_tokens",
+    "perf/scoring_reused_tokens",
 ]
+
+
+def test_reusing_rollout_caches_changes_no_reward(tiny_cfg, tmp_path):
+    runs = {}
+    for reuse in (True, False):
+        cfg = tiny_cfg(
+            "reward=covo",
+            "rollout.num_samples=4",
+            "rollout.max_new_tokens=32",
+            f"reuse_rollout_cache={reuse}",
+            "callbacks=none",
+            "export_dir=null",
+            "val_every=100",
+        )
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / f"reuse_{reuse}")
+        runs[reuse] = scalars(train(cfg)["tensorboard_dir"])
+    reused, fed = runs[True], runs[False]
+    assert reused["reward/num_answers"][0] >= 2
+    for tag in ("reward/mean", "reward/consistency", "reward/volatility", "train/loss"):
+        assert reused[tag] == pytest.approx(fed[tag], abs=1e-5), tag
+    # without the cache every trajectory is fed again: exactly the floor
+    assert fed["perf/scoring_tokens"] == fed["perf/scoring_floor_tokens"]
+    assert fed["perf/scoring_reused_tokens"] == [0.0, 0.0]
+    assert reused["perf/scoring_floor_tokens"] == fed["perf/scoring_floor_tokens"]
+    assert all(r > 0 for r in reused["perf/scoring_reused_tokens"])
+
+
+@pytest.mark.parametrize(
+    "overrides, keeps",
+    [
+        ([], True),
+        (["reuse_rollout_cache=false"], False),
+        (["reward=majority"], False),
+        # scoring on another replica than the rollout's: its keys and values would not match
+        (["rollout.dtype=null", "scoring_dtype=bfloat16"], False),
+    ],
+)
+def test_rollout_keeps_caches_only_for_a_scorer_on_the_same_weights(tiny_cfg, overrides, keeps):
+    cfg = tiny_cfg("reward=covo", *overrides, "callbacks=none", "logger=none")
+    module, _, _ = build(cfg)
+    assert module.keep_rollout_cache is keeps
 
 
 def test_covo_run_logs_reward_components_and_diagnostics(tiny_cfg):
@@ -140,8 +185,14 @@ def test_covo_run_logs_reward_components_and_diagnostics(tiny_cfg):
         assert all(torch.isfinite(torch.tensor(values[tag]))), tag
     assert values["reward/num_answers"][0] >= 2
     assert 0.0 <= min(values["reward/consistency"]) <= max(values["reward/consistency"]) <= 1.0
-    # one forward per trajectory over the trajectory plus the branch tries: exactly the floor
-    assert values["perf/scoring_tokens"] == values["perf/scoring_floor_tokens"]
+    # the trajectories come from the rollout's cache: the scorer feeds the tries plus one
+    # re-fed token per state (its last context token), i.e. the floor less the reused context
+    # plus at most one token per state
+    fed, floor = values["perf/scoring_tokens"], values["perf/scoring_floor_tokens"]
+    reused = values["perf/scoring_reused_tokens"]
+    for step, states in enumerate(values["reward/num_states"]):
+        assert 0 < fed[step] < floor[step] - reused[step] / 2
+        assert floor[step] <= fed[step] + reused[step] <= floor[step] + states * 8
     events = EventAccumulator(out["tensorboard_dir"])
     events.Reload()
     assert "diag/distance_curves" in events.Tags()["images"]

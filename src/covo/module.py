@@ -59,6 +59,7 @@ class SelfRewardRL(L.LightningModule):
         rollout: DictConfig,
         max_grad_norm: float = 1.0,
         scoring_dtype: str | None = None,
+        reuse_rollout_cache: bool = True,
         samples_every: int = 10,
         plots_every: int = 10,
         threads: int | None = None,
@@ -91,6 +92,13 @@ class SelfRewardRL(L.LightningModule):
             dist.InferenceView(self.scoring_dtype)
             if self.scoring_dtype not in (None, rollout_dtype)
             else self.rollout_view
+        )
+        # the scorer reads each trajectory's keys and values from the rollout's log-prob
+        # forward: only valid when both run on the same weights in the same dtype
+        self.keep_rollout_cache = (
+            reuse_rollout_cache
+            and getattr(reward, "uses_scorer", False)
+            and self.scoring_view is self.rollout_view
         )
         self.equivalence = AnswerEquivalence()
 
@@ -152,6 +160,7 @@ class SelfRewardRL(L.LightningModule):
             temperature=cfg.temperature,
             top_p=cfg.top_p,
             stats_chunk=cfg.stats_chunk,
+            keep_cache=self.keep_rollout_cache,
         )
         if self.reference is not None:
             rollout.ref_logprobs = self.token_logprobs(self.reference, rollout, no_grad=True)
@@ -165,12 +174,14 @@ class SelfRewardRL(L.LightningModule):
         model = view.replica if view is self.rollout_view and view.replica else view(self.policy)
         scorer = PrefixSharedScorer(model, self.tokenizer)
         results = [self.reward(group, scorer) for group in rollout.groups(labels)]
+        rollout.context_caches = None  # free the keys and values before the update
         rewards = torch.tensor([r for res in results for r in res.rewards], dtype=torch.float32)
         elapsed = time.perf_counter() - start
         self.timings["time/reward_s"] = elapsed
         self.scoring_counts = {
             "perf/scoring_tokens": float(scorer.tokens_processed),
             "perf/scoring_floor_tokens": float(scorer.floor_tokens),
+            "perf/scoring_reused_tokens": float(scorer.reused_tokens),
         }
         if scorer.tokens_processed:
             self.timings["time/scoring_s"] = elapsed

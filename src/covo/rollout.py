@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from covo.rewards.base import Group
+from covo.scoring import ContextCache, split_cache
 
 
 @dataclass
@@ -19,6 +20,8 @@ class Rollout:
     `response_mask` [R, G]: 1.0 on generated tokens up to and including the first EOS.
     `logprobs`, `entropy`, `self_certainty` [R, G]: the sampling policy's per-token values
     (float32, zero on padding); `self_certainty` is KL(uniform || policy) per token.
+    `context_caches[r]`, when kept, holds the keys and values of prompt + response r (without
+    padding or EOS) from that same forward, for the reward's scorer.
     """
 
     sequences: torch.Tensor
@@ -33,6 +36,7 @@ class Rollout:
     truncated: torch.Tensor
     group_size: int
     ref_logprobs: torch.Tensor | None = None
+    context_caches: list[ContextCache] | None = None
 
     @property
     def prompt_len(self) -> int:
@@ -57,6 +61,9 @@ class Rollout:
                     token_entropy=cut(self.entropy),
                     token_self_certainty=cut(self.self_certainty),
                     label=labels[b],
+                    context_caches=[self.context_caches[r] for r in rows]
+                    if self.context_caches
+                    else None,
                 )
             )
         return out
@@ -141,24 +148,23 @@ def response_token_stats(
     response_len: int,
     temperature: float = 1.0,
     with_distribution_stats: bool = True,
-) -> dict[str, torch.Tensor]:
+    keep_cache: bool = False,
+) -> dict:
     """Per response token: log-prob of the sampled token, and (optionally) the entropy and
     KL(uniform || policy) of the policy's next-token distribution. All [R, G], float32.
+    With `keep_cache`, also the forward's model cache (keys and values) under "cache".
 
     Logits are taken only at the response positions (they dominate memory).
     """
     # through the model's own forward (FSDP2 hooks live there), logits at response positions only
-    logits = (
-        model(
-            input_ids=sequences,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from(attention_mask),
-            use_cache=False,
-            logits_to_keep=response_len + 1,
-        )
-        .logits[:, :-1]
-        .float()
+    out = model(
+        input_ids=sequences,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from(attention_mask),
+        use_cache=keep_cache,
+        logits_to_keep=response_len + 1,
     )
+    logits = out.logits[:, :-1].float()
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
     logp_all = F.log_softmax(logits, dim=-1)
@@ -168,21 +174,31 @@ def response_token_stats(
         p = logp_all.exp()
         stats["entropy"] = -(p * logp_all).sum(-1)
         stats["self_certainty"] = -logp_all.mean(-1) - math.log(logp_all.shape[-1])
+    if keep_cache:
+        stats["cache"] = out.cache
     return stats
 
 
-def batched_token_stats(model, sequences, attention_mask, response_len, temperature, chunk):
-    """`response_token_stats` over row chunks, without gradients."""
-    parts = []
+def batched_token_stats(
+    model, sequences, attention_mask, response_len, temperature, chunk, keep_cache=False
+) -> tuple[dict[str, torch.Tensor], list]:
+    """`response_token_stats` over row chunks, without gradients; also each chunk's model
+    cache (None unless `keep_cache`)."""
+    parts, caches = [], []
     with torch.no_grad():
         for start in range(0, sequences.shape[0], chunk):
             rows = slice(start, start + chunk)
-            parts.append(
-                response_token_stats(
-                    model, sequences[rows], attention_mask[rows], response_len, temperature
-                )
+            stats = response_token_stats(
+                model,
+                sequences[rows],
+                attention_mask[rows],
+                response_len,
+                temperature,
+                keep_cache=keep_cache,
             )
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+            caches.append(stats.pop("cache", None))
+            parts.append(stats)
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, caches
 
 
 def build_rollout(
@@ -195,8 +211,13 @@ def build_rollout(
     top_p: float,
     stats_chunk: int = 4,
     synced: bool = False,
+    keep_cache: bool = False,
 ) -> Rollout:
-    """Generate, then score the sampled tokens with one forward pass per chunk of rows."""
+    """Generate, then score the sampled tokens with one forward pass per chunk of rows.
+
+    `keep_cache` keeps that forward's keys and values per response (`Rollout.context_caches`;
+    left as None for models whose cache layers are not plain full attention).
+    """
     sequences, prompt_mask, prompt_len = generate(
         model, tokenizer, prompts, num_samples, max_new_tokens, temperature, top_p, synced
     )
@@ -204,8 +225,8 @@ def build_rollout(
     eos = eos_token_ids(model, tokenizer)
     response_mask = response_mask_from(tokens, eos)
     attention_mask = torch.cat([prompt_mask, response_mask.long()], dim=1)
-    stats = batched_token_stats(
-        model, sequences, attention_mask, tokens.shape[1], temperature, stats_chunk
+    stats, caches = batched_token_stats(
+        model, sequences, attention_mask, tokens.shape[1], temperature, stats_chunk, keep_cache
     )
     for key in stats:
         stats[key] = stats[key] * response_mask
@@ -218,6 +239,19 @@ def build_rollout(
         texts.append(tokenizer.decode(response_ids[-1], skip_special_tokens=True))
     prompt_rows = sequences[::num_samples, :prompt_len]
     prompt_ids = [row[m.bool()].tolist() for row, m in zip(prompt_rows, prompt_mask[::num_samples])]
+    context_caches = None
+    if keep_cache:
+        # prompts are left-padded: row r's tokens start after its padding
+        rows = [
+            (prompt_ids[r // num_samples] + ids, prompt_len - len(prompt_ids[r // num_samples]))
+            for r, ids in enumerate(response_ids)
+        ]
+        chunks = [
+            split_cache(cache, rows[i * stats_chunk : (i + 1) * stats_chunk])
+            for i, cache in enumerate(caches)
+        ]
+        if all(chunk is not None for chunk in chunks):
+            context_caches = [c for chunk in chunks for c in chunk]
     return Rollout(
         sequences=sequences,
         attention_mask=attention_mask,
@@ -227,5 +261,6 @@ def build_rollout(
         texts=texts,
         truncated=torch.tensor(truncated),
         group_size=num_samples,
+        context_caches=context_caches,
         **stats,
     )

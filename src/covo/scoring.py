@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from transformers import DynamicCache
 
 
 @dataclass
@@ -29,6 +30,45 @@ class PackedTrie:
     logit_pos: Tensor
     targets: Tensor
     owner: Tensor
+
+
+@dataclass
+class ContextCache:
+    """Keys and values of one sequence's tokens from a forward that already ran over it.
+
+    `layers[l]` = (keys, values) of layer l, each [1, kv_heads, len(ids), head_dim], computed
+    at positions 0.. of `ids`. Scoring reads the context from here instead of feeding it again.
+    """
+
+    ids: list[int]
+    layers: list[tuple[Tensor, Tensor]]
+
+    def model_cache(self, length: int) -> DynamicCache:
+        """A fresh model cache holding the first `length` tokens (a forward appends to it)."""
+        return DynamicCache([(k[:, :, :length], v[:, :, :length]) for k, v in self.layers])
+
+
+def split_cache(cache, rows: list[tuple[list[int], int]]) -> list[ContextCache] | None:
+    """One `ContextCache` per batch row of a model cache; row r holds `ids` from column `start`.
+
+    None when a layer is not a plain full-attention cache (a sliding window drops early keys).
+    """
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
+        return None
+    return [
+        ContextCache(
+            ids,
+            [
+                (
+                    layer.keys[r : r + 1, :, start : start + len(ids)],
+                    layer.values[r : r + 1, :, start : start + len(ids)],
+                )
+                for layer in layers
+            ],
+        )
+        for r, (ids, start) in enumerate(rows)
+    ]
 
 
 def check_inputs(
@@ -67,18 +107,41 @@ def pack_trie(
     state_ends: list[int],
     branches: list[list[list[int]]],
     scored_from: list[list[int]],
+    context_cached: bool = False,
 ) -> PackedTrie:
     """Lay out the context (up to the last state with branches) and one branch trie per state.
 
     A trie node at depth d (1-based) under state i gets position `state_ends[i] + d - 1` and
-    attends to `context[:state_ends[i]]` and its ancestors (itself included).
+    attends to `context[:state_ends[i]]` and its ancestors (itself included). Columns
+    `[0, n_ctx)` of `allowed` are the context, then one column per fed token.
+
+    With `context_cached` the context is not fed (its keys and values come from a cache) and
+    `allowed` is [fed, n_ctx + fed]. A state whose first branch token is scored then re-feeds
+    its last context token once (a root at position `state_ends[i] - 1`), as the logits that
+    predict that token need its hidden state.
     """
     n_ctx = max(end for end, bs in zip(state_ends, branches) if bs)
-    ids, pos, node_end = list(context_ids[:n_ctx]), list(range(n_ctx)), []
+    offset = n_ctx if context_cached else 0  # column of fed token r: r + offset
+    ids = [] if context_cached else list(context_ids[:n_ctx])
+    pos = list(range(len(ids)))
+    sees_context = []  # per fed non-context token: how many context columns it attends to
     rows, cols = [], []
     logit_pos, targets, owner = [], [], []
+
+    def feed(token: int, position: int, context_seen: int, ancestors: list[int]) -> int:
+        row = len(ids)
+        ids.append(token)
+        pos.append(position)
+        sees_context.append(context_seen)
+        rows.extend([row] * (len(ancestors) + 1))
+        cols.extend([*ancestors, row + offset])
+        return row
+
     flat = 0
     for end, state_branches, starts in zip(state_ends, branches, scored_from):
+        before_first = end - 1  # row of the logits predicting branch token 0
+        if context_cached and 0 in starts:
+            before_first = feed(context_ids[end - 1], end - 1, end - 1, [])
         children: dict[tuple[int, int], int] = {}
         ancestors: dict[int, list[int]] = {-1: []}
         for branch, start in zip(state_branches, starts):
@@ -86,25 +149,20 @@ def pack_trie(
             for depth, token in enumerate(branch, start=1):
                 child = children.get((node, token))
                 if child is None:
-                    child = len(ids)
+                    child = feed(token, end + depth - 1, end, ancestors[node])
                     children[(node, token)] = child
-                    ancestors[child] = ancestors[node] + [child]
-                    rows += [child] * depth
-                    cols += ancestors[child]
-                    ids.append(token)
-                    pos.append(end + depth - 1)
-                    node_end.append(end)
+                    ancestors[child] = ancestors[node] + [child + offset]
                 path.append(child)
                 node = child
             for j in range(start, len(branch)):
-                logit_pos.append(end - 1 if j == 0 else path[j - 1])
+                logit_pos.append(before_first if j == 0 else path[j - 1])
                 targets.append(branch[j])
                 owner.append(flat)
             flat += 1
-    length = len(ids)
-    allowed = torch.zeros(length, length, dtype=torch.bool)
-    allowed[:n_ctx, :n_ctx] = torch.ones(n_ctx, n_ctx, dtype=torch.bool).tril()
-    allowed[n_ctx:, :n_ctx] = torch.arange(n_ctx)[None, :] < torch.tensor(node_end)[:, None]
+    length, first = len(ids), len(ids) - len(sees_context)
+    allowed = torch.zeros(length, length + offset, dtype=torch.bool)
+    allowed[:first, :first] = torch.ones(first, first, dtype=torch.bool).tril()
+    allowed[first:, :n_ctx] = torch.arange(n_ctx)[None, :] < torch.tensor(sees_context)[:, None]
     allowed[rows, cols] = True
 
     def long(values: list[int]) -> Tensor:
@@ -148,6 +206,7 @@ class _ScorerBase:
     def reset_counters(self) -> None:
         self.tokens_processed = 0
         self.floor_tokens = 0
+        self.reused_tokens = 0
 
     @property
     def device(self) -> torch.device:
@@ -160,11 +219,20 @@ class _ScorerBase:
         state_ends: list[int],
         branches: list[list[list[int]]],
         scored_from: list[list[int]],
+        context_cache: ContextCache | None = None,
     ) -> list[Tensor]:
-        """Mean NLL [K_i] (float32, CPU) of each branch's scored tokens, per state."""
+        """Mean NLL [K_i] (float32, CPU) of each branch's scored tokens, per state.
+
+        `context_cache`: the context's keys and values from a forward of this model (the
+        rollout's log-prob pass); a scorer that can use it does not feed the context again.
+        """
         check_inputs(context_ids, state_ends, branches, scored_from)
+        if context_cache is not None:
+            needed = max(state_ends, default=0)
+            if context_cache.ids[:needed] != context_ids[:needed]:
+                raise ValueError(f"context_cache does not hold the first {needed} context ids")
         self.floor_tokens += floor_tokens(state_ends, branches)
-        return self._score(context_ids, state_ends, branches, scored_from)
+        return self._score(context_ids, state_ends, branches, scored_from, context_cache)
 
     def autocast(self) -> torch.autocast:
         dtype = self.dtype or self.model.dtype
@@ -177,6 +245,9 @@ class PrefixSharedScorer(_ScorerBase):
     `chunk_size`: positions per output-head call (bounds the [chunk, vocab] logits).
     `states_per_forward`: None scores every state in one forward; a number splits the states
     into groups, each forward re-feeding the context (less memory, more tokens).
+    Given a `context_cache`, a forward feeds only the tries (plus, per state whose first branch
+    token is scored, its last context token) and reads the context from the cache;
+    `reused_tokens` counts the context tokens read that way.
     The model must be a causal LM whose logits are `get_output_embeddings()(base_model(...))`.
     """
 
@@ -192,12 +263,14 @@ class PrefixSharedScorer(_ScorerBase):
         self.chunk_size = chunk_size
         self.states_per_forward = states_per_forward
 
-    def _score(self, context_ids, state_ends, branches, scored_from) -> list[Tensor]:
+    def _score(self, context_ids, state_ends, branches, scored_from, cache) -> list[Tensor]:
         step = self.states_per_forward or max(len(state_ends), 1)
         out: list[Tensor] = []
         for s in range(0, len(state_ends), step):
             part = slice(s, s + step)
-            out += self._forward(context_ids, state_ends[part], branches[part], scored_from[part])
+            out += self._forward(
+                context_ids, state_ends[part], branches[part], scored_from[part], cache
+            )
         return out
 
     def _forward(
@@ -206,21 +279,24 @@ class PrefixSharedScorer(_ScorerBase):
         state_ends: list[int],
         branches: list[list[list[int]]],
         scored_from: list[list[int]],
+        cache: ContextCache | None,
     ) -> list[Tensor]:
         sizes = [len(bs) for bs in branches]
         if not any(sizes):
             return [torch.zeros(0) for _ in sizes]
-        packed = pack_trie(context_ids, state_ends, branches, scored_from)
+        packed = pack_trie(context_ids, state_ends, branches, scored_from, cache is not None)
         device, dtype = self.device, self.dtype or self.model.dtype
         # additive float mask: eager attention adds the mask, so a bool one would be added as 0/1
         mask = torch.zeros(packed.allowed.shape, dtype=dtype, device=device)
         mask.masked_fill_(~packed.allowed.to(device), torch.finfo(dtype).min)
+        n_cached = packed.allowed.shape[1] - packed.allowed.shape[0]
         with self.autocast():
             hidden = self.model.base_model(
                 input_ids=packed.input_ids[None].to(device),
                 attention_mask=mask[None, None],
                 position_ids=packed.position_ids[None].to(device),
-                use_cache=False,
+                cache=cache.model_cache(n_cached) if cache is not None else None,
+                use_cache=cache is not None,
             ).last_hidden_state[0]
             nll = gathered_nll(
                 hidden,
@@ -230,13 +306,17 @@ class PrefixSharedScorer(_ScorerBase):
                 self.chunk_size,
             )
         self.tokens_processed += len(packed.input_ids)
+        self.reused_tokens += n_cached
         return split_means(nll, packed.owner.to(device), sizes)
 
 
 class NaiveScorer(_ScorerBase):
-    """The oracle: each (state, branch) as its own right-padded sequence, K per forward."""
+    """The oracle: each (state, branch) as its own right-padded sequence, K per forward.
 
-    def _score(self, context_ids, state_ends, branches, scored_from) -> list[Tensor]:
+    It always feeds the context itself (a `context_cache` is ignored).
+    """
+
+    def _score(self, context_ids, state_ends, branches, scored_from, cache) -> list[Tensor]:
         return [
             self._state(context_ids[:end], bs, starts)
             for end, bs, starts in zip(state_ends, branches, scored_from)

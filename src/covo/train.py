@@ -46,6 +46,7 @@ def build(cfg: DictConfig) -> tuple[SelfRewardRL, L.LightningDataModule, L.Train
         rollout=cfg.rollout,
         max_grad_norm=cfg.max_grad_norm,
         scoring_dtype=cfg.scoring_dtype,
+        reuse_rollout_cache=cfg.reuse_rollout_cache,
         samples_every=cfg.samples_every,
         plots_every=cfg.plots_every,
         threads=cfg.threads,

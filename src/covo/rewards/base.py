@@ -14,7 +14,9 @@ class Group:
 
     `response_ids[i]` holds the generated token ids of response i without the EOS token and
     without padding; the per-token tensors below have the same length. `label` is the data's
-    ground-truth answer: only `ground_truth` and diagnostics may read it.
+    ground-truth answer: only `ground_truth` and diagnostics may read it. `context_caches[i]`,
+    when present, holds the keys and values of prompt + response i from the rollout's forward,
+    for a scorer to reuse.
     """
 
     prompt_ids: list[int]
@@ -24,6 +26,7 @@ class Group:
     token_entropy: list[torch.Tensor]
     token_self_certainty: list[torch.Tensor]
     label: str | None = None
+    context_caches: list | None = None
 
     @property
     def size(self) -> int:
@@ -58,12 +61,14 @@ class Scorer(Protocol):
     """Policy log-likelihoods of continuations that branch off a sequence.
 
     `tokenizer` is the policy's tokenizer (rewards tokenise their branches with it).
-    `tokens_processed` / `floor_tokens` count the work done since the last `reset_counters()`.
+    `tokens_processed` / `floor_tokens` count the work done since the last `reset_counters()`;
+    `reused_tokens` the context tokens read from a `context_cache` instead of being fed.
     """
 
     tokenizer: object
     tokens_processed: int
     floor_tokens: int
+    reused_tokens: int
 
     def reset_counters(self) -> None: ...
 
@@ -73,11 +78,13 @@ class Scorer(Protocol):
         state_ends: list[int],
         branches: list[list[list[int]]],
         scored_from: list[list[int]],
+        context_cache=None,
     ) -> list[torch.Tensor]:
         """Mean NLL of each branch given `context_ids[:state_ends[i]]`.
 
         `branches[i][k]` is the token list of branch k at state i; only its tokens from
         `scored_from[i][k]` on are averaged. Returns one float32 tensor of shape [K_i] per state.
+        `context_cache` (a `covo.scoring.ContextCache`) may carry the context's keys and values.
         """
 
 

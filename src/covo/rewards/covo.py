@@ -112,9 +112,12 @@ class CoVoReward(AnswerClustering):
     when K <= 1); components `consistency`, `volatility`, `curiosity` (NaN when off),
     `intrinsic` (cluster value), `num_states`; details per response `D` [T][K], `ratios`,
     `step_ends` (in response tokens), `state_ends` (in prompt + response tokens), plus the
-    cluster `representatives`. The curiosity term is added only where the cluster term exists
+    cluster `representatives`. `uses_scorer`: the rollout may keep its keys and values for the
+    scorer (`Group.context_caches`). The curiosity term is added only where the cluster term exists
     (an answer and K >= 2).
     """
+
+    uses_scorer = True
 
     def __init__(
         self,
@@ -200,6 +203,7 @@ class CoVoReward(AnswerClustering):
             state_ends,
             [b for b, _ in chosen],
             [s for _, s in chosen],
+            group.context_caches[i] if group.context_caches else None,
         )
         return state_ends, torch.stack(D).float()
 
