@@ -6,14 +6,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from covo.scoring import (
-    ContextCache,
-    NaiveScorer,
-    PrefixSharedScorer,
-    pack_trie,
-    split_cache,
-    trie_size,
-)
+from covo.context_cache import ContextCache, split_cache
+from covo.scoring import NaiveScorer, PrefixSharedScorer, pack_trie, trie_size
 
 torch.set_num_threads(1)
 VOCAB = 97

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from covo.context_cache import ContextCache, split_cache
 from covo.rewards.base import Group
-from covo.scoring import ContextCache, split_cache
 
 
 @dataclass

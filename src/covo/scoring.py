@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache
+
+from covo.context_cache import ContextCache
 
 
 @dataclass
@@ -30,45 +31,6 @@ class PackedTrie:
     logit_pos: Tensor
     targets: Tensor
     owner: Tensor
-
-
-@dataclass
-class ContextCache:
-    """Keys and values of one sequence's tokens from a forward that already ran over it.
-
-    `layers[l]` = (keys, values) of layer l, each [1, kv_heads, len(ids), head_dim], computed
-    at positions 0.. of `ids`. Scoring reads the context from here instead of feeding it again.
-    """
-
-    ids: list[int]
-    layers: list[tuple[Tensor, Tensor]]
-
-    def model_cache(self, length: int) -> DynamicCache:
-        """A fresh model cache holding the first `length` tokens (a forward appends to it)."""
-        return DynamicCache([(k[:, :, :length], v[:, :, :length]) for k, v in self.layers])
-
-
-def split_cache(cache, rows: list[tuple[list[int], int]]) -> list[ContextCache] | None:
-    """One `ContextCache` per batch row of a model cache; row r holds `ids` from column `start`.
-
-    None when a layer is not a plain full-attention cache (a sliding window drops early keys).
-    """
-    layers = getattr(cache, "layers", None)
-    if not layers or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
-        return None
-    return [
-        ContextCache(
-            ids,
-            [
-                (
-                    layer.keys[r : r + 1, :, start : start + len(ids)],
-                    layer.values[r : r + 1, :, start : start + len(ids)],
-                )
-                for layer in layers
-            ],
-        )
-        for r, (ids, start) in enumerate(rows)
-    ]
 
 
 def check_inputs(

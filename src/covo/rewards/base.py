@@ -84,9 +84,13 @@ class Scorer(Protocol):
 
         `branches[i][k]` is the token list of branch k at state i; only its tokens from
         `scored_from[i][k]` on are averaged. Returns one float32 tensor of shape [K_i] per state.
-        `context_cache` (a `covo.scoring.ContextCache`) may carry the context's keys and values.
+        `context_cache` (a `covo.context_cache.ContextCache`) may carry the context's keys
+        and values.
         """
 
 
 class Reward(Protocol):
+    """Rewards of one group. A reward that calls the scorer sets `uses_scorer = True`: the
+    rollout then keeps the trajectories' keys and values for it (`Group.context_caches`)."""
+
     def __call__(self, group: Group, scorer: Scorer | None) -> GroupReward: ...
