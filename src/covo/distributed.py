@@ -15,6 +15,13 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
+def collective_device() -> torch.device:
+    """Where tensors handed to a collective must live: this process's GPU under NCCL."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
@@ -24,7 +31,7 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 def all_reduce_max(value: int) -> int:
     if not is_distributed():
         return value
-    t = torch.tensor([value], dtype=torch.long)
+    t = torch.tensor([value], dtype=torch.long, device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
 
@@ -42,7 +49,9 @@ def mean_across_ranks(metrics: dict[str, float]) -> dict[str, float]:
     dist.all_gather_object(every, sorted(metrics))
     names = sorted(set().union(*every))
     sums = torch.tensor(
-        [[metrics[n], 1.0] if n in metrics else [0.0, 0.0] for n in names], dtype=torch.float64
+        [[metrics[n], 1.0] if n in metrics else [0.0, 0.0] for n in names],
+        dtype=torch.float64,
+        device=collective_device(),
     )
     dist.all_reduce(sums, op=dist.ReduceOp.SUM)
     return {n: float(total / count) for n, (total, count) in zip(names, sums.tolist()) if count}
