@@ -1,11 +1,16 @@
 """Step time of the default training config with reward=covo against reward=ground_truth.
 
-Runs alternate (covo, covo_refeed, ground_truth, covo, ...) in one process, each a few steps
-from the same seed and weights, so all see the same prompts and the same first rollout.
+Runs alternate in one process, each a few steps from the same seed and weights, so all see
+the same prompts and the same first rollout; each round rotates the order (the first run of a
+round was seen to be the slowest). Every run keeps all-zero groups
+(`algorithm.filter.drop_all_zero=false`, overridable): with a small model the verifier rewards
+most groups with zeros, and the filter would then skip their update, so the ratio would
+measure the filter rather than the reward.
 `covo_refeed` is reward=covo with reuse_rollout_cache=false: its scorer feeds every trajectory
 again instead of reading it from the rollout's keys and values.
-A one-step warm-up run comes first and is not counted: the first run in a process pays
-one-time costs (allocator, thread pools) that were seen to add 40% to its first update.
+A one-step covo warm-up run comes first and is not counted: the first run in a process pays
+one-time costs (allocator, thread pools, kernels for new shapes, the answer checker's first
+parse) that were seen to add 40% to its first update, and on a GPU to double a first step.
 Prints per-phase times and the step-time ratios: over all steps, and for the first step, whose
 rollout is identical in all runs (later rollouts differ in length as the policies diverge).
 
@@ -59,6 +64,7 @@ def run(variant: list[str], steps: int, overrides: list[str]) -> list[dict[str, 
                 "callbacks=none",
                 "export_dir=null",
                 "+trainer.limit_val_batches=0",
+                "algorithm.filter.drop_all_zero=false",
                 *overrides,
             ],
         )
@@ -83,11 +89,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="rounds of one run per variant")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
     args = parser.parse_args()
-    run(VARIANTS["ground_truth"], 1, args.overrides)  # warm-up, not counted
+    run(VARIANTS["covo"], 1, args.overrides)  # warm-up (every phase of every variant), not counted
     rows: dict[str, list[dict[str, float]]] = {name: [] for name in VARIANTS}
+    names = list(VARIANTS)
     for round_ in range(args.rounds):
-        for name, variant in VARIANTS.items():
-            steps = run(variant, args.steps, args.overrides)
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            steps = run(VARIANTS[name], args.steps, args.overrides)
             rows[name] += steps
             print(f"round {round_} {name:>12}: {summary(steps)}", flush=True)
     print("\nfirst step, mean over rounds (seconds)")
