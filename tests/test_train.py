@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -126,21 +127,27 @@ COVO_TAGS = [
 ]
 
 
+def covo_scalars(tiny_cfg, output_dir: Path, *overrides: str) -> dict[str, list[float]]:
+    """TensorBoard scalars of a tiny CoVo run (4 samples, no validation) into `output_dir`."""
+    cfg = tiny_cfg(
+        "reward=covo",
+        "rollout.num_samples=4",
+        "rollout.max_new_tokens=32",
+        "callbacks=none",
+        "export_dir=null",
+        "val_every=100",
+        *overrides,
+    )
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+    return scalars(train(cfg)["tensorboard_dir"])
+
+
 def test_reusing_rollout_caches_changes_no_reward(tiny_cfg, tmp_path):
-    runs = {}
-    for reuse in (True, False):
-        cfg = tiny_cfg(
-            "reward=covo",
-            "rollout.num_samples=4",
-            "rollout.max_new_tokens=32",
-            f"reuse_rollout_cache={reuse}",
-            "callbacks=none",
-            "export_dir=null",
-            "val_every=100",
-        )
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(tmp_path / f"reuse_{reuse}")
-        runs[reuse] = scalars(train(cfg)["tensorboard_dir"])
+    runs = {
+        reuse: covo_scalars(tiny_cfg, tmp_path / f"reuse_{reuse}", f"reuse_rollout_cache={reuse}")
+        for reuse in (True, False)
+    }
     reused, fed = runs[True], runs[False]
     assert reused["reward/num_answers"][0] >= 2
     for tag in ("reward/mean", "reward/consistency", "reward/volatility", "train/loss"):
@@ -198,3 +205,21 @@ def test_covo_run_logs_reward_components_and_diagnostics(tiny_cfg):
     assert "diag/distance_curves" in events.Tags()["images"]
     assert any(tag.startswith("diag/consistency/") for tag in events.Tags()["histograms"])
     assert "samples/text_summary" in events.Tags()["tensors"]
+
+
+def test_curiosity_is_logged_only_when_on(tiny_cfg, tmp_path):
+    logged = {
+        weight: covo_scalars(
+            tiny_cfg,
+            tmp_path / f"curiosity_{weight}",
+            f"reward.curiosity.weight={weight}",
+            "trainer.max_steps=1",
+        )
+        for weight in (0.0, 0.1)
+    }
+    assert "reward/curiosity" not in logged[0.0]
+    (curiosity,) = logged[0.1]["reward/curiosity"]
+    assert math.isfinite(curiosity) and curiosity != 0.0
+    # the same rollout (same seed, same weights): the bonus moves the mean reward
+    assert logged[0.1]["reward/consistency"] == logged[0.0]["reward/consistency"]
+    assert logged[0.1]["reward/mean"] != logged[0.0]["reward/mean"]
