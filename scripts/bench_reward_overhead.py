@@ -10,7 +10,8 @@ measure the filter rather than the reward.
 again instead of reading it from the rollout's keys and values.
 A one-step covo warm-up run comes first and is not counted: the first run in a process pays
 one-time costs (allocator, thread pools, kernels for new shapes, the answer checker's first
-parse) that were seen to add 40% to its first update, and on a GPU to double a first step.
+parse): they were seen to add 40% to a first update on CPU, and a GPU run's first CoVo step
+once took twice as long as its others.
 Prints per-phase times and the step-time ratios: over all steps, and for the first step, whose
 rollout is identical in all runs (later rollouts differ in length as the policies diverge).
 
