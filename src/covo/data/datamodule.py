@@ -5,6 +5,8 @@ from __future__ import annotations
 import lightning.pytorch as L
 from torch.utils.data import DataLoader
 
+from covo.data.contamination import check_overlap
+
 MATH_PROMPT = (
     "Question: {problem}\n"
     "Please reason step by step, and put your final answer within \\boxed{{}}\n"
@@ -19,7 +21,10 @@ class PromptDataModule(L.LightningDataModule):
     """Batches of prompts (the problem put through `prompt_template`) with their answers.
 
     Answers travel with the batch for the ground-truth reward and diagnostics only. Without
-    a `val` list, the last `val_size` items of `train` are held out for validation.
+    a `val` list, the last `val_size` items of `train` are held out for validation. Before
+    fitting, the training problems are checked against every benchmark (the shipped ones and
+    those under `benchmark_dir`): any shared item stops the run unless
+    `allow_benchmark_overlap`.
     """
 
     def __init__(
@@ -31,6 +36,8 @@ class PromptDataModule(L.LightningDataModule):
         batch_size: int = 4,
         val_batch_size: int = 16,
         name: str = "data",
+        allow_benchmark_overlap: bool = False,
+        benchmark_dir: str | None = None,
     ):
         super().__init__()
         if "{problem}" not in prompt_template:
@@ -44,6 +51,8 @@ class PromptDataModule(L.LightningDataModule):
                 )
             train, val = (train[:-val_size], train[-val_size:]) if val_size else (train, [])
         self.name = name
+        self.allow_benchmark_overlap = allow_benchmark_overlap
+        self.benchmark_dir = benchmark_dir
         self.prompt_template = prompt_template
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size
@@ -52,6 +61,11 @@ class PromptDataModule(L.LightningDataModule):
 
     def with_prompt(self, item: dict) -> dict:
         return {**item, "prompt": self.prompt_template.format(problem=item["problem"])}
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            problems = [item["problem"] for item in self.train_items]
+            check_overlap(problems, self.benchmark_dir, self.allow_benchmark_overlap)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
