@@ -167,22 +167,31 @@ def test_dumped_ids_reproduce_D_with_the_naive_scorer(scored):
         template, newline = record["template_ids"], record["newline_ids"]
         response = record["responses"][0]
         context = record["prompt_ids"] + response["response_ids"]
-        branches, scored_from = [], []
+        answer_only = cfg.reward.distance_tokens == "answer"
+        newline_scored = cfg.reward.newline_scored and not answer_only
+        cuts, branches, scored_from = [], [], []
         for end in response["state_ends"]:
-            # a state that does not end in a newline gets one, unscored, before its branches
-            prefix = [] if "\n" in tok.decode(context[end - 1 : end]) else newline
+            last = tok.decode(context[end - 1 : end])
+            # the token holding the newline before the template is scored (released code): the
+            # state's own, or the one the newline makes with its last token, or the newline
+            glued = tok.encode(last + "\n", add_special_tokens=False)
+            if "\n" in last:
+                cut, prefix = (end - 1, context[end - 1 : end]) if newline_scored else (end, [])
+            elif newline_scored and glued != tok.encode(last, add_special_tokens=False) + newline:
+                cut, prefix = end - 1, glued
+            else:
+                cut, prefix = end, newline
+            cuts.append(cut)
             branches.append([prefix + c["answer_ids"] for c in record["clusters"]])
             starts = []
             for c in record["clusters"]:
                 ids, common = c["answer_ids"], 0
                 while common < len(template) and ids[common] == template[common]:
                     common += 1
-                answer_only = cfg.reward.distance_tokens == "answer"
-                starts.append(len(prefix) + (min(common, len(ids) - 1) if answer_only else 0))
+                start = min(common, len(ids) - 1) if answer_only else 0
+                starts.append(0 if newline_scored else len(prefix) + start)
             scored_from.append(starts)
-        naive = NaiveScorer(loaded.model, tok).branch_nll(
-            context, response["state_ends"], branches, scored_from
-        )
+        naive = NaiveScorer(loaded.model, tok).branch_nll(context, cuts, branches, scored_from)
         torch.testing.assert_close(
             torch.stack(naive), torch.tensor(response["D"]), atol=1e-4, rtol=0
         )

@@ -179,8 +179,10 @@ def build_tiny(
     seed: int = 0,
     chat_template: bool = True,
     attn_implementation: str = "sdpa",
+    dtype: str | None = None,
 ) -> LoadedModel:
-    """A random-init Llama with a tokenizer made in code, for tests and smoke runs."""
+    """A random-init Llama with a tokenizer made in code, for tests and smoke runs (weights in
+    `dtype`, float32 when None)."""
     tokenizer = build_tiny_tokenizer(vocab_size)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -198,5 +200,5 @@ def build_tiny(
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(config).to(torch_dtype(dtype) or torch.float32)
     return _finish(model, tokenizer, chat_template, "tiny")
