@@ -11,9 +11,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from covo.eval import evaluate
 from covo.eval.grading import ChoiceGrader, MathGrader
-from covo.eval.harness import check_settings, grade, load_policy_checkpoint, totals_of
+from covo.eval.harness import grade, load_policy_checkpoint, totals_of
 from covo.eval.results import RESULTS_FILE
 from covo.model import build_tiny
+from covo.settings import check_eval
 
 # problems of decreasing length, so batching by length reorders them
 MATH_ROWS = [
@@ -167,10 +168,10 @@ def test_policy_checkpoint_loads_only_matching_policy_weights(tmp_path):
 
 def test_settings_reject_greedy_repeats_and_keep_fitting_k(tmp_path):
     with pytest.raises(ValueError, match="greedy"):
-        check_settings(eval_cfg(tmp_path, "num_samples=4"))
-    assert check_settings(eval_cfg(tmp_path, "num_samples=4", "temperature=0.7")) == [1, 4]
+        check_eval(eval_cfg(tmp_path, "num_samples=4"))
+    assert check_eval(eval_cfg(tmp_path, "num_samples=4", "temperature=0.7")) == [1, 4]
     with pytest.raises(ValueError, match="dtype"):
-        check_settings(eval_cfg(tmp_path, "dtype=float32"))
+        check_eval(eval_cfg(tmp_path, "dtype=float32"))
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (CONF_DIR / "benchmark").glob("*.yaml")))
