@@ -97,7 +97,6 @@ def test_sampled_run_writes_consistent_json_tensorboard_and_table(tmp_path, benc
             "truncated",
         }  # k=8 > num_samples is skipped
         assert totals["items"] == 3
-        assert all(0.0 <= v <= 1.0 for k, v in totals.items() if k != "items")
         for key in ("pass@2", "maj@4"):
             assert totals[key] == pytest.approx(sum(r["metrics"][key] for r in records) / 3)
         (point,) = events.Scalars(f"eval/{name}/pass@1")
