@@ -37,3 +37,29 @@ def test_multirun_gives_each_job_its_own_directory(tmp_path):
     ]
     for job in job_dirs:
         assert (job / "csv" / "metrics.csv").exists(), job
+
+
+def test_console_counts_steps_and_says_where_the_config_went(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "debug=default",
+            "trainer.max_steps=3",
+            f"paths.log_dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout + proc.stderr
+    assert "train steps: 100%" in out and "3/3" in out
+    assert "Epoch 0/-2" not in out
+    for noise in ("LeafSpec", "in eval mode", "manual optimization", "not resumable"):
+        assert noise not in out, noise
+    (run,) = (tmp_path / "debug" / "runs").iterdir()
+    assert "overrides: debug=default trainer.max_steps=3" in out
+    assert f"config: {run / 'config.yaml'}" in out
+    assert "max_steps: 3" in (run / "config.yaml").read_text()

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import hydra
 import pytest
+import torch
 from conftest import CONF_DIR, TINY_RUN, compose_config
 from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import Strategy
+from omegaconf import OmegaConf
 
 from covo.model import LoadedModel, build_tiny
+from covo.settings import check_train
 from covo.train import resolve_auto
 
 GROUPS = [
@@ -82,27 +86,43 @@ def test_option_instantiates(group, option, tmp_path, problems_file, saved_tiny)
         assert all("{problem}" not in p for p in batch["prompt"])
         assert len(dm.val_items) > 0
     elif group == "reward":
-        assert callable(hydra.utils.instantiate(node))
+        reward = hydra.utils.instantiate(node)
+        module, name = node._target_.rsplit(".", 1)
+        assert (type(reward).__module__, type(reward).__name__) == (module, name)
+        for key, value in node.items():  # every knob reached the object
+            if not key.startswith("_") and hasattr(reward, key) and not OmegaConf.is_config(value):
+                assert getattr(reward, key) == value, key
     elif group == "algorithm":
-        assert callable(hydra.utils.instantiate(node).advantage)
+        # rewards [1, 0, 0, 1] in groups of 2, one token each, no KL
+        rewards, mask = torch.tensor([1.0, 0.0, 0.0, 1.0]), torch.ones(4, 1)
+        adv = hydra.utils.instantiate(node).advantage(rewards, mask, 2)[:, 0]
+        expected = {  # group std (unbiased) = sqrt(0.5); batch std (population) = 0.5
+            "grpo": [x * 0.5 / math.sqrt(0.5) for x in (1, -1, -1, 1)],
+            "rloo": [1.0, -1.0, -1.0, 1.0],
+            "reinforce_pp": [1.0, -1.0, -1.0, 1.0],
+        }[option]
+        torch.testing.assert_close(adv, torch.tensor(expected), atol=1e-5, rtol=1e-5)
     elif group == "optimizer":
-        import torch
-
-        opt = hydra.utils.instantiate(node)(params=[torch.nn.Parameter(torch.zeros(2))])
-        assert opt.param_groups[0]["lr"] > 0
+        # one step on f(w) = w^2 from w = 1: SGD moves by lr * 2, Adam's first step by lr
+        w = torch.nn.Parameter(torch.ones(1))
+        opt = hydra.utils.instantiate(node)(params=[w])
+        (w**2).sum().backward()
+        opt.step()
+        lr = node.lr
+        moved = {"sgd": 2 * lr, "adamw": lr}[option]
+        assert w.item() == pytest.approx(1 - moved, rel=1e-4)
     elif group == "scheduler":
-        import torch
-
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
         sched = hydra.utils.instantiate(node)(optimizer=opt, total_steps=10)
-        assert 0 < sched.get_last_lr()[0] <= 1.0
+        # cosine: warm-up of ceil(10 * 0.03) = 1 step starts at half the peak
+        assert sched.get_last_lr()[0] == {"cosine": 0.5, "constant": 1.0}[option]
     elif group == "strategy":
         assert isinstance(hydra.utils.instantiate(node), Strategy)
     elif group == "trainer":
         resolve_auto(cfg)
         trainer = hydra.utils.instantiate(node, accelerator="cpu", logger=False)
         assert isinstance(trainer, Trainer)
-        assert trainer.max_steps == cfg.trainer.max_steps > 0
+        assert trainer.max_steps == cfg.trainer.max_steps
     else:
         for sub in node.values():
             hydra.utils.instantiate(sub)
@@ -111,9 +131,10 @@ def test_option_instantiates(group, option, tmp_path, problems_file, saved_tiny)
 @pytest.mark.parametrize("name", options("experiment") + options("debug"))
 def test_experiment_and_debug_compose(name, tmp_path):
     group = "experiment" if name in options("experiment") else "debug"
-    cfg = compose_config("train", [f"{group}={name}"], tmp_path)
-    assert cfg.trainer.max_steps > 0
-    assert cfg.rollout.num_samples >= 2
+    required = {"covo_released_qwen7b": ["model.name_or_path=x", "data.train.path=x"]}
+    cfg = compose_config("train", [f"{group}={name}", *required.get(name, [])], tmp_path)
+    resolve_auto(cfg)
+    check_train(cfg)  # every shipped combination passes the settings checks
 
 
 def test_eval_and_score_configs_compose(tmp_path):

@@ -104,3 +104,56 @@ def test_micro_batch_losses_with_normalizer_sum_to_the_batch_mean():
         for r in (slice(0, 2), slice(2, 4))
     ]
     assert not torch.isclose((means[0] + means[1]) / 2, full)
+
+
+def _grad(theta, f):
+    (g,) = torch.autograd.grad(f(), theta)
+    return g
+
+
+@pytest.mark.parametrize(
+    ("estimator", "in_loss", "in_reward"),
+    [
+        ("k1", "zero", "reverse"),
+        ("k2", "reverse", "mean_half_d2 - reverse"),
+        ("k3", "forward", "reverse - forward"),
+    ],
+)
+def test_kl_estimator_gradients_follow_the_readme_table(estimator, in_loss, in_reward):
+    """Exact expectations over a 6-way categorical policy at pi_old = pi: the gradient each
+    estimator gives in the loss (differentiated through logp) and in the reward (as a
+    REINFORCE penalty), against autograd of the closed-form divergences."""
+    torch.manual_seed(0)
+    theta = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    ref = torch.softmax(torch.randn(6, dtype=torch.float64), 0).log()
+
+    def logpi():
+        return torch.log_softmax(theta, 0)
+
+    pi = logpi().exp().detach()
+    targets = {
+        "zero": torch.zeros(6, dtype=torch.float64),
+        "reverse": _grad(theta, lambda: (logpi().exp() * (logpi() - ref)).sum()),
+        "forward": _grad(theta, lambda: (ref.exp() * (ref - logpi())).sum()),
+        "mean_half_d2": _grad(theta, lambda: (logpi().exp() * 0.5 * (logpi() - ref) ** 2).sum()),
+    }
+    targets["mean_half_d2 - reverse"] = targets["mean_half_d2"] - targets["reverse"]
+    targets["reverse - forward"] = targets["reverse"] - targets["forward"]
+    as_loss = _grad(theta, lambda: (pi * kl_estimate(logpi(), ref, estimator)).sum())
+    as_reward = _grad(
+        theta, lambda: (pi * kl_estimate(logpi(), ref, estimator).detach() * logpi()).sum()
+    )
+    torch.testing.assert_close(as_loss, targets[in_loss])
+    torch.testing.assert_close(as_reward, targets[in_reward])
+    assert targets["reverse"].abs().max() > 0.01 and targets["forward"].abs().max() > 0.01
+
+
+def test_k3_stays_finite_on_padding_with_minus_infinite_logprobs():
+    logp = torch.tensor([[-1.0, float("-inf")]])
+    ref = torch.tensor([[-2.0, -0.5]])
+    mask = torch.tensor([[1.0, 0.0]])
+    # d = 1 on the real token; the padded d = -inf is clamped to -10 and masked out
+    torch.testing.assert_close(kl_loss(logp, ref, mask, "k3"), torch.tensor(1 / E + 1 - 1))
+    # a real token beyond the clamp: d = 30 counts as d = 10
+    far = kl_estimate(torch.tensor([0.0]), torch.tensor([-30.0]), "k3")
+    torch.testing.assert_close(far, torch.tensor([math.exp(-10) + 10 - 1]))

@@ -6,8 +6,9 @@ import random
 
 import torch
 
+import covo.rollout as rollout_module
 from covo.model import build_tiny
-from covo.rollout import build_rollout, format_prompts
+from covo.rollout import build_rollout, encode_prompts, format_prompts
 from covo.scoring import NaiveScorer, PrefixSharedScorer
 
 
@@ -74,3 +75,66 @@ def test_scoring_from_rollout_caches_equals_naive():
         assert max((g - w).abs().max().item() for g, w in zip(got, want)) <= 1e-4
         assert shared.reused_tokens == len(context)
         assert shared.tokens_processed < shared.floor_tokens - len(context) + len(ends) + 1
+
+
+def test_logprobs_at_temperature_match_an_unpadded_forward():
+    loaded = build_tiny(seed=3)
+    prompts = ["What is 2 + 2?", "Compute 17 * 3 - 5 and give the result as a number."]
+    torch.manual_seed(1)
+    rollout = build_rollout(
+        loaded.model,
+        loaded.tokenizer,
+        format_prompts(loaded.tokenizer, prompts, chat_template=True),
+        num_samples=2,
+        max_new_tokens=16,
+        temperature=0.7,
+        top_p=1.0,
+        stats_chunk=3,
+    )
+    for r, response in enumerate(rollout.response_ids):
+        ended = not rollout.truncated[r]
+        ids = rollout.prompt_ids[r // 2] + response + ([loaded.tokenizer.eos_token_id] * ended)
+        with torch.no_grad():
+            logits = loaded.model(torch.tensor([ids])).logits[0] / 0.7
+        p = len(rollout.prompt_ids[r // 2])
+        # token t is predicted at position t - 1; sampling divides the logits by T
+        want = torch.log_softmax(logits[p - 1 : -1], -1).gather(-1, torch.tensor(ids[p:])[:, None])
+        probs = torch.softmax(logits[p - 1 : -1], -1)
+        n = len(ids) - p
+        torch.testing.assert_close(rollout.logprobs[r, :n], want[:, 0], atol=1e-5, rtol=1e-5)
+        entropy = -(probs * probs.log()).sum(-1)
+        torch.testing.assert_close(rollout.entropy[r, :n], entropy, atol=1e-5, rtol=1e-5)
+        assert (rollout.logprobs[r, n:] == 0).all()
+
+
+def test_masks_truncation_and_eos_on_a_model_forced_to_stop(monkeypatch):
+    """Generation replaced by fixed tokens: row 0 stops after 2 tokens, row 1 after 4
+    (pad == EOS, as for SmolLM2, so EOS also fills the padding), row 2 never stops."""
+    loaded = build_tiny(seed=3)
+    tok = loaded.tokenizer
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    assert eos == pad
+    prompt = format_prompts(tok, ["What is 2 + 2?"], chat_template=True)
+    words = tok.encode("12 + 7 = 19", add_special_tokens=False)[:5]
+    rows = [words[:2] + [eos, pad, pad, pad], words[:4] + [eos, pad], words[:5] + [words[0]]]
+
+    def forced(model, tokenizer, prompts, num_samples, *args, **kwargs):
+        enc = encode_prompts(tokenizer, prompts, model.device)
+        ids = enc["input_ids"].repeat(3, 1)
+        sequences = torch.cat([ids, torch.tensor(rows)], dim=1)
+        return sequences, enc["attention_mask"].repeat(3, 1), ids.shape[1]
+
+    monkeypatch.setattr(rollout_module, "generate", forced)
+    rollout = build_rollout(loaded.model, tok, prompt, 3, 6, 1.0, 1.0)
+    assert rollout.response_mask.tolist() == [
+        [1, 1, 1, 0, 0, 0],  # the first EOS counts, what follows is padding
+        [1, 1, 1, 1, 1, 0],
+        [1, 1, 1, 1, 1, 1],
+    ]
+    assert rollout.truncated.tolist() == [False, False, True]
+    assert rollout.response_ids == [words[:2], words[:4], words[:5] + [words[0]]]
+    assert rollout.texts[0] == tok.decode(words[:2])
+    assert (rollout.logprobs[0, 3:] == 0).all() and (rollout.logprobs[0, :3] < 0).all()
+    assert (rollout.entropy[1, 5:] == 0).all() and (rollout.entropy[1, :5] > 0).all()
+    prompt_len = rollout.prompt_len
+    assert rollout.attention_mask[0, prompt_len:].tolist() == [1, 1, 1, 0, 0, 0]

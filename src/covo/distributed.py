@@ -36,6 +36,15 @@ def all_reduce_max(value: int) -> int:
     return int(t.item())
 
 
+def all_gather_objects(value) -> list:
+    """`value` from every rank, in rank order ([value] in a single process)."""
+    if not is_distributed():
+        return [value]
+    every = [None] * world_size()
+    dist.all_gather_object(every, value)
+    return every
+
+
 def mean_across_ranks(metrics: dict[str, float]) -> dict[str, float]:
     """Each metric averaged over the ranks that report it.
 
@@ -45,9 +54,7 @@ def mean_across_ranks(metrics: dict[str, float]) -> dict[str, float]:
     """
     if not is_distributed():
         return metrics
-    every = [None] * world_size()
-    dist.all_gather_object(every, sorted(metrics))
-    names = sorted(set().union(*every))
+    names = sorted(set().union(*all_gather_objects(sorted(metrics))))
     sums = torch.tensor(
         [[metrics[n], 1.0] if n in metrics else [0.0, 0.0] for n in names],
         dtype=torch.float64,
@@ -60,6 +67,18 @@ def mean_across_ranks(metrics: dict[str, float]) -> dict[str, float]:
 def is_sharded(model: nn.Module) -> bool:
     """True when parameters are FSDP2 DTensors (each forward is then a collective)."""
     return any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+
+def shard(policy: nn.Module, mesh, compute_dtype: torch.dtype | None = None) -> None:
+    """FSDP2 over `mesh`: each decoder layer and the root. The sharded parameters, their
+    gradients and the optimizer state keep the policy's (fp32 master) dtype; forwards gather
+    the parameters in `compute_dtype` (None: as they are); gradients reduce in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp_policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    for layer in policy.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp_policy)
+    fully_shard(policy, mesh=mesh, mp_policy=mp_policy)
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

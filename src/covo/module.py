@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from covo.diagnostics import consistency_volatility_values, distance_curves
 from covo.losses import kl_estimate, kl_loss, masked_mean, policy_loss
 from covo.model import LoadedModel, torch_dtype
 from covo.plots import distance_curve_figure, figure_to_array
+from covo.resume import all_rng_states, set_rng_state
 from covo.rewards.base import GroupReward, Reward
 from covo.rollout import (
     Rollout,
@@ -32,6 +32,15 @@ from covo.rollout import (
 )
 from covo.scoring import PrefixSharedScorer
 from covo.step_metrics import reward_metrics, rollout_metrics, sample_table
+from covo.update import UpdatePlan, needs_old_logprobs_pass, plan_epochs
+
+PRECISION_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16}
+
+
+def hold_unregistered(module: torch.nn.Module, name: str, value) -> None:
+    """An attribute that is not a submodule: no strategy wraps, shards, casts or checkpoints
+    it (the frozen reference, the rollout replica used for validation)."""
+    object.__setattr__(module, name, value)
 
 
 @dataclass
@@ -64,11 +73,11 @@ class SelfRewardRL(L.LightningModule):
         plots_every: int = 10,
         threads: int | None = None,
         val_extractor: str = "boxed_or_last_number",
+        reference_dtype: str | None = None,
     ):
         super().__init__()
         self.automatic_optimization = False
-        self.strict_loading = False  # checkpoints leave out the frozen reference
-        self.policy = model.model
+        self.policy = model.model.train()
         self.tokenizer = model.tokenizer
         self.chat_template = model.chat_template
         self.reward = reward
@@ -83,10 +92,11 @@ class SelfRewardRL(L.LightningModule):
         self.val_extract = get_extractor(val_extractor)
         self.threads = threads
         rollout_dtype = torch_dtype(rollout.dtype)
-        self.reference = None
+        reference = None
         if algorithm.kl_coef > 0:
-            self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
-            self.reference.to(dtype=rollout_dtype)
+            reference = copy.deepcopy(self.policy).requires_grad_(False)
+            reference.to(dtype=torch_dtype(reference_dtype))
+        hold_unregistered(self, "reference", reference)
         self.rollout_view = dist.InferenceView(rollout_dtype)
         self.scoring_view = (
             dist.InferenceView(self.scoring_dtype)
@@ -108,24 +118,33 @@ class SelfRewardRL(L.LightningModule):
         if self.device.type == "cpu":
             torch.set_num_threads(self.threads or max(1, cores // per_node))
 
+    def on_fit_start(self) -> None:
+        if self.reference is not None:
+            self.reference.to(self.device)
+
     def configure_model(self) -> None:
-        """FSDP2: shard each decoder layer and the root of the policy (the frozen reference
-        stays whole on every process: its forwards then need no collectives)."""
-        if not isinstance(self.trainer.strategy, ModelParallelStrategy) or dist.is_sharded(
+        """FSDP2: shard the policy (the frozen reference stays whole on every process: its
+        forwards then need no collectives)."""
+        if isinstance(self.trainer.strategy, ModelParallelStrategy) and not dist.is_sharded(
             self.policy
         ):
-            return
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = self.device_mesh["data_parallel"]
-        for layer in self.policy.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(self.policy, mesh=mesh)
+            compute = PRECISION_DTYPES.get(str(self.trainer.precision))
+            dist.shard(self.policy, self.device_mesh["data_parallel"], compute)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith("reference.")]:
-            del state[key]
+        checkpoint["rng_states"] = all_rng_states()  # every rank's, for an exact resume
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("state_dict", {})
+        missing = [k for k in self.state_dict() if k not in state]
+        if missing:
+            raise ValueError(
+                f"ckpt_path: the checkpoint lacks {len(missing)} of the policy's"
+                f" {len(self.state_dict())} weights (first: {missing[0]})"
+            )
+        states = checkpoint.get("rng_states")
+        if states is not None and len(states) == self.trainer.world_size:
+            set_rng_state(states[self.global_rank])
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(params=self.policy.parameters())
@@ -140,11 +159,12 @@ class SelfRewardRL(L.LightningModule):
         self.step_at_rollout = self.global_step
         rollout = self.rollout(batch["prompt"])
         scored = self.score(rollout, batch["answer"])
-        advantages, keep = self.advantages(rollout, scored.rewards)
         start = time.perf_counter()
-        update = self.update(rollout, advantages, keep)
+        plan = self.plan_update(rollout, scored.rewards)
+        advantages = self.advantages(rollout, scored.rewards, plan)
+        update = self.update(rollout, advantages, plan)
         self.timings["time/update_s"] = time.perf_counter() - start
-        self.log_step(rollout, scored, keep, update)
+        self.log_step(rollout, scored, plan, update)
 
     def rollout(self, prompts: list[str]) -> Rollout:
         start = time.perf_counter()
@@ -162,8 +182,6 @@ class SelfRewardRL(L.LightningModule):
             stats_chunk=cfg.stats_chunk,
             keep_cache=self.keep_rollout_cache,
         )
-        if self.reference is not None:
-            rollout.ref_logprobs = self.token_logprobs(self.reference, rollout, no_grad=True)
         self.timings = {"time/rollout_s": time.perf_counter() - start}
         return rollout
 
@@ -187,16 +205,49 @@ class SelfRewardRL(L.LightningModule):
             self.timings["time/scoring_s"] = elapsed
         return Scored(rewards.to(self.device), results, labels)
 
-    def advantages(self, rollout: Rollout, rewards: torch.Tensor):
+    def plan_update(self, rollout: Rollout, rewards: torch.Tensor) -> UpdatePlan:
+        """Filter groups, cut the kept rows into optimizer steps, and compute the old and
+        reference log-probs over the first epoch's micro-batches where they are needed."""
         algo = self.algorithm
-        mask = rollout.response_mask
         keep = filter_groups(rewards, rollout.group_size, **algo.filter)
+        rows = keep.nonzero().squeeze(1)
+        plan = UpdatePlan(keep=keep)
+        plan.epochs = plan_epochs(
+            rows,
+            dist.all_reduce_max(len(rows)),
+            algo.ppo_epochs,
+            algo.mini_batch_size,
+            algo.micro_batch_size,
+            steps_left=self.trainer.max_steps - self.global_step,
+        )
+        if not plan.epochs:
+            return plan
+        if needs_old_logprobs_pass(plan, algo.kl_in_reward, self.reference is not None):
+            plan.old_logprobs = self.logprobs_pass(self.policy, rollout, plan)
+        if self.reference is not None:
+            plan.ref_logprobs = self.logprobs_pass(self.reference, rollout, plan)
+        return plan
+
+    def logprobs_pass(self, model, rollout: Rollout, plan: UpdatePlan) -> torch.Tensor:
+        """No-grad training-path log-probs [R, G] of the kept rows, over the very
+        micro-batches of the first epoch (so each row sees the same batch as in training)."""
+        out = torch.zeros_like(rollout.response_mask)
+        for part in plan.first_micro_batches:
+            if len(part):
+                out[part] = self.token_logprobs(model, rollout, part, no_grad=True)
+            elif dist.is_sharded(model):  # each forward is a collective: keep ranks in step
+                self.token_logprobs(model, rollout, slice(0, 1), no_grad=True)
+        return out
+
+    def advantages(self, rollout: Rollout, rewards: torch.Tensor, plan: UpdatePlan):
+        algo = self.algorithm
+        mask, keep = rollout.response_mask, plan.keep
         advantages = torch.zeros_like(mask)
-        if dist.all_reduce_max(int(keep.any())) == 0:
-            return advantages, keep
+        if not plan.epochs:
+            return advantages
         token_kl = None
-        if algo.kl_in_reward and rollout.ref_logprobs is not None:
-            token_kl = kl_estimate(rollout.logprobs, rollout.ref_logprobs, algo.kl_estimator)
+        if algo.kl_in_reward and plan.ref_logprobs is not None:
+            token_kl = kl_estimate(plan.old_logprobs, plan.ref_logprobs, algo.kl_estimator)
             token_kl = token_kl[keep] * mask[keep]
         advantages[keep] = algo.advantage(
             rewards[keep],
@@ -206,7 +257,7 @@ class SelfRewardRL(L.LightningModule):
             kl_coef=algo.kl_coef,
             all_reduce=dist.all_reduce_sum,
         )
-        return advantages, keep
+        return advantages
 
     def token_logprobs(self, model, rollout: Rollout, rows=None, no_grad=False) -> torch.Tensor:
         rows = slice(None) if rows is None else rows
@@ -220,87 +271,93 @@ class SelfRewardRL(L.LightningModule):
                 with_distribution_stats=False,
             )["logprobs"]
 
-    def update(self, rollout: Rollout, advantages: torch.Tensor, keep: torch.Tensor) -> dict:
-        """PPO epochs over mini-batches (one optimizer step each), micro-batches accumulate.
+    def update(self, rollout: Rollout, advantages: torch.Tensor, plan: UpdatePlan) -> dict:
+        """The planned optimizer steps; the schedule advances once after each.
 
         Every rank runs the same number of backward passes (gradients are all-reduced in each);
-        a rank with fewer kept responses runs zero-weighted passes.
+        a rank with fewer kept responses runs zero-weighted passes. Statistics are token means
+        over every micro-batch of every epoch.
         """
-        algo = self.algorithm
-        rows = keep.nonzero().squeeze(1)
-        most_rows = dist.all_reduce_max(len(rows))
-        if most_rows == 0:
+        if not plan.epochs:
             return {}
-        mini = algo.mini_batch_size or most_rows
-        n_mini = math.ceil(most_rows / mini)
-        n_micro = math.ceil(min(mini, most_rows) / algo.micro_batch_size)
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         self.policy.train()
-        totals = {"loss": 0.0, "clip_frac": [], "grad_norm": []}
-        for _ in range(algo.ppo_epochs):
-            order = rows[torch.randperm(len(rows), device=rows.device)]
-            for m in range(n_mini):
-                chunk = order[m * mini : (m + 1) * mini]
-                tokens = rollout.response_mask[chunk].sum().reshape(1).double()
-                normalizer = dist.all_reduce_sum(tokens).item() / dist.world_size()
-                for i in range(n_micro):
-                    part = chunk[i * algo.micro_batch_size : (i + 1) * algo.micro_batch_size]
-                    loss, clip_frac = self.micro_batch_loss(rollout, advantages, part, normalizer)
+        sums = dict.fromkeys(("clip_frac", "ratio_mean", "approx_kl", "kl"), 0.0)
+        tokens, losses, grad_norms = 0.0, [], []
+        for epoch in plan.epochs:
+            for mini in epoch:
+                chunk = torch.cat(mini)
+                count = rollout.response_mask[chunk].sum().reshape(1).double()
+                normalizer = dist.all_reduce_sum(count).item() / dist.world_size()
+                for part in mini:
+                    loss, stats, n = self.micro_batch_loss(
+                        rollout, advantages, part, normalizer, plan
+                    )
                     self.manual_backward(loss)
-                    totals["loss"] += loss.item()
-                    if clip_frac is not None:
-                        totals["clip_frac"].append(clip_frac)
+                    losses.append(loss.item())
+                    tokens += n
+                    for key, value in stats.items():
+                        sums[key] += value * n
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     self.policy.parameters(), self.max_grad_norm
                 )
                 if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
                     grad_norm = grad_norm.full_tensor()
-                totals["grad_norm"].append(float(grad_norm))
+                grad_norms.append(float(grad_norm))
+                self.last_lr = optimizer.param_groups[0]["lr"]
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        return {
-            "train/loss": totals["loss"] / (algo.ppo_epochs * n_mini),
-            "train/clip_frac": sum(totals["clip_frac"]) / max(1, len(totals["clip_frac"])),
-            "train/grad_norm": sum(totals["grad_norm"]) / len(totals["grad_norm"]),
+                scheduler.step()
+        n_mini = plan.optimizer_steps
+        metrics = {
+            "train/loss": sum(losses) / n_mini,
+            "train/grad_norm": sum(grad_norms) / n_mini,
+            "train/optimizer_steps": float(n_mini),
         }
+        for key in ("clip_frac", "ratio_mean", "approx_kl"):
+            metrics[f"train/{key}"] = sums[key] / max(tokens, 1.0)
+        if self.reference is not None and plan.old_logprobs is None:
+            metrics["train/kl"] = sums["kl"] / max(tokens, 1.0)
+        return metrics
 
-    def micro_batch_loss(self, rollout, advantages, part, normalizer):
-        """Loss of rows `part` scaled for accumulation; an empty part gives a zero loss that
-        still touches every parameter (so collective backward passes stay matched)."""
+    def micro_batch_loss(self, rollout, advantages, part, normalizer, plan: UpdatePlan):
+        """Loss of rows `part` scaled for accumulation, its token-mean statistics, and its
+        token count. An empty part gives a zero loss that still touches every parameter (so
+        collective backward passes stay matched)."""
         algo = self.algorithm
         empty = len(part) == 0
         rows = part if not empty else torch.zeros(1, dtype=torch.long, device=self.device)
         mask = rollout.response_mask[rows] * (0.0 if empty else 1.0)
         logprobs = self.token_logprobs(self.policy, rollout, rows)
+        # one optimizer step per rollout: this very forward is the policy that sampled
+        old = logprobs.detach() if plan.old_logprobs is None else plan.old_logprobs[rows]
         loss, stats = policy_loss(
-            logprobs,
-            rollout.logprobs[rows],
-            advantages[rows],
-            mask,
-            algo.clip_eps,
-            normalizer=max(normalizer, 1.0),
+            logprobs, old, advantages[rows], mask, algo.clip_eps, normalizer=max(normalizer, 1.0)
         )
-        if not algo.kl_in_reward and rollout.ref_logprobs is not None:
-            loss = loss + algo.kl_coef * kl_loss(
-                logprobs, rollout.ref_logprobs[rows], mask, algo.kl_estimator, max(normalizer, 1.0)
-            )
+        if plan.ref_logprobs is not None:
+            ref = plan.ref_logprobs[rows]
+            stats["kl"] = masked_mean(old - ref, mask)
+            if not algo.kl_in_reward:
+                loss = loss + algo.kl_coef * kl_loss(
+                    logprobs, ref, mask, algo.kl_estimator, max(normalizer, 1.0)
+                )
         if empty:
-            return loss + 0.0 * logprobs.sum(), None
-        return loss, float(stats["clip_frac"])
+            return loss + 0.0 * logprobs.sum(), {}, 0.0
+        return loss, {k: float(v) for k, v in stats.items()}, float(mask.sum())
 
-    def log_step(self, rollout: Rollout, scored: Scored, keep, update: dict) -> None:
+    def log_step(self, rollout: Rollout, scored: Scored, plan: UpdatePlan, update: dict) -> None:
         metrics = {
-            **rollout_metrics(rollout, keep),
+            **rollout_metrics(rollout, plan.keep),
             **reward_metrics(scored.results, scored.rewards, scored.labels, self.equivalence),
             **update,
             **self.timings,
             **self.scoring_counts,
-            "train/lr": self.optimizers().param_groups[0]["lr"],
         }
-        if rollout.ref_logprobs is not None:
-            kl = masked_mean(rollout.logprobs - rollout.ref_logprobs, rollout.response_mask)
-            metrics["train/kl"] = float(kl)
+        if update:
+            metrics["train/lr"] = self.last_lr  # the last optimizer step's
+        if plan.old_logprobs is not None and plan.ref_logprobs is not None:
+            mask = rollout.response_mask * plan.keep[:, None]
+            metrics["train/kl"] = float(masked_mean(plan.old_logprobs - plan.ref_logprobs, mask))
         tokens = float(rollout.response_mask.sum())
         step_time = sum(v for k, v in self.timings.items() if k != "time/scoring_s")
         metrics["perf/tokens_per_s"] = tokens / max(step_time, 1e-9)
@@ -330,7 +387,8 @@ class SelfRewardRL(L.LightningModule):
             board.add_image("diag/distance_curves", image, step, dataformats="HWC")
 
     def on_validation_epoch_start(self) -> None:
-        self.validation_model = self.rollout_view(self.policy)  # weights fixed until the end
+        # weights fixed until the end
+        hold_unregistered(self, "validation_model", self.rollout_view(self.policy))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Greedy pass@1 on the validation split."""

@@ -1,4 +1,9 @@
-"""Learning-rate schedules, completed with the run's length by the module."""
+"""Learning-rate schedules over optimizer steps, completed with the run's length by the module.
+
+`total_steps` is `trainer.max_steps`: optimizer steps, whatever the mini-batches, PPO epochs
+and group filtering do. The module steps the schedule once after every optimizer step, so the
+factor at step t (0-based) is the one that step used.
+"""
 
 from __future__ import annotations
 
@@ -15,20 +20,22 @@ def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
 def cosine_with_warmup(
     optimizer: Optimizer, total_steps: int, warmup_ratio: float = 0.03, min_lr_ratio: float = 0.0
 ) -> LambdaLR:
-    """Linear warm-up from 0, then cosine decay to `min_lr_ratio` x lr at `total_steps`.
+    """Linear warm-up to lr at step `w` = ceil(total * warmup_ratio), then cosine decay that
+    reaches `min_lr_ratio` x lr at the last optimizer step (`total_steps` - 1).
 
     >>> import torch
     >>> opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    >>> s = cosine_with_warmup(opt, total_steps=10, warmup_ratio=0.2)
-    >>> [round(s.lr_lambdas[0](t), 3) for t in (0, 1, 2, 6, 10)]
-    [0.333, 0.667, 1.0, 0.5, 0.0]
+    >>> s = cosine_with_warmup(opt, total_steps=10, warmup_ratio=0.1)
+    >>> [round(s.lr_lambdas[0](t), 3) for t in (0, 1, 3, 5, 9)]
+    [0.5, 1.0, 0.854, 0.5, 0.0]
     """
     warmup = warmup_steps(total_steps, warmup_ratio)
+    decay_steps = max(1, total_steps - 1 - warmup)
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        progress = min(1.0, (step - warmup) / decay_steps)
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return LambdaLR(optimizer, factor)

@@ -35,7 +35,6 @@ class Rollout:
     texts: list[str]
     truncated: torch.Tensor
     group_size: int
-    ref_logprobs: torch.Tensor | None = None
     context_caches: list[ContextCache] | None = None
 
     @property

@@ -32,6 +32,7 @@ from covo.rewards.base import Group, GroupReward
 from covo.rewards.covo import CoVoReward, encode
 from covo.rollout import format_prompts, response_token_stats
 from covo.scoring import PrefixSharedScorer
+from covo.settings import check_score
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 SCORING_DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -200,9 +201,8 @@ def score(cfg: DictConfig) -> dict[str, float]:
 
     Returns the summary: `prompts`, `responses`, `mean_reward`, and with labels `diag/...`.
     """
+    check_score(cfg)
     torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
-    if cfg.scoring_dtype not in SCORING_DTYPES:
-        raise ValueError(f"scoring_dtype must be null, float32 or bfloat16: {cfg.scoring_dtype}")
     if "{problem}" not in cfg.prompt_template:
         raise ValueError(f"prompt_template must contain '{{problem}}': {cfg.prompt_template!r}")
     source, target = Path(cfg.input).expanduser(), Path(cfg.output).expanduser()

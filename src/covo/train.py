@@ -1,19 +1,33 @@
-"""`train(cfg)`: compose the run from the config and fit it."""
+"""`train(cfg)`: check and compose the run from the config, and fit it."""
 
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import hydra
 import lightning.pytorch as L
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from covo.export import export_policy
-from covo.hardware import auto_dtype, auto_precision
+from covo.hardware import auto_precision
 from covo.module import SelfRewardRL
+from covo.progress import StepProgressBar
+from covo.resume import AtomicCheckpointIO, seed_rank
+from covo.settings import PRECISION_COMPUTE, check_train
 
 log = logging.getLogger(__name__)
+
+# Lightning's own notices that say nothing about this run: its pytree helper's use of a
+# deprecated torch API, and a manual-optimization note whose snippet saves pre-step weights
+# (ours checkpoint after the step on purpose: that is what a resume continues from).
+QUIET = [
+    r".*isinstance\(treespec, LeafSpec\)",
+    r"Using ModelCheckpoint with manual optimization",
+]
+PRECISION_OF_DTYPE = {"float32": "32-true", "bfloat16": "bf16-mixed", "float16": "16-mixed"}
 
 
 def instantiate_dict(cfg: DictConfig | None) -> list:
@@ -24,17 +38,24 @@ def instantiate_dict(cfg: DictConfig | None) -> list:
 
 
 def resolve_auto(cfg: DictConfig) -> None:
-    """`precision: auto` and `rollout.dtype: auto` follow what this hardware runs fast."""
-    accelerator = cfg.trainer.accelerator
+    """`trainer.precision: auto` follows `model.dtype` (the compute dtype) when set, else what
+    this hardware runs fast; `rollout.dtype: auto` decodes in the resolved compute dtype."""
+    compute = OmegaConf.select(cfg, "model.dtype")
     with open_dict(cfg):
         if cfg.trainer.precision == "auto":
-            cfg.trainer.precision = auto_precision(accelerator)
+            cfg.trainer.precision = (
+                PRECISION_OF_DTYPE.get(compute) or auto_precision(cfg.trainer.accelerator)
+            )
         if cfg.rollout.dtype == "auto":
-            cfg.rollout.dtype = auto_dtype(accelerator)
+            dtype = PRECISION_COMPUTE.get(str(cfg.trainer.precision))
+            cfg.rollout.dtype = dtype if dtype != "float32" else None
 
 
 def build(cfg: DictConfig) -> tuple[SelfRewardRL, L.LightningDataModule, L.Trainer]:
+    for pattern in QUIET:
+        warnings.filterwarnings("ignore", message=pattern)
     resolve_auto(cfg)
+    check_train(cfg)
     loaded = hydra.utils.instantiate(cfg.model)
     datamodule = hydra.utils.instantiate(cfg.data)
     module = SelfRewardRL(
@@ -50,15 +71,35 @@ def build(cfg: DictConfig) -> tuple[SelfRewardRL, L.LightningDataModule, L.Train
         samples_every=cfg.samples_every,
         plots_every=cfg.plots_every,
         threads=cfg.threads,
+        reference_dtype=cfg.reference_dtype,
     )
+    callbacks = instantiate_dict(cfg.get("callbacks"))
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(StepProgressBar())
     trainer = hydra.utils.instantiate(
         cfg.trainer,
         strategy=hydra.utils.instantiate(cfg.strategy),
         logger=instantiate_dict(cfg.get("logger")) or False,
-        callbacks=instantiate_dict(cfg.get("callbacks")),
+        callbacks=callbacks,
         enable_checkpointing=bool(cfg.get("callbacks")),
+        plugins=[AtomicCheckpointIO()],
     )
+    # weights are built: from here on each rank samples with its own seed
+    seed_rank(cfg.seed, trainer.global_rank)
     return module, datamodule, trainer
+
+
+def write_config(cfg: DictConfig) -> Path:
+    """The resolved config into the run directory; logs the overrides and where it went."""
+    path = Path(cfg.paths.output_dir) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    overrides = []
+    if HydraConfig.initialized():
+        overrides = list(HydraConfig.get().overrides.task)
+    log.info("overrides: %s", " ".join(overrides) or "(none)")
+    log.info("config: %s", path)
+    return path
 
 
 def train(cfg: DictConfig) -> dict:
@@ -66,7 +107,7 @@ def train(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module, datamodule, trainer = build(cfg)
     if trainer.global_rank == 0:
-        log.info("Config:\n%s", OmegaConf.to_yaml(cfg, resolve=False))
+        write_config(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     outputs = {"output_dir": str(cfg.paths.output_dir)}
     if trainer.logger is not None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import lightning.pytorch as L
+import torch
 from torch.utils.data import DataLoader
 
 from covo.data.contamination import check_overlap
+from covo.data.sampler import EpochBatches, PositionedItems, ResumableLoader
 
 MATH_PROMPT = (
     "Question: {problem}\n"
@@ -21,9 +23,11 @@ class PromptDataModule(L.LightningDataModule):
     """Batches of prompts (the problem put through `prompt_template`) with their answers.
 
     Answers travel with the batch for the ground-truth reward and diagnostics only. Without
-    a `val` list, the last `val_size` items of `train` are held out for validation. Before
-    fitting, the training problems are checked against every benchmark (the shipped ones and
-    those under `benchmark_dir`): any shared item stops the run unless
+    a `val` list, the last `val_size` items of `train` are held out for validation. The
+    training order depends on `seed` alone and resumes exactly from a checkpoint
+    (`covo.data.sampler`); under DDP/FSDP each rank takes its own share of every epoch.
+    Before fitting, the training problems are checked against every benchmark (the shipped
+    ones and those under `benchmark_dir`): any shared item stops the run unless
     `allow_benchmark_overlap`.
     """
 
@@ -36,6 +40,7 @@ class PromptDataModule(L.LightningDataModule):
         batch_size: int = 4,
         val_batch_size: int = 16,
         name: str = "data",
+        seed: int = 0,
         allow_benchmark_overlap: bool = False,
         benchmark_dir: str | None = None,
     ):
@@ -56,6 +61,8 @@ class PromptDataModule(L.LightningDataModule):
         self.prompt_template = prompt_template
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size
+        self.seed = seed
+        self.train_sampler: EpochBatches | None = None
         self.train_items = [self.with_prompt(item) for item in train]
         self.val_items = [self.with_prompt(item) for item in val]
 
@@ -68,13 +75,30 @@ class PromptDataModule(L.LightningDataModule):
             check_overlap(problems, self.benchmark_dir, self.allow_benchmark_overlap)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.train_items,
-            batch_size=self.batch_size,
-            shuffle=True,
-            collate_fn=collate,
-            drop_last=True,
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        self.train_sampler = EpochBatches(
+            len(self.train_items), self.batch_size, self.seed, rank, world
         )
+        if len(self.train_sampler) == 0:
+            raise ValueError(
+                f"data.batch_size={self.batch_size} exceeds the {len(self.train_items)} training"
+                f" items per process ({world} processes)"
+            )
+        return ResumableLoader(
+            PositionedItems(self.train_items),
+            batch_sampler=self.train_sampler,
+            collate_fn=collate,
+            # the iterator's base seed comes from here, not from the global generator, so
+            # starting an iterator on resume draws nothing the uninterrupted run did not
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        positions = batch.pop("position", None)
+        if positions is not None and self.train_sampler is not None:
+            self.train_sampler.mark_consumed(positions[0])
+        return batch
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_items, batch_size=self.val_batch_size, collate_fn=collate)

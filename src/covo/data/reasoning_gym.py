@@ -86,4 +86,4 @@ def datamodule(
     seen = {item["problem"] for item in train}
     val = generate(tasks, val_size, seed, "val", task_config)
     val = [item for item in val if item["problem"] not in seen]
-    return PromptDataModule(train=train, val=val, name="reasoning_gym", **kwargs)
+    return PromptDataModule(train=train, val=val, name="reasoning_gym", seed=seed, **kwargs)

@@ -17,6 +17,7 @@ from covo.eval.metrics import item_metrics, mean_metrics
 from covo.eval.results import RESULTS_FILE, markdown_table, write_json, write_tensorboard
 from covo.model import LoadedModel
 from covo.rollout import eos_token_ids, format_prompts, generate, response_mask_from
+from covo.settings import check_eval
 
 log = logging.getLogger(__name__)
 
@@ -48,20 +49,6 @@ def load_policy_checkpoint(model: torch.nn.Module, ckpt_path: str) -> int:
             f"unexpected {unexpected[:3]}"
         )
     return int(ckpt.get("global_step", 0))
-
-
-def check_settings(cfg: DictConfig) -> list[int]:
-    """The k values that fit `num_samples`; rejects greedy decoding with several samples."""
-    if cfg.dtype is not None and cfg.dtype not in AUTOCAST_DTYPES:
-        raise ValueError(f"dtype must be null or one of {sorted(AUTOCAST_DTYPES)}: {cfg.dtype}")
-    if cfg.num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {cfg.num_samples}")
-    if cfg.temperature == 0 and cfg.num_samples > 1:
-        raise ValueError("greedy decoding (temperature=0) repeats one response: set num_samples=1")
-    ks = sorted({int(k) for k in cfg.k if 1 <= k <= cfg.num_samples})
-    if not ks:
-        raise ValueError(f"no k in {list(cfg.k)} fits num_samples={cfg.num_samples}")
-    return ks
 
 
 def resolve_device(name: str) -> str:
@@ -153,7 +140,7 @@ def evaluate(cfg: DictConfig) -> dict:
     Writes `eval_results.json` and TensorBoard scalars under `paths.output_dir`, prints the
     Markdown table, and returns the results dict.
     """
-    ks = check_settings(cfg)
+    ks = check_eval(cfg)
     if not cfg.get("benchmarks"):
         raise ValueError("no benchmark selected: e.g. benchmark=gsm8k or benchmark=[gsm8k,math500]")
     torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))

@@ -1,0 +1,148 @@
+"""Every setting is checked before any model work: one line naming key, value and range."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, compose_config
+
+from covo.settings import check_eval, check_score, check_train
+from covo.train import resolve_auto
+
+
+def train_cfg(tmp_path, *overrides):
+    model = (
+        [] if any(o.startswith(("model=", "experiment=")) for o in overrides) else ["model=tiny"]
+    )
+    cfg = compose_config("train", [*model, *overrides], tmp_path)
+    resolve_auto(cfg)
+    return cfg
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("rollout.temperature=-1", "rollout.temperature=-1: expected a number >= 0 (0 = greedy)"),
+        (
+            "rollout.temperature=0",
+            "rollout.temperature=0: expected a number > 0 with rollout.num_samples=4"
+            " (greedy decoding gives one response)",
+        ),
+        ("rollout.top_p=1.5", "rollout.top_p=1.5: expected a number in (0, 1]"),
+        ("rollout.top_p=0", "rollout.top_p=0: expected a number in (0, 1]"),
+        ("rollout.num_samples=0", "rollout.num_samples=0: expected an integer >= 1"),
+        ("rollout.max_new_tokens=0", "rollout.max_new_tokens=0: expected an integer >= 1"),
+        ("optimizer.lr=0", "optimizer.lr=0: expected a number > 0"),
+        ("algorithm.clip_eps=-0.1", "algorithm.clip_eps=-0.1: expected a number > 0"),
+        ("algorithm.micro_batch_size=0", "algorithm.micro_batch_size=0: expected an integer >= 1"),
+        ("algorithm.ppo_epochs=0", "algorithm.ppo_epochs=0: expected an integer >= 1"),
+        (
+            "algorithm.mini_batch_size=2",  # micro is 4
+            "algorithm.micro_batch_size=4: expected at most algorithm.mini_batch_size=2",
+        ),
+        ("algorithm.kl_estimator=k4", "algorithm.kl_estimator=k4: expected k1, k2 or k3"),
+        (
+            "algorithm.kl_in_reward=false",  # reinforce_pp's estimator is k1
+            "algorithm.kl_estimator=k1: expected k2 or k3 with algorithm.kl_in_reward=false",
+        ),
+        ("reward.max_steps=0", "reward.max_steps=0: expected an integer >= 1"),
+        ("reward.threshold=nan", "reward.threshold=nan: expected a finite number"),
+        ("reward.mode=soft", "reward.mode=soft: expected binary or continuous"),
+        ("trainer.max_steps=0", "trainer.max_steps=0: expected an integer >= 1"),
+        ("scheduler.warmup_ratio=1.0", "scheduler.warmup_ratio=1.0: expected a number in [0, 1)"),
+        ("data.batch_size=0", "data.batch_size=0: expected an integer >= 1"),
+        ("max_grad_norm=0", "max_grad_norm=0: expected a number > 0"),
+        ("rollout.top_p=abc", "rollout.top_p=abc: expected a number in (0, 1]"),
+        (
+            "model.dtype=bfloat16",  # with trainer.precision=32-true
+            "trainer.precision=32-true: expected a precision computing in model.dtype=bfloat16",
+        ),
+        (
+            "trainer.precision=bf16-true",
+            "trainer.precision=bf16-true: expected bf16-mixed or 16-mixed (fp32 master weights)",
+        ),
+    ],
+)
+def test_bad_train_settings_name_key_value_and_range(tmp_path, override, message):
+    overrides = [override]
+    if override.startswith("model.dtype"):
+        overrides = ["model=hf", "model.name_or_path=x", override, "trainer.precision=32-true"]
+    with pytest.raises(ValueError) as err:
+        check_train(train_cfg(tmp_path, *overrides))
+    assert str(err.value).startswith(message)
+    assert "\n" not in str(err.value)
+
+
+def test_group_baselines_need_two_samples(tmp_path):
+    with pytest.raises(ValueError, match=r"rollout.num_samples=1: expected an integer >= 2 for"):
+        check_train(train_cfg(tmp_path, "algorithm=grpo", "rollout.num_samples=1"))
+
+
+def test_good_settings_and_explicit_opt_ins_pass(tmp_path):
+    check_train(train_cfg(tmp_path))
+    check_train(train_cfg(tmp_path, "rollout.temperature=0", "rollout.num_samples=1"))
+    check_train(train_cfg(tmp_path, "algorithm.kl_in_reward=false", "algorithm.kl_estimator=k3"))
+    # low-precision weights on purpose
+    check_train(
+        train_cfg(
+            tmp_path,
+            "model=hf",
+            "model.name_or_path=x",
+            "model.master_dtype=bfloat16",
+            "trainer.precision=bf16-true",
+        )
+    )
+
+
+def test_model_dtype_sets_the_precision_and_the_rollout_dtype(tmp_path):
+    cfg = train_cfg(tmp_path, "model=hf", "model.name_or_path=x", "model.dtype=bfloat16")
+    assert cfg.trainer.precision == "bf16-mixed"
+    assert cfg.rollout.dtype == "bfloat16"
+    cfg = train_cfg(tmp_path, "model=hf", "model.name_or_path=x", "model.dtype=float32")
+    assert cfg.trainer.precision == "32-true"
+    assert cfg.rollout.dtype is None
+
+
+def test_released_recipe_trains_fp32_master_weights_with_bf16_compute(tmp_path):
+    cfg = train_cfg(
+        tmp_path,
+        "experiment=covo_released_qwen7b",
+        "model.name_or_path=x",
+        "data.train.path=x.jsonl",
+    )
+    check_train(cfg)
+    assert cfg.model.master_dtype == "float32"
+    assert cfg.model.dtype == "bfloat16"
+    assert cfg.trainer.precision == "bf16-mixed"
+    assert cfg.strategy._target_ == "covo.strategies.fsdp"
+
+
+def test_eval_and_score_settings(tmp_path):
+    eval_cfg = compose_config("eval", ["model=tiny", "top_p=0"], tmp_path)
+    with pytest.raises(ValueError, match=r"^top_p=0: expected a number in \(0, 1\]$"):
+        check_eval(eval_cfg)
+    eval_cfg = compose_config("eval", ["model=tiny", "k=[0,1]"], tmp_path)
+    with pytest.raises(ValueError, match=r"^k=\[0, 1\]: expected a list of integers >= 1$"):
+        check_eval(eval_cfg)
+    score_cfg = compose_config("score", ["model=tiny", "input=a", "output=b"], tmp_path)
+    check_score(score_cfg)
+    score_cfg = compose_config(
+        "score", ["model=tiny", "input=a", "output=b", "reward.max_steps=0"], tmp_path
+    )
+    with pytest.raises(ValueError, match=r"^reward.max_steps=0: expected an integer >= 1$"):
+        check_score(score_cfg)
+
+
+def test_the_command_line_prints_one_line_and_exits_2_before_loading(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "train.py", "rollout.top_p=1.5", f"paths.log_dir={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: rollout.top_p=1.5: expected a number in (0, 1]"
+    assert "Traceback" not in proc.stderr + proc.stdout

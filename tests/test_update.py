@@ -1,0 +1,256 @@
+"""The update: accumulated gradients, on-policy ratios, the schedule in optimizer steps."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_train import scalars
+
+import covo.module
+from covo.train import build, train
+from covo.update import plan_epochs
+
+
+def test_plan_epochs_cuts_rows_into_steps_and_stops_at_the_budget():
+    torch.manual_seed(0)
+    rows = torch.tensor([0, 1, 2, 3, 4, 6, 7])
+    epochs = plan_epochs(rows, 7, ppo_epochs=2, mini_batch_size=4, micro_batch_size=3, steps_left=9)
+    assert [len(e) for e in epochs] == [2, 2]  # ceil(7 / 4) mini-batches per epoch
+    for epoch in epochs:
+        assert [[len(p) for p in mini] for mini in epoch] == [[3, 1], [3, 0]]
+        assert sorted(torch.cat([p for mini in epoch for p in mini]).tolist()) == rows.tolist()
+    # a rank with fewer rows runs as many micro-batches, some of them empty
+    short = plan_epochs(rows[:2], 7, 1, mini_batch_size=4, micro_batch_size=3, steps_left=9)
+    assert [[len(p) for p in mini] for mini in short[0]] == [[2, 0], [0, 0]]
+    # three steps left: the second epoch is cut after its first mini-batch
+    assert [len(e) for e in plan_epochs(rows, 7, 2, 4, 3, steps_left=3)] == [2, 1]
+    assert plan_epochs(rows, 0, 2, 4, 3, steps_left=3) == []
+
+
+class RecordingSGD(torch.optim.SGD):
+    """SGD that keeps, per step, the gradients and the weights they were taken at."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, lr=lr)
+        self.records = []
+
+    def step(self, closure=None):
+        params = [p for group in self.param_groups for p in group["params"]]
+        self.records.append(
+            {
+                "grads": [p.grad.detach().clone() for p in params],
+                "weights": [p.detach().clone() for p in params],
+            }
+        )
+        return super().step(closure)
+
+
+def naive_ppo_loss(model, sequences, attention_mask, response_len, old, adv, mask, eps):
+    """Token-mean PPO-clip over the rows given, written out without the project's helpers."""
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(
+        input_ids=sequences, attention_mask=attention_mask, position_ids=positions
+    ).logits
+    logits = logits[:, -response_len - 1 : -1].float()
+    logp = torch.log_softmax(logits, -1).gather(-1, sequences[:, -response_len:, None])[..., 0]
+    ratio = torch.exp(logp - old)
+    per_token = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - eps, 1 + eps))
+    return (per_token * mask).sum() / mask.sum()
+
+
+def run_recording(tiny_cfg, monkeypatch, *overrides):
+    """Fit a tiny run with RecordingSGD; returns the module, its optimizer and, per rollout,
+    (rollout, advantages, plan) as the update received them."""
+    cfg = tiny_cfg(
+        "reward=self_certainty",  # every response its own reward: nothing is filtered
+        "callbacks=none",
+        "logger=none",
+        "export_dir=null",
+        "max_grad_norm=1.0e9",
+        "scheduler=constant",
+        "rollout.num_samples=4",
+        *overrides,
+    )
+    module, datamodule, trainer = build(cfg)
+    module.optimizer_factory = lambda params: RecordingSGD(params, lr=0.5)
+    seen = []
+    update = covo.module.SelfRewardRL.update
+
+    def recording_update(self, rollout, advantages, plan):
+        seen.append((rollout, advantages.clone(), plan))
+        return update(self, rollout, advantages, plan)
+
+    monkeypatch.setattr(covo.module.SelfRewardRL, "update", recording_update)
+    initial = [p.detach().clone() for p in module.policy.parameters()]
+    trainer.fit(module, datamodule=datamodule)
+    return module, trainer.optimizers[0], seen, initial
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["algorithm.micro_batch_size=3"],  # one optimizer step of 3 micro-batches (8 rows)
+        # 2 mini-batches x 2 epochs = 4 steps, micro-batches of 2 inside each
+        [
+            "algorithm.mini_batch_size=4",
+            "algorithm.micro_batch_size=2",
+            "algorithm.ppo_epochs=2",
+        ],
+    ],
+)
+def test_accumulated_gradients_equal_the_full_batch_token_mean(tiny_cfg, monkeypatch, overrides):
+    module, optimizer, seen, initial = run_recording(
+        tiny_cfg,
+        monkeypatch,
+        "trainer.max_steps=1" if len(overrides) == 1 else "trainer.max_steps=4",
+        "algorithm.kl_coef=0",
+        "trainer.precision=32-true",  # the naive oracle runs in fp32
+        *overrides,
+    )
+    ((rollout, advantages, plan),) = seen
+    assert len(optimizer.records) == plan.optimizer_steps
+    policy = module.policy
+    # old log-probs: the policy before the first step, on the same tokens
+    with torch.no_grad():
+        for p, w in zip(policy.parameters(), initial):
+            p.copy_(w)
+        old = torch.stack([-naive_token_nll(policy, rollout, r) for r in range(len(advantages))])
+    minis = [mini for epoch in plan.epochs for mini in epoch]
+    for record, mini in zip(optimizer.records, minis):
+        rows = torch.cat(mini)
+        with torch.no_grad():
+            for p, w in zip(policy.parameters(), record["weights"]):
+                p.copy_(w)
+        policy.zero_grad()
+        loss = naive_ppo_loss(
+            policy,
+            rollout.sequences[rows],
+            rollout.attention_mask[rows],
+            rollout.response_mask.shape[1],
+            old[rows],
+            advantages[rows],
+            rollout.response_mask[rows],
+            eps=0.2,
+        )
+        loss.backward()
+        for p, recorded in zip(policy.parameters(), record["grads"]):
+            torch.testing.assert_close(recorded, p.grad, rtol=1e-4, atol=1e-6)
+    assert any(g.abs().max() > 1e-4 for g in optimizer.records[0]["grads"])
+
+
+def naive_token_nll(policy, rollout, r):
+    """Per-token NLL [G] of row r's sampled tokens, from an unpadded forward."""
+    response_len = rollout.response_mask.shape[1]
+    keep = rollout.attention_mask[r].bool()
+    ids = rollout.sequences[r][keep][None]
+    logits = policy(input_ids=ids).logits[0].float()
+    n = int(rollout.response_mask[r].sum())
+    targets = ids[0, -n:] if n else ids[0, :0]
+    nll = -torch.log_softmax(logits[-n - 1 : -1], -1).gather(-1, targets[:, None])[:, 0]
+    out = torch.zeros(response_len)
+    out[:n] = nll
+    return out
+
+
+def test_on_policy_ratio_is_exactly_one_in_the_first_epoch(tiny_cfg, monkeypatch):
+    """A bf16 rollout replica against an fp32 policy under bf16 autocast: old log-probs come
+    from the training path, so the first epoch's ratios are exactly 1."""
+    calls = []
+    policy_loss = covo.module.policy_loss
+
+    def recording(*args, **kwargs):
+        loss, stats = policy_loss(*args, **kwargs)
+        calls.append({k: float(v) for k, v in stats.items()})
+        return loss, stats
+
+    monkeypatch.setattr(covo.module, "policy_loss", recording)
+    module, optimizer, seen, _ = run_recording(
+        tiny_cfg,
+        monkeypatch,
+        "rollout.dtype=bfloat16",
+        "trainer.precision=bf16-mixed",
+        "algorithm.ppo_epochs=2",
+        "algorithm.micro_batch_size=4",
+        "trainer.max_steps=4",
+    )
+    assert next(module.policy.parameters()).dtype == torch.float32  # master weights
+    assert module.rollout_view.replica is not None
+    per_epoch = 2  # 8 rows in micro-batches of 4
+    for step in range(len(seen)):
+        first = calls[step * 2 * per_epoch : step * 2 * per_epoch + per_epoch]
+        second = calls[step * 2 * per_epoch + per_epoch : (step + 1) * 2 * per_epoch]
+        assert all(c["approx_kl"] == 0.0 and c["ratio_mean"] == 1.0 for c in first)
+        assert all(c["clip_frac"] == 0.0 for c in first)
+        # after the first optimizer step the policy has moved: the ratio is no longer 1
+        assert any(c["approx_kl"] != 0.0 for c in second)
+    # the bf16 replica's own log-probs (kept for rewards and logs) differ from the training path
+    rollout, _, plan = seen[0]
+    kept = plan.keep[:, None] * rollout.response_mask
+    assert ((rollout.logprobs - plan.old_logprobs).abs() * kept).max() > 1e-4
+
+
+def test_kl_to_the_reference_starts_at_exactly_zero(tiny_cfg):
+    """The reference keeps the policy's master dtype and runs the same path: the first
+    rollout's KL is exactly 0 (same weights), the third one's is not."""
+    cfg = tiny_cfg(
+        "reward=self_certainty",
+        "callbacks=none",
+        "export_dir=null",
+        "trainer.max_steps=3",
+        "optimizer.lr=1e-3",
+        "rollout.dtype=bfloat16",
+        "trainer.precision=bf16-mixed",
+    )
+    out = train(cfg)
+    values = scalars(out["tensorboard_dir"])
+    assert values["train/kl"][0] == 0.0
+    assert values["train/kl"][2] != 0.0
+    assert values["train/approx_kl"] == [0.0, 0.0, 0.0]
+    assert values["train/clip_frac"] == [0.0, 0.0, 0.0]
+    assert values["train/ratio_mean"] == [1.0, 1.0, 1.0]
+
+
+def test_schedule_spans_the_run_in_optimizer_steps(tiny_cfg):
+    """4 optimizer steps per rollout (2 mini-batches x 2 epochs): 16 steps are 4 rollouts,
+    warm-up and cosine are counted in steps, and the last step runs at the minimum lr."""
+    cfg = tiny_cfg(
+        "reward=self_certainty",
+        "callbacks=none",
+        "export_dir=null",
+        "rollout.num_samples=4",
+        "algorithm.mini_batch_size=4",
+        "algorithm.ppo_epochs=2",
+        "trainer.max_steps=16",
+        "scheduler.warmup_ratio=0.1",
+        "scheduler.min_lr_ratio=0.1",
+        "optimizer.lr=1e-3",
+    )
+    out = train(cfg)
+    values = scalars(out["tensorboard_dir"])
+    # warm-up ceil(1.6) = 2 steps; the lr logged is that of each rollout's last step (3, 7, ..)
+    # cosine from step 2 (peak) to step 15 (min): 0.1 + 0.9 * (1 + cos(pi * (t - 2) / 13)) / 2
+    expected = [1e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi * (t - 2) / 13))) for t in (3, 7, 11)]
+    assert values["train/optimizer_steps"] == [4.0, 4.0, 4.0, 4.0]
+    assert values["train/lr"][:3] == pytest.approx(expected, rel=1e-5)
+    assert values["train/lr"][3] == pytest.approx(1e-4, rel=1e-5)
+
+
+def test_a_rollout_with_every_group_filtered_makes_no_step(tiny_cfg):
+    # the random tiny model never answers right: ground truth gives 0 everywhere
+    cfg = tiny_cfg(
+        "reward=ground_truth",
+        "callbacks=none",
+        "logger=none",
+        "export_dir=null",
+        "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=2",
+    )
+    module, datamodule, trainer = build(cfg)
+    before = [p.detach().clone() for p in module.policy.parameters()]
+    trainer.fit(module, datamodule=datamodule)
+    assert trainer.fit_loop.epoch_loop.batch_progress.total.completed == 2
+    assert trainer.global_step == 0
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 0
+    assert all(torch.equal(p, b) for p, b in zip(module.policy.parameters(), before))
