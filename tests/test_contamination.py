@@ -8,7 +8,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, compose_config
+from omegaconf import OmegaConf
 
 from covo.data.contamination import benchmark_files, fingerprint, overlap
 from covo.data.datamodule import PromptDataModule
@@ -76,17 +77,19 @@ def test_released_recipe_refuses_a_file_sharing_items_with_gsm8k(tmp_path):
     ]
     path = tmp_path / "train.jsonl"
     path.write_text("\n".join(json.dumps(row) for row in rows))
-    command = [sys.executable, "train.py", "experiment=covo_released_qwen7b", "model=tiny"]
-    command += ["trainer=cpu", "threads=1", f"paths.log_dir={tmp_path}"]
+    # the recipe names no data of its own: the path is required
+    cfg = compose_config("train", ["experiment=covo_released_qwen7b"], tmp_path)
+    assert OmegaConf.is_missing(cfg.data.train, "path")
+    command = ["experiment=covo_released_qwen7b", "model=tiny", "trainer=cpu"]
+    command += ["trainer.devices=1", "strategy=auto", "threads=1", f"paths.log_dir={tmp_path}"]
     proc = subprocess.run(
-        [*command, f"data.train.path={path}"], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "train.py", *command, f"data.train.path={path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: training data holds benchmark items: 2 gsm8k items among the 10 training items; "
         "data.allow_benchmark_overlap=true trains on them anyway"
     )
-    # the recipe names no data of its own: the path is required
-    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert "data.train.path" in proc.stderr.strip().splitlines()[-1]

@@ -208,9 +208,12 @@ def build_tiny(
     chat_template: bool = True,
     attn_implementation: str = "sdpa",
     dtype: str | None = None,
+    master_dtype: str = "float32",
+    gradient_checkpointing: bool = False,
 ) -> LoadedModel:
-    """A random-init Llama with a tokenizer made in code, for tests and smoke runs (weights in
-    `dtype`, float32 when None)."""
+    """A random-init Llama with a tokenizer made in code, for tests and smoke runs. `dtype`,
+    `master_dtype` and `gradient_checkpointing` as in `load_hf`, so any model config's keys
+    work with it."""
     tokenizer = build_tiny_tokenizer(vocab_size)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -228,5 +231,5 @@ def build_tiny(
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config).to(torch_dtype(dtype) or torch.float32)
-    return _finish(model, tokenizer, chat_template, "tiny")
+        model = LlamaForCausalLM(config).to(torch_dtype(master_dtype))
+    return _finish(model, tokenizer, chat_template, "tiny", gradient_checkpointing)
