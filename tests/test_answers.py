@@ -12,6 +12,7 @@ from covo.answers import (
     extract_boxed,
     extract_boxed_or_last_number,
     extract_last_number,
+    extract_released_boxed,
     get_extractor,
     normalize_answer,
 )
@@ -27,13 +28,51 @@ from covo.answers import (
         (r"\fbox{1} then \boxed{2}", "2"),
         (r"$\boxed 5$.", "5"),
         (r"\boxed {x+1}", "x+1"),
-        (r"\boxed{3} and a cut-off \boxed{4", "3"),
+        # only the last box counts: cut off, it is no answer (never the earlier box)
+        (r"\boxed{3} and a cut-off \boxed{4", None),
+        (r"So \boxed{3}. Then \boxed{\frac{1", None),
         (r"\boxed{ }", None),
+        (r"\boxed{}", None),
+        (r"\boxed{ 5 }", "5"),
+        (r"\boxed 5, so {x}", "5"),
         ("no answer here, 42", None),
+        (r"ends in \boxed", None),
     ],
 )
 def test_extract_boxed(text, expected):
     assert extract_boxed(text) == expected
+
+
+# What the released code's last-box rule returns, worked out by hand from that rule: the last
+# `\boxed` (`\fbox` only without any `\boxed`), up to the first `}` that balances the braces
+# counted from the command on; the box's content as written.
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (r"so \boxed{5}.", "5"),
+        (r"first \boxed{1}, corrected: \boxed{2}", "2"),
+        (r"\boxed{\frac{1}{2}} and more }", r"\frac{1}{2}"),
+        (r"\boxed{\{1, 2\}}", r"\{1, 2\}"),
+        # a truncated response: no box, so no answer (not the last number 7)
+        ("Add 2 and 3 to get 5, and then multiply by 7 to get", None),
+        # an unclosed last box is no answer, whatever came before it
+        (r"So \boxed{3}. Then \boxed{\frac{1", None),
+        (r"\boxed{3} and \boxed{", None),
+        # an empty box (echoing the prompt's "within \boxed{}") is an answer: ""
+        (r"I will put it within \boxed{}.", ""),
+        (r"\boxed{ 5 }", " 5 "),
+        (r"\fbox{7}", "7"),
+        (r"\fbox{1} then \boxed{2}", "2"),
+        (r"\boxed{2} then \fbox{3}", "2"),
+        (r"\boxed {x+1}", "x+1"),
+        # no brace after the command: the answer runs on to the next balanced group
+        (r"\boxed 5, so {x} and {y}", " 5, so {x}"),
+        (r"\boxed 5.", None),
+        ("the answer is 42", None),
+    ],
+)
+def test_extract_released_boxed(text, expected):
+    assert extract_released_boxed(text) == expected
 
 
 @pytest.mark.parametrize(
@@ -63,7 +102,8 @@ def test_boxed_or_last_number_prefers_the_box():
 
 def test_get_extractor():
     assert {name: get_extractor(name) for name in EXTRACTORS} == EXTRACTORS
-    with pytest.raises(ValueError, match="'boxd'.*boxed, last_number, boxed_or_last_number"):
+    valid = "released_boxed, boxed, last_number, boxed_or_last_number"
+    with pytest.raises(ValueError, match=f"'boxd'.*{valid}"):
         get_extractor("boxd")
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from covo.rewards.base import Group
@@ -123,26 +123,32 @@ def test_consistent_cluster_passes_drifting_cluster_fails():
 
 
 @pytest.mark.parametrize(
-    ("knobs", "state_ends", "scored_from", "newline_at"),
+    ("knobs", "cuts", "scored_from", "prefixes"),
     [
-        # released states end after "\n", ".\n" and " \boxed{4}": only the last one gets a
-        # newline in front of its branches, which is never scored; the template is scored
-        ({}, [6, 8, 10], [[0, 0], [0, 0], [1, 1]], [False, False, True]),
+        # released: states end after "\n", ".\n" and " \boxed{4}". The released text
+        # `state + "\nThe answer is: ..."` scores every token reaching past the state: the token
+        # holding the newline (cut off the context and scored) or, after the last state, the
+        # newline put there; then the template and answer
+        ({}, [5, 7, 10], [[0, 0]] * 3, [["\n"], [".\n"], ["\n"]]),
+        # without it: only the last state gets a newline in front, never scored
+        ({"newline_scored": False}, [6, 8, 10], [[0, 0], [0, 0], [1, 1]], [[], [], ["\n"]]),
         # "4", "}" follow the 8 template tokens ("The", " ", "answer", " ", "is:", " ", ...)
-        ({"distance_tokens": "answer"}, [6, 8, 10], [[8, 8], [8, 8], [9, 9]], [False, False, True]),
-        # paper states: the prompt (ends with "\n"), after step 0, after step 1: no prefix
-        ({"include_prompt_state": True}, [4, 6, 8], [[0, 0]] * 3, [False] * 3),
+        ({"distance_tokens": "answer"}, [6, 8, 10], [[8, 8], [8, 8], [9, 9]], [[], [], ["\n"]]),
+        # paper states: the prompt (ends with "\n"), after step 0, after step 1
+        ({"include_prompt_state": True}, [3, 5, 7], [[0, 0]] * 3, [["\n"], ["\n"], [".\n"]]),
     ],
 )
-def test_states_and_branches_passed_to_the_scorer(knobs, state_ends, scored_from, newline_at):
+def test_states_and_branches_passed_to_the_scorer(knobs, cuts, scored_from, prefixes):
     group, scorer = make_case(["4", "5"], [D0, D2])
-    CoVoReward(**knobs)(group, scorer)
+    out = CoVoReward(**knobs)(group, scorer)
     tok = scorer.tokenizer
     plain = [tok.encode("The answer is: \\boxed{" + a + "}") for a in ("4", "5")]
-    with_newline = [tok.encode("\n") + b for b in plain]
-    _, got_ends, branches, got_scored_from = scorer.calls[0]
-    assert (got_ends, got_scored_from) == (state_ends, scored_from)
-    assert branches == [with_newline if n else plain for n in newline_at]
+    _, got_cuts, branches, got_scored_from = scorer.calls[0]
+    assert (got_cuts, got_scored_from) == (cuts, scored_from)
+    assert branches == [[[tok.id(t) for t in prefix] + b for b in plain] for prefix in prefixes]
+    # the states themselves do not move
+    paper = knobs.get("include_prompt_state", False)
+    assert out.details["state_ends"][0] == ([4, 6, 8] if paper else [6, 8, 10])
 
 
 def test_scoring_starts_inside_a_token_merged_across_the_brace():
@@ -150,10 +156,10 @@ def test_scoring_starts_inside_a_token_merged_across_the_brace():
         return [ord(p[0]) * 100 + len(p) for p in re.findall(r"\{\d|\\boxed|[^{]", text)]
 
     # "x\boxed{" -> x, \boxed, {   but "x\boxed{4}" -> x, \boxed, {4, }
-    branches, starts = build_branches(tokenize, "x\\boxed{", ["4"], [7], "answer")
-    assert len(branches[0]) == 5 and branches[0][0] == 7
-    assert starts == [1 + 2]  # newline prefix, then the common prefix x, \boxed
-    assert build_branches(tokenize, "x\\boxed{", ["4"], [], "template_and_answer")[1] == [0]
+    branches, starts = build_branches(tokenize, "x\\boxed{", ["4"], "answer")
+    assert len(branches[0]) == 4
+    assert starts == [2]  # after the common prefix x, \boxed
+    assert build_branches(tokenize, "x\\boxed{", ["4"], "template_and_answer")[1] == [0]
 
 
 def test_several_clusters_can_pass_in_binary_mode():
@@ -226,10 +232,18 @@ def test_unknown_knob_values_are_refused():
         CoVoReward(curiosity={"form": "bored", "weight": 1.0})
 
 
-def byte_level_tokenizer() -> PreTrainedTokenizerFast:
-    corpus = ["Question: what is 2+2?\nFirst we add.\nThen 2 + 2 = 4.\nSo \\boxed{4}"]
+# Qwen's pre-tokenizer: punctuation keeps the newlines that follow it (`.\n`, `}\n`)
+GLUED = r"""[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+
+
+def byte_level_tokenizer(glue_newlines: bool = False) -> PreTrainedTokenizerFast:
+    corpus = ["Question: what is 2+2?\nFirst we add.\nThen 2 + 2 = 4.\nSo \\boxed{4}\nDone"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if glue_newlines:
+        split = pre_tokenizers.Split(Regex(GLUED), behavior="isolated")
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.pre_tokenizer = pre_tokenizers.Sequence([split, byte_level])
     tok.decoder = decoders.ByteLevel()
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=alphabet, show_progress=False)
@@ -246,23 +260,68 @@ def branch_nll_oracle(model, context: list[int], branch: list[int], start: int) 
     return -sum(logp[p - 1, ids[0, p]].item() for p in positions) / len(positions)
 
 
-def test_tiny_llama_end_to_end():
-    hf = byte_level_tokenizer()
+def released_distance(model, tok, state: str, answer: str) -> float:
+    """The released code's distance of `answer` from `state` (text): tokenise
+    `state + "\\nThe answer is: \\boxed{answer}"` as one text and average the NLL of every
+    token that reaches past `state` (its greedy extra token left out)."""
+    enc = tok(state + "\nThe answer is: \\boxed{" + answer + "}", return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    scored = [p for p, (_, end) in enumerate(enc["offset_mapping"]) if end > len(state)]
+    with torch.no_grad():
+        logp = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    return -sum(logp[p - 1, ids[p]].item() for p in scored) / len(scored)
+
+
+def tiny_llama(vocab_size: int) -> LlamaForCausalLM:
     # a wide init makes the NLLs depend on the context, so a wrong state or prefix shows
     sizes = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, initializer_range=0.3)
-    config = LlamaConfig(vocab_size=len(hf), num_hidden_layers=2, num_key_value_heads=2, **sizes)
+    config = LlamaConfig(vocab_size=vocab_size, num_hidden_layers=2, num_key_value_heads=2, **sizes)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(config).eval()
+
+
+TEXTS = [
+    "First we add.\nThen 2 + 2 = 4.\nSo \\boxed{4}",
+    "First we add.\nThen 2 + 2 = 5.\nSo \\boxed{5}",
+    "We add.\nSo \\boxed{4}\n",
+]
+
+
+@pytest.mark.parametrize("glue_newlines", [False, True], ids=["newline_alone", "glued"])
+def test_distances_are_the_released_codes(glue_newlines):
+    """Every state of every response against the released code's text-level rule, with a
+    tokenizer that keeps newlines apart and one that glues them to punctuation (`.\n`, `}\n`:
+    then the released text re-tokenises the last state's `}` with the newline)."""
+    hf = byte_level_tokenizer(glue_newlines)
+    model = tiny_llama(len(hf))
+    prompt_text = "Question: what is 2+2?\n"
+    prompt = hf.encode(prompt_text, add_special_tokens=False)
+    ids = [hf.encode(t, add_special_tokens=False) for t in TEXTS]
+    if glue_newlines:  # "add.\n" ends state 0 inside one token; "}" + "\n" is one token
+        assert [hf.decode(t) for t in ids[0][3:5]] == [".\n", "Then"]
+        assert hf.decode(ids[0][-1:]) == "}" and len(hf.encode("}\n")) == 1
+    group = Group(prompt, ids, TEXTS, *([[torch.zeros(len(r)) for r in ids]] * 3))
+    out = CoVoReward(mode="continuous")(group, NaiveScorer(model, hf))
+    assert out.clusters == [0, 1, 0]
+    for i, text in enumerate(TEXTS):
+        lines = [line.strip() for line in text.split("\n") if line.strip()]
+        assert len(out.details["D"][i]) == len(lines)
+        for k, row in enumerate(out.details["D"][i]):
+            state = "\n".join(lines[: k + 1])
+            want = [released_distance(model, hf, prompt_text + state, a) for a in ("4", "5")]
+            assert row == pytest.approx(want, abs=1e-5), (i, k)
+
+
+def test_tiny_llama_end_to_end():
+    hf = byte_level_tokenizer()
+    model = tiny_llama(len(hf))
 
     def encode(text: str) -> list[int]:
         return hf.encode(text, add_special_tokens=False)
 
-    texts = [
-        "First we add.\nThen 2 + 2 = 4.\nSo \\boxed{4}",
-        "First we add.\nThen 2 + 2 = 5.\nSo \\boxed{5}",
-        "We add.\nSo \\boxed{4}\n",
-    ]
-    prompt = encode("Question: what is 2+2?\n")
+    texts = TEXTS
+    prompt_text = "Question: what is 2+2?\n"
+    prompt = encode(prompt_text)
     ids = [encode(t) for t in texts]
     group = Group(prompt, ids, texts, *([[torch.zeros(len(r)) for r in ids]] * 3))
     out = CoVoReward(mode="continuous")(group, NaiveScorer(model, hf))
@@ -272,21 +331,13 @@ def test_tiny_llama_end_to_end():
     assert out.details["step_ends"][0] == [5, 13, 19]
     assert out.details["step_ends"][2] == [5, 12]  # "W", "e", " add", ".", "\n" | "So", ..., "\n"
     branches = [encode("The answer is: \\boxed{" + a + "}") for a in ("4", "5")]
-    newline = encode("\n")
     context = prompt + ids[0]
-    D = out.details["D"][0]
+    # without the newline token: the branch after "add.\n", scored from its first token
+    plain = CoVoReward(mode="continuous", newline_scored=False)(group, NaiveScorer(model, hf))
     for k in range(2):
-        # state 0 ends after "add.\n": the branch follows directly
-        assert D[0][k] == pytest.approx(
-            branch_nll_oracle(model, context[: len(prompt) + 5], branches[k], 0)
-        )
-        # the last state ends with "}": "\n" in front, not scored
-        want = branch_nll_oracle(model, context, newline + branches[k], len(newline))
-        assert D[2][k] == pytest.approx(want, abs=1e-5)
-        assert abs(D[2][k] - branch_nll_oracle(model, context, branches[k], 0)) > 1e-2
-    # response 2 ends with a newline: its last state needs no prefix
-    want = branch_nll_oracle(model, prompt + ids[2], branches[1], 0)
-    assert out.details["D"][2][-1][1] == pytest.approx(want, abs=1e-5)
+        want = branch_nll_oracle(model, context[: len(prompt) + 5], branches[k], 0)
+        assert plain.details["D"][0][0][k] == pytest.approx(want, abs=1e-5)
+        assert abs(plain.details["D"][0][0][k] - out.details["D"][0][0][k]) > 1e-3
     # continuous reward of cluster "4" = RiV of its members' (Con, Vol)
     cons = [out.components["consistency"][i] for i in (0, 2)]
     vols = [out.components["volatility"][i] for i in (0, 2)]
@@ -303,6 +354,9 @@ def test_tiny_llama_end_to_end():
 CONFIG_CHANGES = {
     "covo": {},
     "covo_paper": {
+        "extract": "extract_boxed",
+        "colon_merge": "chains",
+        "newline_scored": False,
         "to_reward": "_continuous",
         "include_prompt_state": True,
         "distance_tokens": "answer",
@@ -318,8 +372,16 @@ CONFIG_CHANGES = {
 
 
 def knobs(reward: CoVoReward) -> dict:
-    names = ("include_prompt_state", "distance_tokens", "ties_consistent", "volatility_index")
+    names = (
+        "colon_merge",
+        "include_prompt_state",
+        "distance_tokens",
+        "newline_scored",
+        "ties_consistent",
+        "volatility_index",
+    )
     return {
+        "extract": reward.extract.__name__,
         "aggregate": reward.aggregate.__name__,
         "to_reward": reward.to_reward.__name__,
         "threshold": reward.threshold,

@@ -167,22 +167,31 @@ def test_dumped_ids_reproduce_D_with_the_naive_scorer(scored):
         template, newline = record["template_ids"], record["newline_ids"]
         response = record["responses"][0]
         context = record["prompt_ids"] + response["response_ids"]
-        branches, scored_from = [], []
+        answer_only = cfg.reward.distance_tokens == "answer"
+        newline_scored = cfg.reward.newline_scored and not answer_only
+        cuts, branches, scored_from = [], [], []
         for end in response["state_ends"]:
-            # a state that does not end in a newline gets one, unscored, before its branches
-            prefix = [] if "\n" in tok.decode(context[end - 1 : end]) else newline
+            last = tok.decode(context[end - 1 : end])
+            # the token holding the newline before the template is scored (released code): the
+            # state's own, or the one the newline makes with its last token, or the newline
+            glued = tok.encode(last + "\n", add_special_tokens=False)
+            if "\n" in last:
+                cut, prefix = (end - 1, context[end - 1 : end]) if newline_scored else (end, [])
+            elif newline_scored and glued != tok.encode(last, add_special_tokens=False) + newline:
+                cut, prefix = end - 1, glued
+            else:
+                cut, prefix = end, newline
+            cuts.append(cut)
             branches.append([prefix + c["answer_ids"] for c in record["clusters"]])
             starts = []
             for c in record["clusters"]:
                 ids, common = c["answer_ids"], 0
                 while common < len(template) and ids[common] == template[common]:
                     common += 1
-                answer_only = cfg.reward.distance_tokens == "answer"
-                starts.append(len(prefix) + (min(common, len(ids) - 1) if answer_only else 0))
+                start = min(common, len(ids) - 1) if answer_only else 0
+                starts.append(0 if newline_scored else len(prefix) + start)
             scored_from.append(starts)
-        naive = NaiveScorer(loaded.model, tok).branch_nll(
-            context, response["state_ends"], branches, scored_from
-        )
+        naive = NaiveScorer(loaded.model, tok).branch_nll(context, cuts, branches, scored_from)
         torch.testing.assert_close(
             torch.stack(naive), torch.tensor(response["D"]), atol=1e-4, rtol=0
         )
@@ -260,3 +269,50 @@ def test_command_line(tmp_path):
     assert re.fullmatch(r"scored 2 prompts, 7 responses, mean reward \d\.\d{4}", lines[-1])
     assert re.fullmatch(r"reward accuracy \d\.\d{4}, AUROC \d\.\d{4}", lines[-2])
     assert len(read_output(tmp_path)) == 2
+
+
+# The examples where the released code's answers and steps differ from a lenient reading.
+TRUNCATED = "Add 2 and 3 to get 5, and then multiply by 7 to get"
+CUT_BOX = "So \\boxed{3}. Then we get \\boxed{\\frac{1"
+COLON_CHAIN = "\n".join(["l0:", "l1:"] + [f"l{j}" for j in range(2, 17)] + ["So \\boxed{5}"])
+EXAMPLES = [
+    {
+        "prompt": "What is (2 + 3) * 7?",
+        "responses": ["2 + 3 = 5.\nSo \\boxed{5}"] * 15 + [TRUNCATED],
+    },
+    {"prompt": "What is 2 + 3?", "responses": [CUT_BOX, COLON_CHAIN, "\\boxed{4}"]},
+]
+
+
+def stripped_steps(response: dict) -> list[list[str]]:
+    return [[line.strip() for line in s.split("\n") if line.strip()] for s in response["steps"]]
+
+
+def test_released_answers_and_steps_on_the_examples(tmp_path):
+    lines = [json.dumps(item) for item in EXAMPLES]
+    for name in ("covo", "lenient", "paper"):
+        (tmp_path / name).mkdir()
+    _, _, (first, second) = run(tmp_path / "covo", lines, "reward=covo")
+    # no box in the truncated response: no answer, so one cluster (K = 1) and every reward 0
+    assert [r["answer"] for r in first["responses"]] == ["5"] * 15 + [None]
+    assert len(first["clusters"]) == 1
+    assert all(r["reward"] == 0.0 for r in first["responses"])
+    # an unclosed last box is no answer, not the earlier "3"
+    assert [r["answer"] for r in second["responses"]] == [None, "5", "4"]
+    # 18 lines: "l0:" takes "l1:" in and the pair is not looked at again; the 17 units left
+    # are regrouped into 15 chunks, the last two of two units each
+    want = [["l0:", "l1:"]] + [[f"l{j}"] for j in range(2, 14)]
+    assert stripped_steps(second["responses"][1]) == want + [
+        ["l14", "l15"],
+        ["l16", "So \\boxed{5}"],
+    ]
+
+    # the default run's extractor reads the last number: "7" is a second cluster
+    _, _, (lenient, _) = run(
+        tmp_path / "lenient", lines, "reward=covo", "reward.extractor=boxed_or_last_number"
+    )
+    assert [c["answer"] for c in lenient["clusters"]] == ["5", "7"]
+    # covo_paper folds the colon chain into one step: 16 units -> 14 single ones, then two
+    _, _, (_, paper) = run(tmp_path / "paper", lines, "reward=covo_paper")
+    want = [["l0:", "l1:", "l2"]] + [[f"l{j}"] for j in range(3, 16)] + [["l16", "So \\boxed{5}"]]
+    assert stripped_steps(paper["responses"][1]) == want

@@ -22,8 +22,17 @@ _LATEX_SPACE = re.compile(r"\\[,;:! ]|~")
 _WORD = re.compile(r"[A-Za-z]{2,}")
 
 
-def _braced(text: str, start: int) -> str | None:
-    """Content of the brace group opening at `text[start] == "{"`, or None if unbalanced."""
+def _last_box(text: str) -> tuple[int, str] | None:
+    """Position and name of the last `\\boxed` (the last `\\fbox` when there is no `\\boxed`)."""
+    for command in ("\\boxed", "\\fbox"):
+        pos = text.rfind(command)
+        if pos >= 0:
+            return pos, command
+    return None
+
+
+def _closing_brace(text: str, start: int) -> int | None:
+    """Index of the first `}` from `start` on that brings the brace count back to 0."""
     depth = 0
     for i in range(start, len(text)):
         if text[i] == "{":
@@ -31,31 +40,51 @@ def _braced(text: str, start: int) -> str | None:
         elif text[i] == "}":
             depth -= 1
             if depth == 0:
-                return text[start + 1 : i]
+                return i
     return None
 
 
-def _last_command_arg(text: str, command: str) -> str | None:
-    """Argument of the last `command{...}` (balanced) or `command x` in `text`."""
-    pos = len(text)
-    while (pos := text.rfind(command, 0, pos)) >= 0:
-        rest = pos + len(command)
-        brace = len(text[rest:]) - len(text[rest:].lstrip())
-        if text[rest + brace : rest + brace + 1] == "{":
-            content = _braced(text, rest + brace)
-        elif brace:
-            content = re.match(r"[^\s$]*", text[rest + brace :]).group().rstrip(".")
-        else:
-            content = None
-        if content is not None:
-            return content.strip() or None
-    return None
+def extract_released_boxed(text: str) -> str | None:
+    """The released CoVo code's answer: what the last box command holds, exactly as written.
+
+    Only the last `\\boxed` counts (`\\fbox` only without any `\\boxed`); the answer runs to the
+    first `}` that balances the braces counted from the command on; none such (an unclosed
+    last box, or no box) is no answer, never an earlier box or a number. An empty box is an
+    answer (""), spaces are kept. A command not followed by a brace group (`\\boxed 5, so {x}`)
+    gives everything after it up to that `}` (" 5, so {x}").
+    """
+    found = _last_box(text)
+    if found is None:
+        return None
+    pos, command = found
+    end = _closing_brace(text, pos)
+    if end is None:
+        return None
+    rest = text[pos + len(command) : end + 1]
+    inner = rest.lstrip()
+    return inner[1:-1] if inner.startswith("{") else rest
 
 
 def extract_boxed(text: str) -> str | None:
-    """Content of the last balanced `\\boxed{...}` (`\\fbox{...}` if there is none)."""
-    found = _last_command_arg(text, "\\boxed")
-    return found if found is not None else _last_command_arg(text, "\\fbox")
+    """Content of the last `\\boxed{...}` (balanced; `\\fbox` only without any `\\boxed`).
+
+    The released rule with its defects fixed: an empty box is no answer, `\\boxed 5` reads 5,
+    the content is stripped. An unclosed last box is no answer (never an earlier box).
+    """
+    found = _last_box(text)
+    if found is None:
+        return None
+    pos, command = found
+    rest = text[pos + len(command) :]
+    inner = rest.lstrip()
+    if inner.startswith("{"):
+        end = _closing_brace(inner, 0)
+        content = inner[1:end] if end is not None else None
+    elif inner and len(inner) < len(rest):
+        content = re.match(r"[^\s$]*", inner).group().rstrip(".,;:")
+    else:
+        content = None
+    return (content.strip() or None) if content is not None else None
 
 
 def extract_last_number(text: str) -> str | None:
@@ -74,6 +103,7 @@ def extract_boxed_or_last_number(text: str) -> str | None:
 
 
 EXTRACTORS: dict[str, Callable[[str], str | None]] = {
+    "released_boxed": extract_released_boxed,
     "boxed": extract_boxed,
     "last_number": extract_last_number,
     "boxed_or_last_number": extract_boxed_or_last_number,

@@ -207,8 +207,13 @@ def build_tiny(
     seed: int = 0,
     chat_template: bool = True,
     attn_implementation: str = "sdpa",
+    dtype: str | None = None,
+    master_dtype: str = "float32",
+    gradient_checkpointing: bool = False,
 ) -> LoadedModel:
-    """A random-init Llama with a tokenizer made in code, for tests and smoke runs."""
+    """A random-init Llama with a tokenizer made in code, for tests and smoke runs. `dtype`,
+    `master_dtype` and `gradient_checkpointing` as in `load_hf`, so any model config's keys
+    work with it."""
     tokenizer = build_tiny_tokenizer(vocab_size)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -226,5 +231,5 @@ def build_tiny(
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    return _finish(model, tokenizer, chat_template, "tiny")
+        model = LlamaForCausalLM(config).to(torch_dtype(master_dtype))
+    return _finish(model, tokenizer, chat_template, "tiny", gradient_checkpointing)

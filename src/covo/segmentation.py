@@ -1,13 +1,16 @@
 """Reasoning steps and intermediate states of a response, on its own token ids.
 
 A step boundary sits right after a token whose decoded text holds a newline, so a state is
-exactly a prefix the policy saw (a token such as `.\\n` is never cut). Rules (COVO_SPEC section 3):
-whitespace-only lines carry no step of their own (their tokens join the following step; trailing
-ones join the last step), a display-math block from the line holding `\\[` to the line holding
-`\\]` is one step, and long responses are merged down to at most `max_steps` steps.
+exactly a prefix the policy saw (a token such as `.\\n` is never cut). The rules are those of the
+released code's `process_thoughts` (COVO_SPEC section 3): whitespace-only lines carry no step of
+their own (their tokens join the following step; trailing ones join the last step), a display-math
+block is one step, and with `max_steps` or more steps colon-ended lines take the next line in,
+then the lines are regrouped into exactly `max_steps` chunks.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 Line = tuple[int, str]  # (exclusive token end, text)
 
@@ -24,35 +27,64 @@ def _lines(token_texts: list[str]) -> list[Line]:
     return lines
 
 
+def _join(lines: list[Line]) -> Line:
+    return lines[-1][0], "".join(text for _, text in lines)
+
+
 def _math_blocks(lines: list[Line]) -> list[Line]:
-    """Join each line that opens `\\[` with the lines up to the one that closes it.
+    """Join each display-math block into one unit, as the released `process_thoughts` does.
 
-    A line opens a block when its last `\\[` comes after its last `\\]`; an opener that is never
-    closed stays a line of its own (the rest of the response is not swallowed into one step).
+    A line with `\\[` and no `\\]` opens a block; every line after it joins, up to and including
+    the first line with `\\]` and no `\\[`. A line holding both is an ordinary line outside a
+    block and a continuation inside one. A block never closed leaves its lines one unit each.
     """
-    units, j = [], 0
-    while j < len(lines):
-        end, text = lines[j]
-        if text.rfind("\\[") > text.rfind("\\]"):
-            close = next((c for c in range(j + 1, len(lines)) if "\\]" in lines[c][1]), None)
-            if close is not None:
-                end = lines[close][0]
-                text = "".join(t for _, t in lines[j : close + 1])
-                j = close
-        units.append((end, text))
-        j += 1
-    return units
-
-
-def _merge_colon_lines(units: list[Line]) -> list[Line]:
-    """Merge every unit whose text ends with `:` into the next (chains of such lines fold)."""
-    merged: list[Line] = []
-    for end, text in units:
-        if merged and merged[-1][1].rstrip().endswith(":"):
-            merged[-1] = (end, merged[-1][1] + text)
+    units: list[Line] = []
+    block: list[Line] = []
+    for line in lines:
+        text = line[1]
+        if block:
+            block.append(line)
+            if "\\]" in text and "\\[" not in text:
+                units.append(_join(block))
+                block = []
+        elif "\\[" in text and "\\]" not in text:
+            block = [line]
         else:
-            merged.append((end, text))
+            units.append(line)
+    return units + block
+
+
+def _merge_colon_pairs(units: list[Line]) -> list[Line]:
+    """One left-to-right pass: a unit ending with `:` takes the next unit in, and the pair is
+    not looked at again (released code: `l0:`, `l1:`, `l2` give `l0:\\nl1:` and `l2`)."""
+    merged: list[Line] = []
+    j = 0
+    while j < len(units):
+        if units[j][1].rstrip().endswith(":") and j + 1 < len(units):
+            merged.append(_join(units[j : j + 2]))
+            j += 2
+        else:
+            merged.append(units[j])
+            j += 1
     return merged
+
+
+def _merge_colon_chains(units: list[Line]) -> list[Line]:
+    """Merge every unit whose text ends with `:` into the next, so chains of such units fold
+    into the unit that ends them (`l0:`, `l1:`, `l2` give one unit)."""
+    merged: list[Line] = []
+    for unit in units:
+        if merged and merged[-1][1].rstrip().endswith(":"):
+            merged[-1] = _join([merged[-1], unit])
+        else:
+            merged.append(unit)
+    return merged
+
+
+COLON_MERGES: dict[str, Callable[[list[Line]], list[Line]]] = {
+    "pairs": _merge_colon_pairs,
+    "chains": _merge_colon_chains,
+}
 
 
 def _chunk_ends(ends: list[int], n_chunks: int) -> list[int]:
@@ -70,11 +102,12 @@ def _chunk_ends(ends: list[int], n_chunks: int) -> list[int]:
     return chunk_ends
 
 
-def step_ends(token_texts: list[str], max_steps: int = 15) -> list[int]:
+def step_ends(token_texts: list[str], max_steps: int = 15, colon_merge: str = "pairs") -> list[int]:
     """Exclusive token end of each step; the last one is `len(token_texts)`.
 
     `token_texts[j]` is the decoded text of response token j alone. Returns T ends with
-    1 <= T <= max_steps (an empty response gives []).
+    1 <= T <= max_steps (an empty response gives []). `colon_merge`: `pairs` (released code)
+    or `chains`, applied only when `max_steps` or more units remain.
 
     >>> step_ends(["a", ".\\n", "\\n", "b", "\\n", "c"])
     [2, 5, 6]
@@ -86,7 +119,7 @@ def step_ends(token_texts: list[str], max_steps: int = 15) -> list[int]:
         return [len(token_texts)]
     units = _math_blocks(units)
     if len(units) >= max_steps:
-        units = _merge_colon_lines(units)
+        units = COLON_MERGES[colon_merge](units)
     ends = [end for end, _ in units]
     ends[-1] = len(token_texts)  # trailing whitespace-only lines join the last step
     if len(ends) >= max_steps:

@@ -81,6 +81,7 @@ REWARD_RULES: list[Rule] = [
         "vector, linear, consistency or volatility",
     ),
     ("distance_tokens", one_of("answer", "template_and_answer"), "answer or template_and_answer"),
+    ("colon_merge", one_of("pairs", "chains"), "pairs or chains"),
     ("volatility_index", one_of("released", "paper"), "released or paper"),
     ("curiosity.form", one_of("released", "paper"), "released or paper"),
     ("curiosity.weight", at_least(0.0), "a number >= 0"),

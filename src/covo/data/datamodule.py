@@ -6,6 +6,7 @@ import lightning.pytorch as L
 import torch
 from torch.utils.data import DataLoader
 
+from covo.data.contamination import check_overlap
 from covo.data.sampler import EpochBatches, PositionedItems, ResumableLoader
 
 MATH_PROMPT = (
@@ -25,6 +26,9 @@ class PromptDataModule(L.LightningDataModule):
     a `val` list, the last `val_size` items of `train` are held out for validation. The
     training order depends on `seed` alone and resumes exactly from a checkpoint
     (`covo.data.sampler`); under DDP/FSDP each rank takes its own share of every epoch.
+    Before fitting, the training problems are checked against every benchmark (the shipped
+    ones and those under `benchmark_dir`): any shared item stops the run unless
+    `allow_benchmark_overlap`.
     """
 
     def __init__(
@@ -37,6 +41,8 @@ class PromptDataModule(L.LightningDataModule):
         val_batch_size: int = 16,
         name: str = "data",
         seed: int = 0,
+        allow_benchmark_overlap: bool = False,
+        benchmark_dir: str | None = None,
     ):
         super().__init__()
         if "{problem}" not in prompt_template:
@@ -50,6 +56,8 @@ class PromptDataModule(L.LightningDataModule):
                 )
             train, val = (train[:-val_size], train[-val_size:]) if val_size else (train, [])
         self.name = name
+        self.allow_benchmark_overlap = allow_benchmark_overlap
+        self.benchmark_dir = benchmark_dir
         self.prompt_template = prompt_template
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size
@@ -60,6 +68,11 @@ class PromptDataModule(L.LightningDataModule):
 
     def with_prompt(self, item: dict) -> dict:
         return {**item, "prompt": self.prompt_template.format(problem=item["problem"])}
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            problems = [item["problem"] for item in self.train_items]
+            check_overlap(problems, self.benchmark_dir, self.allow_benchmark_overlap)
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer

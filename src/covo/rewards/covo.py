@@ -24,7 +24,7 @@ from covo.rewards.covo_stats import (
     distance_ratios,
     volatility,
 )
-from covo.segmentation import states, step_ends
+from covo.segmentation import COLON_MERGES, states, step_ends
 
 # Below every aggregation's range (linear RiL >= -1, the others >= 0): answerless responses
 # rank last for AUROC.
@@ -69,22 +69,16 @@ def build_branches(
     tokenize: Callable[[str], list[int]],
     template: str,
     representatives: list[str],
-    prefix: list[int],
     distance_tokens: str,
 ) -> tuple[list[list[int]], list[int]]:
-    """Branch ids `prefix + tokenize(template + y_k + "}")` per answer and where scoring starts.
+    """Branch ids `tokenize(template + y_k + "}")` per answer and where scoring starts in each.
 
-    The branch text is tokenised on its own (matching the joint tokenisation after a state that
-    ends in a newline); `prefix` is the newline for a state that does not end with one and is
-    never scored.
+    The branch text is tokenised on its own: after a state that ends in a newline this matches
+    tokenising state and branch together.
     """
     template_ids = tokenize(template)
-    branches, scored_from = [], []
-    for answer in representatives:
-        ids = tokenize(template + answer + "}")
-        branches.append(prefix + ids)
-        scored_from.append(len(prefix) + SCORED_FROM[distance_tokens](template_ids, ids))
-    return branches, scored_from
+    branches = [tokenize(template + answer + "}") for answer in representatives]
+    return branches, [SCORED_FROM[distance_tokens](template_ids, ids) for ids in branches]
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -99,12 +93,23 @@ def token_texts(tokenizer, ids: list[int]) -> list[str]:
     )
 
 
+def glued_newline(tokenizer, text: str, newline: list[int]) -> list[int] | None:
+    """Ids of `text + "\\n"` where the tokenizer merges that newline into `text`'s tokens, else
+    None (also for a token that holds part of a character)."""
+    glued = encode(tokenizer, text + "\n")
+    merged = glued != encode(tokenizer, text) + newline
+    return glued if merged and "\ufffd" not in text else None
+
+
 class CoVoReward(AnswerClustering):
     """Consistency and volatility of intermediate states, aggregated per answer cluster.
 
-    Knobs (paper vs released code, COVO_SPEC section 11): `aggregation` (a key of
-    `AGGREGATIONS`), `mode` (`binary`: 1 when the cluster value >= `threshold`; `continuous`:
-    the value), `include_prompt_state`, `distance_tokens` (`answer` | `template_and_answer`),
+    Knobs (paper vs released code, COVO_SPEC section 11; the defaults are the released code's):
+    `extractor` (a key of `covo.answers.EXTRACTORS`), `colon_merge` (`pairs` | `chains`, see
+    `covo.segmentation`), `aggregation` (a key of `AGGREGATIONS`), `mode` (`binary`: 1 when
+    the cluster value >= `threshold`; `continuous`: the value), `include_prompt_state`,
+    `distance_tokens` (`answer` | `template_and_answer`), `newline_scored` (with
+    `template_and_answer`: the token holding the newline before the template is scored too),
     `ties_consistent`, `volatility_index` (`released` | `paper`), `curiosity`
     (`{"form": "released" | "paper", "weight": w}`; w = 0 turns it off).
 
@@ -121,13 +126,15 @@ class CoVoReward(AnswerClustering):
 
     def __init__(
         self,
-        extractor: str = "boxed_or_last_number",
+        extractor: str = "released_boxed",
         aggregation: str = "vector",
         mode: str = "binary",
         threshold: float = 0.5,
         max_steps: int = 15,
+        colon_merge: str = "pairs",
         include_prompt_state: bool = False,
         distance_tokens: str = "template_and_answer",
+        newline_scored: bool = True,
         ties_consistent: bool = False,
         volatility_index: str = "released",
         curiosity: Mapping | None = None,
@@ -138,6 +145,7 @@ class CoVoReward(AnswerClustering):
         for name, value, valid in [
             ("aggregation", aggregation, AGGREGATIONS),
             ("mode", mode, MODES),
+            ("colon_merge", colon_merge, COLON_MERGES),
             ("distance_tokens", distance_tokens, SCORED_FROM),
             ("volatility_index", volatility_index, VOLATILITY_OFFSETS),
         ]:
@@ -154,57 +162,70 @@ class CoVoReward(AnswerClustering):
         self.to_reward = MODES[mode]
         self.threshold = threshold
         self.max_steps = max_steps
+        self.colon_merge = colon_merge
         self.include_prompt_state = include_prompt_state
         self.distance_tokens = distance_tokens
+        self.newline_scored = newline_scored
         self.ties_consistent = ties_consistent
         self.volatility_index = volatility_index
         self.curiosity = CURIOSITY_FORMS[form]
         self.curiosity_weight = float(curiosity.get("weight", 0.0))
         self.template = template
 
-    def _branches(self, tokenizer, representatives: list[str]) -> dict[bool, tuple]:
-        """Branches and scoring starts per answer, keyed by whether the state ends in a newline."""
-
-        tokenize = partial(encode, tokenizer)
-
-        def build(prefix: list[int]) -> tuple[list[list[int]], list[int]]:
-            return build_branches(
-                tokenize, self.template, representatives, prefix, self.distance_tokens
-            )
-
-        return {True: build([]), False: build(tokenize("\n"))}
-
     def branch_ids(self, tokenizer, representatives: list[str]) -> dict[str, list]:
         """The token ids this reward builds its branches from, for recomputing D elsewhere.
 
         `template_ids`: the template alone (where `distance_tokens=answer` starts scoring);
-        `answer_ids[k]`: the branch of answer k after a state that ends in a newline;
-        `newline_ids`: the unscored prefix put before every branch after any other state.
+        `answer_ids[k]`: the branch of answer k after a state that ends in a newline and
+        `scored_from[k]` where its scored tokens start; `newline_ids`: the prefix put before
+        every branch after any other state.
         """
-        answer_ids, _ = self._branches(tokenizer, representatives)[True]
+        tokenize = partial(encode, tokenizer)
+        answer_ids, scored_from = build_branches(
+            tokenize, self.template, representatives, self.distance_tokens
+        )
         return {
-            "template_ids": encode(tokenizer, self.template),
+            "template_ids": tokenize(self.template),
             "answer_ids": answer_ids,
-            "newline_ids": encode(tokenizer, "\n"),
+            "scored_from": scored_from,
+            "newline_ids": tokenize("\n"),
         }
 
     def _distances(
-        self, group: Group, i: int, texts: list[str], ends: list[int], scorer, branches: dict
+        self, group: Group, i: int, texts: list[str], ends: list[int], scorer, branch_ids: dict
     ) -> tuple[list[int], torch.Tensor]:
         """State ends and D [T, K] of response i.
 
-        `texts` holds the prompt's last token text, then one text per response token.
+        `texts` holds the prompt's last token text, then one text per response token. A state
+        whose last token holds no newline gets `newline_ids` before its branches. With
+        `newline_scored` (and the template scored) the token that holds the newline between
+        state and template is scored too, as in the released code's text `state + "\\n" + ...`:
+        the state's own last token when it holds the newline, else the newline put there, or
+        the token the tokenizer makes of the state's last token and that newline (Qwen: `}` and
+        `\\n` make `}\\n`), which then replaces that last token.
         """
         prompt_len = len(group.prompt_ids)
+        context = group.prompt_ids + group.response_ids[i]
         state_ends = states(prompt_len, ends, self.include_prompt_state)
-        chosen = [branches["\n" in texts[end - prompt_len]] for end in state_ends]
-        D = scorer.branch_nll(
-            group.prompt_ids + group.response_ids[i],
-            state_ends,
-            [b for b, _ in chosen],
-            [s for _, s in chosen],
-            group.context_caches[i] if group.context_caches else None,
-        )
+        plain, starts = branch_ids["answer_ids"], branch_ids["scored_from"]
+        newline = branch_ids["newline_ids"]
+        score_newline = self.newline_scored and self.distance_tokens == "template_and_answer"
+        cuts, branches, scored_from = [], [], []
+        for end in state_ends:
+            last = texts[end - prompt_len]
+            cut, prefix = end, []
+            if "\n" in last:
+                if score_newline:
+                    cut, prefix = end - 1, context[end - 1 : end]
+            elif score_newline and (glued := glued_newline(scorer.tokenizer, last, newline)):
+                cut, prefix = end - 1, glued
+            else:
+                prefix = newline
+            cuts.append(cut)
+            branches.append([prefix + b for b in plain])
+            scored_from.append([0 if score_newline else len(prefix) + s for s in starts])
+        cache = group.context_caches[i] if group.context_caches else None
+        D = scorer.branch_nll(context, cuts, branches, scored_from, cache)
         return state_ends, torch.stack(D).float()
 
     def _segment(self, group: Group, tokenizer, out: GroupReward) -> dict[int, list[str]]:
@@ -218,7 +239,8 @@ class CoVoReward(AnswerClustering):
             if cluster < 0:
                 continue
             texts[i] = prompt_last + token_texts(tokenizer, group.response_ids[i])
-            ends = out.details["step_ends"][i] = step_ends(texts[i][1:], self.max_steps)
+            ends = step_ends(texts[i][1:], self.max_steps, self.colon_merge)
+            out.details["step_ends"][i] = ends
             if self.curiosity_weight > 0:
                 steps = torch.tensor_split(-group.token_logprobs[i].double(), ends[:-1])
                 out.components["curiosity"][i] = self.curiosity.value(list(steps))
@@ -227,11 +249,11 @@ class CoVoReward(AnswerClustering):
     def _judge(self, group: Group, scorer: Scorer, texts: dict, out: GroupReward) -> None:
         """Fill distances, Con / Vol, cluster values, verdicts and rewards (K >= 2)."""
         representatives = out.details["representatives"]
-        branches = self._branches(scorer.tokenizer, representatives)
+        branch_ids = self.branch_ids(scorer.tokenizer, representatives)
         comp, details = out.components, out.details
         for i in texts:
             ends = details["step_ends"][i]
-            state_ends, D = self._distances(group, i, texts[i], ends, scorer, branches)
+            state_ends, D = self._distances(group, i, texts[i], ends, scorer, branch_ids)
             ratios = distance_ratios(D, out.clusters[i])
             comp["consistency"][i] = consistency(ratios, self.ties_consistent)
             comp["volatility"][i] = volatility(ratios, self.volatility_index)
