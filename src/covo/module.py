@@ -32,6 +32,7 @@ from covo.rollout import (
 )
 from covo.scoring import PrefixSharedScorer
 from covo.step_metrics import reward_metrics, rollout_metrics, sample_table
+from covo.views import sample_views, trained_views, training_rows
 
 
 @dataclass
@@ -140,7 +141,10 @@ class SelfRewardRL(L.LightningModule):
         self.step_at_rollout = self.global_step
         rollout = self.rollout(batch["prompt"])
         scored = self.score(rollout, batch["answer"])
-        advantages, keep = self.advantages(rollout, scored.rewards)
+        rollout, rewards = training_rows(
+            rollout, scored.rewards, scored.results, self.reward, self.tokenizer.pad_token_id
+        )
+        advantages, keep = self.advantages(rollout, rewards)
         start = time.perf_counter()
         update = self.update(rollout, advantages, keep)
         self.timings["time/update_s"] = time.perf_counter() - start
@@ -148,10 +152,19 @@ class SelfRewardRL(L.LightningModule):
 
     def rollout(self, prompts: list[str]) -> Rollout:
         start = time.perf_counter()
-        cfg = self.rollout_cfg
         model = self.rollout_view(self.policy)
         model.eval()
-        rollout = build_rollout(
+        rollout = self.sample(model, prompts)
+        rollout.views = sample_views(self.reward, prompts, lambda texts: self.sample(model, texts))
+        if self.reference is not None:
+            for part in [rollout, *trained_views(rollout, self.reward)]:
+                part.ref_logprobs = self.token_logprobs(self.reference, part, no_grad=True)
+        self.timings = {"time/rollout_s": time.perf_counter() - start}
+        return rollout
+
+    def sample(self, model, prompts: list[str]) -> Rollout:
+        cfg = self.rollout_cfg
+        return build_rollout(
             model,
             self.tokenizer,
             format_prompts(self.tokenizer, prompts, self.chat_template),
@@ -162,10 +175,6 @@ class SelfRewardRL(L.LightningModule):
             stats_chunk=cfg.stats_chunk,
             keep_cache=self.keep_rollout_cache,
         )
-        if self.reference is not None:
-            rollout.ref_logprobs = self.token_logprobs(self.reference, rollout, no_grad=True)
-        self.timings = {"time/rollout_s": time.perf_counter() - start}
-        return rollout
 
     def score(self, rollout: Rollout, labels: list[str | None]) -> Scored:
         start = time.perf_counter()
@@ -173,7 +182,8 @@ class SelfRewardRL(L.LightningModule):
         view = self.scoring_view
         model = view.replica if view is self.rollout_view and view.replica else view(self.policy)
         scorer = PrefixSharedScorer(model, self.tokenizer)
-        results = [self.reward(group, scorer) for group in rollout.groups(labels)]
+        step, rank = self.trainer.fit_loop.epoch_loop.total_batch_idx, self.global_rank
+        results = [self.reward(group, scorer) for group in rollout.groups(labels, step, rank)]
         rollout.context_caches = None  # free the keys and values before the update
         rewards = torch.tensor([r for res in results for r in res.rewards], dtype=torch.float32)
         elapsed = time.perf_counter() - start
