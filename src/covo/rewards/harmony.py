@@ -4,6 +4,7 @@ question is reframed, chosen by the harmonic mean of its vote shares in the view
 from __future__ import annotations
 
 from collections.abc import Mapping
+from fractions import Fraction
 
 from covo.answers import AnswerEquivalence, cluster_answers
 from covo.rewards.answered import AnswerClustering
@@ -31,15 +32,16 @@ def harmonic_pseudo_label(
     >>> harmonic_pseudo_label([[0, 0, 0, 1], [1, 1, 2, 2]], 3)  # 0 never appears reframed
     (1, [0.0, 0.3333333333333333, 0.0])
     """
-    shares = [[ids.count(c) / len(ids) for c in range(num_clusters)] for ids in view_clusters]
+    # exact fractions: equal scores are ties, not rounding noise
+    shares = [[Fraction(v.count(c), len(v)) for c in range(num_clusters)] for v in view_clusters]
     harmony, total = [], []
     for c in range(num_clusters):
         per_view = [s[c] for s in shares]
         present = all(p > 0 for p in per_view)
-        harmony.append(len(per_view) / sum(1 / p for p in per_view) if present else 0.0)
+        harmony.append(len(per_view) / sum(1 / p for p in per_view) if present else Fraction(0))
         total.append(sum(per_view))
     best = max(range(num_clusters), key=lambda c: (harmony[c], total[c], -c), default=-1)
-    return (best if best >= 0 and harmony[best] > 0 else -1), harmony
+    return (best if best >= 0 and harmony[best] > 0 else -1), [float(h) for h in harmony]
 
 
 class SelfHarmonyReward(AnswerClustering):
