@@ -28,7 +28,11 @@ PLOTS = {
     "accuracy": re.compile(r"accuracy"),
     "kl": re.compile(r"(^|/)kl($|_)"),
     "length": re.compile(r"^rollout/len_"),
-    "collapse": re.compile(r"^collapse/(?!.*_trend$)"),
+    # the collapse signals of comparable scale (length and answer counts have their own)
+    "collapse": re.compile(
+        r"^collapse/(alarm|top_answer_share|zero_var_frac|answer_entropy|token_entropy"
+        r"|self_certainty|kl)$"
+    ),
 }
 
 Series = list[tuple[int, float]]
