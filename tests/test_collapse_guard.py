@@ -11,6 +11,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from covo.callbacks.collapse_guard import CollapseGuard
 from covo.collapse import CollapseDetector, slope
+from covo.eval.harness import load_policy_checkpoint
+from covo.model import build_tiny
 from covo.rewards.base import GroupReward
 from covo.step_metrics import answer_metrics
 from covo.train import build
@@ -143,8 +145,12 @@ def test_a_huge_learning_rate_collapses_the_tiny_model_and_the_guard_stops_it(ti
     assert entropy[first] < 0.5 * start  # the policy did collapse
     # the checkpoint is the one after the last step before the 3-step window
     ckpts = Path(trainer.default_root_dir) / "checkpoints"
-    kept = torch.load(ckpts / "pre_collapse.ckpt", weights_only=False)
-    assert kept["global_step"] == first - 2
+    # ... the policy's weights, which the evaluation harness loads; later steps changed them
+    model = build_tiny().model
+    assert load_policy_checkpoint(model, ckpts / "pre_collapse.ckpt") == first - 2
+    name = "model.layers.0.mlp.up_proj.weight"
+    final = trainer.lightning_module.policy.state_dict()[name]
+    assert not torch.equal(model.state_dict()[name], final)
     assert not (ckpts / "last_healthy.ckpt").exists()
     (line,) = [r.getMessage() for r in caplog.records if "collapse alarm" in r.getMessage()]
     assert f"collapse alarm at step {first}:" in line and "pre_collapse.ckpt" in line

@@ -57,6 +57,7 @@ class CollapseGuard(Callback):
         baseline_steps: int = 3,
         stop_on_alarm: bool = False,
         save_pre_collapse: bool = True,
+        save_weights_only: bool = True,
         dirpath: str | None = None,
         signals: dict[str, str] | None = None,
     ):
@@ -70,6 +71,7 @@ class CollapseGuard(Callback):
         self.detector = CollapseDetector(rules, min_rules, window, baseline_steps)
         self.stop_on_alarm = stop_on_alarm
         self.save_pre_collapse = save_pre_collapse
+        self.save_weights_only = save_weights_only
         self.dirpath = dirpath
         self.alarm_step: int | None = None
         self.healthy_step: int | None = None
@@ -94,7 +96,8 @@ class CollapseGuard(Callback):
             self.raise_alarm(trainer, step, verdict)
         elif not verdict.saturated and self.save_pre_collapse:
             self.healthy_step = step
-            trainer.save_checkpoint(self.checkpoint_dir(trainer) / HEALTHY)
+            path = self.checkpoint_dir(trainer) / HEALTHY
+            trainer.save_checkpoint(path, weights_only=self.save_weights_only)
 
     def raise_alarm(self, trainer: L.Trainer, step: int, verdict: Verdict) -> None:
         self.alarm_step = step
