@@ -136,8 +136,6 @@ def test_the_update_trains_on_the_original_view_unless_configured(tiny_cfg):
         assert view.texts and len(view.response_ids) == 6
         prompt = module.tokenizer.decode(view.prompt_ids[0])
         assert "What is 2 + 3?" in prompt and "restate the problem in your own words" in prompt
-        # the reference scores the view's responses only when they are trained on
-        assert (view.ref_logprobs is not None) is train_views
         results = [module.reward(g, None) for g in rollout.groups([None, None])]
         rewards = torch.tensor([r for res in results for r in res.rewards])
         trained, trained_rewards = training_rows(rollout, rewards, results, module.reward, 0)
