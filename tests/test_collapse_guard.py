@@ -121,7 +121,7 @@ def test_a_tiny_run_at_the_default_learning_rate_raises_no_alarm(tiny_cfg):
 def test_a_huge_learning_rate_collapses_the_tiny_model_and_the_guard_stops_it(tiny_cfg, caplog):
     cfg = tiny_cfg(
         *QUICK,
-        "optimizer.lr=3e-2",
+        "optimizer.lr=1e-1",
         "trainer.max_steps=60",
         "callbacks.collapse_guard.stop_on_alarm=true",
     )
