@@ -149,12 +149,9 @@ class SelfRewardRL(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(params=self.policy.parameters())
-        scheduler = self.scheduler_factory(optimizer=optimizer, total_steps=self.total_steps())
+        # the schedule's length is the run's, in optimizer steps (checked >= 1 up front)
+        scheduler = self.scheduler_factory(optimizer=optimizer, total_steps=self.trainer.max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler}}
-
-    def total_steps(self) -> int:
-        steps = self.trainer.max_steps
-        return steps if steps and steps > 0 else int(self.trainer.estimated_stepping_batches)
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         self.step_at_rollout = self.global_step
@@ -231,6 +228,7 @@ class SelfRewardRL(L.LightningModule):
         )
         if not plan.epochs:
             return plan
+        self.policy.train()  # the mode of the training forward, for the old log-probs too
         if needs_old_logprobs_pass(plan, algo.kl_in_reward, self.reference is not None):
             plan.old_logprobs = self.logprobs_pass(self.policy, rollout, plan)
         if self.reference is not None:
