@@ -99,3 +99,28 @@ def test_eval_results_of_a_multirun_merge_into_one_table(tmp_path, capsys):
     main(["--eval", str(tmp_path)])
     rows = [line.split(" | ")[0][2:] for line in capsys.readouterr().out.splitlines()[2:]]
     assert rows == ["gsm8k (0_benchmark=gsm8k)", "math500", "gsm8k (2_seed=1)", "mean"]
+
+
+def test_peak_and_final_accuracy_and_the_alarm_step(tmp_path, capsys):
+    run = tmp_path / "run"
+    with SummaryWriter(str(run / "tensorboard")) as writer:
+        for step, value in [(0, 0.1), (5, 0.4), (8, 0.4), (11, 0.2)]:
+            writer.add_scalar("val/accuracy", value, global_step=step)
+        for step, value in enumerate([0, 0, 0, 1, 1, 0]):
+            writer.add_scalar("collapse/alarm", value, global_step=step)
+    main([str(run)])
+    lines = capsys.readouterr().out.splitlines()
+    # the first of two equal peaks; the alarm's first step, though it fell back later
+    assert lines[1:3] == [
+        "val/accuracy: peak 0.4 at step 5, final 0.2 at step 11",
+        "collapse alarm: first at step 3",
+    ]
+
+
+def test_a_run_without_alarm_or_validation_says_so(run_dir, capsys):
+    with SummaryWriter(str(run_dir / "tensorboard")) as writer:
+        for step in range(3):
+            writer.add_scalar("collapse/alarm", 0.0, global_step=step)
+    main([str(run_dir)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1:3] == ["val/accuracy: not logged", "collapse alarm: none in 3 steps"]

@@ -254,3 +254,22 @@ def test_a_rollout_with_every_group_filtered_makes_no_step(tiny_cfg):
     assert trainer.global_step == 0
     assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 0
     assert all(torch.equal(p, b) for p, b in zip(module.policy.parameters(), before))
+
+
+def test_cosine_lr_at_every_optimizer_step():
+    from covo.optim import cosine_with_warmup
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    schedule = cosine_with_warmup(opt, total_steps=8, warmup_ratio=0.25, min_lr_ratio=0.25)
+    seen = []
+    for _ in range(8):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        schedule.step()
+    # warm-up of 2 steps: lr 2 x (t + 1) / 3; the peak at step 2; then a cosine over 5 steps
+    # down to 0.25 x 2 at step 7: 0.5 + 0.75 (1 + cos(k pi / 5)), with cos(pi / 5) =
+    # (1 + sqrt 5) / 4 and cos(2 pi / 5) = (sqrt 5 - 1) / 4
+    c1, c2 = (1 + math.sqrt(5)) / 4, (math.sqrt(5) - 1) / 4
+    hand = [2 / 3, 4 / 3, 2.0]
+    hand += [0.5 + 0.75 * (1 + c) for c in (c1, c2, -c2, -c1)] + [0.5]
+    assert seen == pytest.approx(hand, rel=1e-9)

@@ -33,6 +33,7 @@ from covo.rollout import (
 from covo.scoring import PrefixSharedScorer
 from covo.step_metrics import reward_metrics, rollout_metrics, sample_table
 from covo.update import UpdatePlan, needs_old_logprobs_pass, plan_epochs
+from covo.views import sample_views, training_rows
 
 PRECISION_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16}
 
@@ -148,30 +149,36 @@ class SelfRewardRL(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(params=self.policy.parameters())
-        scheduler = self.scheduler_factory(optimizer=optimizer, total_steps=self.total_steps())
+        # the schedule's length is the run's, in optimizer steps (checked >= 1 up front)
+        scheduler = self.scheduler_factory(optimizer=optimizer, total_steps=self.trainer.max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler}}
-
-    def total_steps(self) -> int:
-        steps = self.trainer.max_steps
-        return steps if steps and steps > 0 else int(self.trainer.estimated_stepping_batches)
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         self.step_at_rollout = self.global_step
         rollout = self.rollout(batch["prompt"])
         scored = self.score(rollout, batch["answer"])
         start = time.perf_counter()
-        plan = self.plan_update(rollout, scored.rewards)
-        advantages = self.advantages(rollout, scored.rewards, plan)
-        update = self.update(rollout, advantages, plan)
+        trained, rewards = training_rows(  # the original view's rows, and others' if trained
+            rollout, scored.rewards, scored.results, self.reward, self.tokenizer.pad_token_id
+        )
+        plan = self.plan_update(trained, rewards)
+        advantages = self.advantages(trained, rewards, plan)
+        update = self.update(trained, advantages, plan)
         self.timings["time/update_s"] = time.perf_counter() - start
-        self.log_step(rollout, scored, plan, update)
+        self.log_step(rollout, trained, scored, plan, update)
 
     def rollout(self, prompts: list[str]) -> Rollout:
         start = time.perf_counter()
-        cfg = self.rollout_cfg
         model = self.rollout_view(self.policy)
         model.eval()
-        rollout = build_rollout(
+        rollout = self.sample(model, prompts)
+        rollout.views = sample_views(self.reward, prompts, lambda texts: self.sample(model, texts))
+        self.timings = {"time/rollout_s": time.perf_counter() - start}
+        return rollout
+
+    def sample(self, model, prompts: list[str]) -> Rollout:
+        cfg = self.rollout_cfg
+        return build_rollout(
             model,
             self.tokenizer,
             format_prompts(self.tokenizer, prompts, self.chat_template),
@@ -182,8 +189,6 @@ class SelfRewardRL(L.LightningModule):
             stats_chunk=cfg.stats_chunk,
             keep_cache=self.keep_rollout_cache,
         )
-        self.timings = {"time/rollout_s": time.perf_counter() - start}
-        return rollout
 
     def score(self, rollout: Rollout, labels: list[str | None]) -> Scored:
         start = time.perf_counter()
@@ -191,7 +196,8 @@ class SelfRewardRL(L.LightningModule):
         view = self.scoring_view
         model = view.replica if view is self.rollout_view and view.replica else view(self.policy)
         scorer = PrefixSharedScorer(model, self.tokenizer)
-        results = [self.reward(group, scorer) for group in rollout.groups(labels)]
+        step, rank = self.trainer.fit_loop.epoch_loop.total_batch_idx, self.global_rank
+        results = [self.reward(group, scorer) for group in rollout.groups(labels, step, rank)]
         rollout.context_caches = None  # free the keys and values before the update
         rewards = torch.tensor([r for res in results for r in res.rewards], dtype=torch.float32)
         elapsed = time.perf_counter() - start
@@ -222,6 +228,7 @@ class SelfRewardRL(L.LightningModule):
         )
         if not plan.epochs:
             return plan
+        self.policy.train()  # the mode of the training forward, for the old log-probs too
         if needs_old_logprobs_pass(plan, algo.kl_in_reward, self.reference is not None):
             plan.old_logprobs = self.logprobs_pass(self.policy, rollout, plan)
         if self.reference is not None:
@@ -345,9 +352,13 @@ class SelfRewardRL(L.LightningModule):
             return loss + 0.0 * logprobs.sum(), {}, 0.0
         return loss, {k: float(v) for k, v in stats.items()}, float(mask.sum())
 
-    def log_step(self, rollout: Rollout, scored: Scored, plan: UpdatePlan, update: dict) -> None:
+    def log_step(
+        self, rollout: Rollout, trained: Rollout, scored: Scored, plan: UpdatePlan, update: dict
+    ) -> None:
+        """Metrics of the step; `trained` holds the rows the update saw (the rollout's, plus
+        other views' when the reward trains on them)."""
         metrics = {
-            **rollout_metrics(rollout, plan.keep),
+            **rollout_metrics(trained, plan.keep),
             **reward_metrics(scored.results, scored.rewards, scored.labels, self.equivalence),
             **update,
             **self.timings,
@@ -356,9 +367,9 @@ class SelfRewardRL(L.LightningModule):
         if update:
             metrics["train/lr"] = self.last_lr  # the last optimizer step's
         if plan.old_logprobs is not None and plan.ref_logprobs is not None:
-            mask = rollout.response_mask * plan.keep[:, None]
+            mask = trained.response_mask * plan.keep[:, None]
             metrics["train/kl"] = float(masked_mean(plan.old_logprobs - plan.ref_logprobs, mask))
-        tokens = float(rollout.response_mask.sum())
+        tokens = float(trained.response_mask.sum())
         step_time = sum(v for k, v in self.timings.items() if k != "time/scoring_s")
         metrics["perf/tokens_per_s"] = tokens / max(step_time, 1e-9)
         shown = {"reward/mean", "diag/accuracy"}

@@ -1,7 +1,8 @@
 """Summaries of finished runs.
 
-`python -m covo.report <train run dir>`: final and best value of every scalar in the run's
-TensorBoard events, and PNG plots of reward, accuracy, KL and response length in `plots/`.
+`python -m covo.report <train run dir>`: peak and final `val/accuracy` and the step of the
+first collapse alarm, final and best value of every scalar in the run's TensorBoard events,
+and PNG plots of reward, accuracy, KL, response length and the collapse signals in `plots/`.
 `python -m covo.report --eval <dir>`: one Markdown table from every eval result below `dir`
 (a multirun folder: `python eval.py -m benchmark=gsm8k,math500`).
 """
@@ -27,6 +28,11 @@ PLOTS = {
     "accuracy": re.compile(r"accuracy"),
     "kl": re.compile(r"(^|/)kl($|_)"),
     "length": re.compile(r"^rollout/len_"),
+    # the collapse signals of comparable scale (length and answer counts have their own)
+    "collapse": re.compile(
+        r"^collapse/(alarm|top_answer_share|zero_var_frac|answer_entropy|token_entropy"
+        r"|self_certainty|kl)$"
+    ),
 }
 
 Series = list[tuple[int, float]]
@@ -96,12 +102,40 @@ def write_plots(scalars: dict[str, Series], out_dir: Path) -> list[Path]:
     return written
 
 
+def accuracy_and_alarm(scalars: dict[str, Series]) -> list[str]:
+    """Peak and final `val/accuracy`, and the first step of `collapse/alarm`: did the run
+    rise, then fall, and did the collapse guard see it coming?"""
+    lines = []
+    accuracy = scalars.get("val/accuracy")
+    if accuracy:
+        peak_step, peak = max(accuracy, key=lambda point: point[1])  # the earliest peak
+        final_step, final = accuracy[-1]
+        lines.append(
+            f"val/accuracy: peak {peak:.4g} at step {peak_step}, final {final:.4g} "
+            f"at step {final_step}"
+        )
+    else:
+        lines.append("val/accuracy: not logged")
+    alarm = scalars.get("collapse/alarm")
+    if alarm is None:
+        lines.append("collapse alarm: not logged (no collapse guard)")
+    else:
+        first = next((step for step, value in alarm if value >= 0.5), None)
+        lines.append(
+            f"collapse alarm: first at step {first}"
+            if first is not None
+            else f"collapse alarm: none in {len(alarm)} steps"
+        )
+    return lines
+
+
 def report_training(run_dir: Path) -> str:
     """The summary table of a training run; writes its plots into `<run_dir>/plots/`."""
     scalars = read_scalars(run_dir)
     plots = write_plots(scalars, run_dir / "plots")
     listing = "\n".join(f"plot: {path}" for path in plots)
-    return f"{run_dir}\n{summary_table(scalars)}\n{listing}".rstrip()
+    summary = "\n".join(accuracy_and_alarm(scalars))
+    return f"{run_dir}\n{summary}\n{summary_table(scalars)}\n{listing}".rstrip()
 
 
 @exit_on_user_error

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,8 @@ class Rollout:
     `logprobs`, `entropy`, `self_certainty` [R, G]: the sampling policy's per-token values
     (float32, zero on padding); `self_certainty` is KL(uniform || policy) per token.
     `context_caches[r]`, when kept, holds the keys and values of prompt + response r (without
-    padding or EOS) from that same forward, for the reward's scorer.
+    padding or EOS) from that same forward, for the reward's scorer. `views[name]` holds the
+    responses sampled from the same prompts put through view `name` (`covo.views`).
     """
 
     sequences: torch.Tensor
@@ -36,14 +37,16 @@ class Rollout:
     truncated: torch.Tensor
     group_size: int
     context_caches: list[ContextCache] | None = None
+    views: dict[str, Rollout] = field(default_factory=dict)
 
     @property
     def prompt_len(self) -> int:
         return self.sequences.shape[1] - self.response_mask.shape[1]
 
-    def groups(self, labels: list[str | None]) -> list[Group]:
+    def groups(self, labels: list[str | None], step: int = 0, rank: int = 0) -> list[Group]:
         """One `Group` per prompt: what a reward sees."""
         n, out = self.group_size, []
+        views = {name: view.groups(labels, step, rank) for name, view in self.views.items()}
         lengths = [len(ids) for ids in self.response_ids]
         for b, prompt_ids in enumerate(self.prompt_ids):
             rows = range(b * n, (b + 1) * n)
@@ -63,6 +66,10 @@ class Rollout:
                     context_caches=[self.context_caches[r] for r in rows]
                     if self.context_caches
                     else None,
+                    views={name: groups[b] for name, groups in views.items()},
+                    step=step,
+                    rank=rank,
+                    index=b,
                 )
             )
         return out

@@ -71,7 +71,8 @@ SAMPLING_RULES: list[Rule] = [
 ]
 REWARD_RULES: list[Rule] = [
     ("max_steps", *INT_GE1),
-    ("threshold", _number, "a finite number"),
+    # cluster values: RiV, Con and 1 - Vol lie in [0, 1], RiL in [-1, 1]
+    ("threshold", between(-1.0, 1.0), "a number in [-1, 1]"),
     ("timeout_s", above(0.0), "a number > 0"),
     ("mode", one_of("binary", "continuous"), "binary or continuous"),
     (

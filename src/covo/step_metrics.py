@@ -27,6 +27,35 @@ def rollout_metrics(rollout: Rollout, keep: torch.Tensor) -> dict[str, float]:
         "train/entropy": float(
             (rollout.entropy * rollout.response_mask).sum() / rollout.response_mask.sum()
         ),
+        "rollout/self_certainty": float(
+            (rollout.self_certainty * rollout.response_mask).sum() / rollout.response_mask.sum()
+        ),
+    }
+
+
+def answer_metrics(results: list[GroupReward]) -> dict[str, float]:
+    """How much each group agrees on its answers, without labels; means over groups.
+
+    - answer_entropy: entropy (nats) of the group's answer distribution over all N responses,
+      each response without an answer counting as an answer of its own (no agreement);
+    - top_answer_share: size of the largest answer cluster / N (0 without answers);
+    - distinct_answers: number of answer clusters;
+    - reward/zero_var_frac: share of groups whose rewards are all equal (no group signal).
+    """
+    entropies, shares, distinct, flat = [], [], [], []
+    for res in results:
+        n = len(res.clusters)
+        sizes = [res.clusters.count(c) for c in set(res.clusters) if c >= 0]
+        outcomes = sizes + [1] * res.clusters.count(-1)
+        entropies.append(-math.fsum(k / n * math.log(k / n) for k in outcomes))
+        shares.append(max(sizes, default=0) / n)
+        distinct.append(float(len(sizes)))
+        flat.append(float(len(set(res.rewards)) <= 1))
+    return {
+        "rollout/answer_entropy": nanmean(entropies),
+        "rollout/top_answer_share": nanmean(shares),
+        "rollout/distinct_answers": nanmean(distinct),
+        "reward/zero_var_frac": nanmean(flat),
     }
 
 
@@ -62,6 +91,7 @@ def reward_metrics(
     for name in sorted({n for res in results for n in res.group_metrics}):
         values = [res.group_metrics[name] for res in results if name in res.group_metrics]
         metrics[f"reward/{name}"] = nanmean(values)
+    metrics.update(answer_metrics(results))
     correct = correctness(results, labels, equivalence)
     if correct is not None:
         metrics["diag/accuracy"] = nanmean([float(c) for group in correct for c in group])

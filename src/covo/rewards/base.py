@@ -16,7 +16,10 @@ class Group:
     without padding; the per-token tensors below have the same length. `label` is the data's
     ground-truth answer: only `ground_truth` and diagnostics may read it. `context_caches[i]`,
     when present, holds the keys and values of prompt + response i from the rollout's forward,
-    for a scorer to reuse.
+    for a scorer to reuse. `views[name]` is the group sampled from the same prompt put through
+    the view `name` that the reward declared (`Reward.views`); empty for rewards that declare
+    none. `step` (the rollout's index in the run, its TensorBoard step), `rank` (the process)
+    and `index` (the group's place in that process's batch) let a reward seed its own draws.
     """
 
     prompt_ids: list[int]
@@ -27,6 +30,10 @@ class Group:
     token_self_certainty: list[torch.Tensor]
     label: str | None = None
     context_caches: list | None = None
+    views: dict[str, Group] = field(default_factory=dict)
+    step: int = 0
+    rank: int = 0
+    index: int = 0
 
     @property
     def size(self) -> int:
@@ -44,7 +51,8 @@ class GroupReward:
     `answers[i]` is the extracted answer (None when there is none) and `clusters[i]` the index
     of its answer cluster (-1 without an answer); `verdicts[c]` says whether cluster c passed.
     `details` holds reward-specific per-response data (e.g. CoVo's distance matrices) for
-    plots and the score command.
+    plots and the score command. `view_rewards[name][j]` is the training reward of response j
+    of view `name`, for a reward that trains on its views (`Reward.train_views`).
     """
 
     rewards: list[float]
@@ -55,6 +63,7 @@ class GroupReward:
     components: dict[str, list[float]] = field(default_factory=dict)
     group_metrics: dict[str, float] = field(default_factory=dict)
     details: dict[str, list] = field(default_factory=dict)
+    view_rewards: dict[str, list[float]] = field(default_factory=dict)
 
 
 class Scorer(Protocol):
@@ -91,6 +100,12 @@ class Scorer(Protocol):
 
 class Reward(Protocol):
     """Rewards of one group. A reward that calls the scorer sets `uses_scorer = True`: the
-    rollout then keeps the trajectories' keys and values for it (`Group.context_caches`)."""
+    rollout then keeps the trajectories' keys and values for it (`Group.context_caches`).
+
+    A reward that compares views of a prompt sets `views`, a mapping from a view's name to a
+    prompt template holding `{prompt}`: the rollout samples each view as a group of its own
+    and passes it in `Group.views`. Only the original view is trained on unless the reward
+    sets `train_views = True` and returns `GroupReward.view_rewards` (see `covo.views`).
+    """
 
     def __call__(self, group: Group, scorer: Scorer | None) -> GroupReward: ...

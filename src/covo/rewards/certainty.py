@@ -1,31 +1,59 @@
-"""Token-level confidence rewards: self-certainty (Intuitor) and negative entropy."""
+"""Token-level confidence rewards: self-certainty (Intuitor), negative entropy (RENT) and the
+sequence log-probability (RLSC, EM-RL)."""
 
 from __future__ import annotations
 
 import math
 
+import torch
+
+from covo.answers import AnswerEquivalence
 from covo.rewards.answered import AnswerClustering
 from covo.rewards.base import Group, GroupReward, Scorer
 
+REDUCTIONS = ("mean", "sum")
 
-class _TokenMeanReward(AnswerClustering):
-    """Reward = sign * mean of a per-token policy statistic over the response's tokens.
 
-    Empty responses get reward and score 0 and a NaN component. Every response is rewarded,
-    with or without an answer; answers are extracted and clustered only for diagnostics.
-    `verdicts[c]` marks the cluster holding the highest-scoring response that has an answer.
+class _TokenStatReward(AnswerClustering):
+    """Reward = sign * (mean or sum) of a per-token policy statistic over the response's tokens.
+
+    `last_fraction` keeps only the last ceil(last_fraction * L) of a response's L tokens (1.0:
+    all of them). Empty responses get reward and score 0 and a NaN component. Every response
+    is rewarded, with or without an answer; answers are extracted and clustered only for
+    diagnostics. `verdicts[c]` marks the cluster holding the highest-scoring response that has
+    an answer.
     """
 
     field: str
     component: str
     sign: float
 
+    def __init__(
+        self,
+        extractor: str = "boxed_or_last_number",
+        timeout_s: float = 2.0,
+        equivalence: AnswerEquivalence | None = None,
+        reduction: str = "mean",
+        last_fraction: float = 1.0,
+    ):
+        super().__init__(extractor, timeout_s, equivalence)
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reward.reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if not 0.0 < last_fraction <= 1.0:
+            raise ValueError(f"reward.last_fraction must be in (0, 1], got {last_fraction}")
+        self.reduction = reduction
+        self.last_fraction = last_fraction
+
+    def statistic(self, values: torch.Tensor) -> float:
+        if not values.numel():
+            return math.nan
+        kept = values[-math.ceil(self.last_fraction * values.numel()) :].double()
+        return float(kept.sum() if self.reduction == "sum" else kept.mean())
+
     def __call__(self, group: Group, scorer: Scorer | None = None) -> GroupReward:
         answers, clusters, representatives = self.answers_and_clusters(group)
-        means = [
-            v.float().mean().item() if v.numel() else math.nan for v in getattr(group, self.field)
-        ]
-        rewards = [0.0 if math.isnan(m) else self.sign * m for m in means]
+        values = [self.statistic(v) for v in getattr(group, self.field)]
+        rewards = [0.0 if math.isnan(m) else self.sign * m for m in values]
         answered = [i for i, c in enumerate(clusters) if c >= 0]
         winner = clusters[max(answered, key=lambda i: rewards[i])] if answered else -1
         return GroupReward(
@@ -34,11 +62,11 @@ class _TokenMeanReward(AnswerClustering):
             clusters=clusters,
             scores=list(rewards),
             verdicts=[c == winner for c in range(len(representatives))],
-            components={self.component: means},
+            components={self.component: values},
         )
 
 
-class SelfCertaintyReward(_TokenMeanReward):
+class SelfCertaintyReward(_TokenStatReward):
     """Mean per-token KL(uniform || policy) of the response: higher = more confident."""
 
     field = "token_self_certainty"
@@ -46,9 +74,19 @@ class SelfCertaintyReward(_TokenMeanReward):
     sign = 1.0
 
 
-class EntropyReward(_TokenMeanReward):
-    """Negative mean per-token entropy of the response; the component logs the entropy itself."""
+class EntropyReward(_TokenStatReward):
+    """Negative mean per-token entropy of the response (RENT scores its last part:
+    `last_fraction`); the component logs the entropy itself."""
 
     field = "token_entropy"
     component = "entropy"
     sign = -1.0
+
+
+class SequenceLogProbReward(_TokenStatReward):
+    """Log-probability of the response under the sampling policy, per token (`mean`, RLSC's
+    length-normalised form) or whole (`sum`, the sequence likelihood)."""
+
+    field = "token_logprobs"
+    component = "seq_logprob"
+    sign = 1.0

@@ -1,4 +1,4 @@
-"""Majority vote (TTRL): the group's most frequent answer stands in for the label."""
+"""Voting rewards: majority vote (TTRL) and vote share (EMPO)."""
 
 from __future__ import annotations
 
@@ -27,4 +27,24 @@ class MajorityReward(AnswerClustering):
             scores=shares,
             verdicts=[c == winner for c in range(len(representatives))],
             components={"majority_share": list(shares)},
+        )
+
+
+class VoteShareReward(AnswerClustering):
+    """Vote share (EMPO's semantic-entropy reward for maths): r_i = size of response i's
+    answer cluster / N; 0 without an answer. The cluster with the most votes (the first on
+    ties) is the one marked as passing."""
+
+    def __call__(self, group: Group, scorer: Scorer | None = None) -> GroupReward:
+        answers, clusters, representatives = self.answers_and_clusters(group)
+        counts = [clusters.count(c) for c in range(len(representatives))]
+        shares = [counts[c] / group.size if c >= 0 else 0.0 for c in clusters]
+        winner = counts.index(max(counts)) if counts else -1
+        return GroupReward(
+            rewards=list(shares),
+            answers=answers,
+            clusters=clusters,
+            scores=list(shares),
+            verdicts=[c == winner for c in range(len(representatives))],
+            components={"vote_share": list(shares)},
         )

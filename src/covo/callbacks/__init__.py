@@ -1,0 +1,1 @@
+"""Lightning callbacks: watchers that run beside the training loop."""

@@ -1,0 +1,143 @@
+"""The collapse guard: label-free signals per step under `collapse/`, and an alarm on collapse.
+
+It reads what the module logged for the step (`trainer.callback_metrics`), logs each signal
+as `collapse/<name>` with its least-squares slope over the window (`collapse/<name>_trend`),
+the number of rules met (`collapse/rules_met`) and `collapse/alarm` (0/1). After every step
+that is not saturated it keeps a checkpoint of that step; when the alarm first goes up, that
+checkpoint (the last step before the alarm window) becomes `pre_collapse.ckpt`, one warning
+line names the rules that held, and with `stop_on_alarm` the run stops after this step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import lightning.pytorch as L
+from lightning.pytorch.callbacks import Callback
+
+from covo.collapse import CollapseDetector, Verdict
+
+log = logging.getLogger(__name__)
+
+# collapse/<name> <- the metric the module logs for it
+SIGNALS = {
+    "answer_entropy": "rollout/answer_entropy",
+    "top_answer_share": "rollout/top_answer_share",
+    "distinct_answers": "rollout/distinct_answers",
+    "len_mean": "rollout/len_mean",
+    "token_entropy": "train/entropy",
+    "self_certainty": "rollout/self_certainty",
+    "zero_var_frac": "reward/zero_var_frac",
+    "kl": "train/kl",
+}
+HEALTHY = "last_healthy.ckpt"
+PRE_COLLAPSE = "pre_collapse.ckpt"
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+class CollapseGuard(Callback):
+    """`rules` maps a signal to `{above|below|drop|rise: value}` (`covo.collapse.Rule`); a
+    step is saturated when `min_rules` of them hold, the alarm needs `window` saturated steps
+    in a row; relative rules compare with the mean of a signal's first `baseline_steps`."""
+
+    def __init__(
+        self,
+        rules: dict,
+        min_rules: int = 2,
+        window: int = 3,
+        baseline_steps: int = 3,
+        stop_on_alarm: bool = False,
+        save_pre_collapse: bool = True,
+        save_weights_only: bool = True,
+        dirpath: str | None = None,
+        signals: dict[str, str] | None = None,
+    ):
+        self.signals = dict(SIGNALS if signals is None else signals)
+        unknown = sorted({str(name) for name in rules} - set(self.signals))
+        if unknown:
+            raise ValueError(
+                f"callbacks.collapse_guard.rules.{unknown[0]}: unknown signal; "
+                f"known: {', '.join(self.signals)}"
+            )
+        self.detector = CollapseDetector(rules, min_rules, window, baseline_steps)
+        self.stop_on_alarm = stop_on_alarm
+        self.save_pre_collapse = save_pre_collapse
+        self.save_weights_only = save_weights_only
+        self.dirpath = dirpath
+        self.alarm_step: int | None = None
+        self.healthy_step: int | None = None
+
+    def checkpoint_dir(self, trainer: L.Trainer) -> Path:
+        return Path(self.dirpath or Path(trainer.default_root_dir) / "checkpoints")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.fit_loop.epoch_loop.total_batch_idx  # the step the module logged at
+        metrics = trainer.callback_metrics
+        values = {name: float(metrics[src]) for name, src in self.signals.items() if src in metrics}
+        verdict = self.detector.update(values)
+        logged = {f"collapse/{name}": value for name, value in values.items()}
+        logged |= {f"collapse/{name}_trend": value for name, value in verdict.trends.items()}
+        logged["collapse/rules_met"] = float(len(verdict.met))
+        logged["collapse/alarm"] = float(verdict.alarm)
+        for name, value in logged.items():
+            pl_module.log(name, value, on_step=True, on_epoch=False, batch_size=1)
+        if self.alarm_step is not None:
+            return
+        if verdict.alarm:
+            self.raise_alarm(trainer, step, verdict)
+        elif not verdict.saturated and self.save_pre_collapse:
+            self.healthy_step = step
+            path = self.checkpoint_dir(trainer) / HEALTHY
+            trainer.save_checkpoint(path, weights_only=self.save_weights_only)
+
+    def raise_alarm(self, trainer: L.Trainer, step: int, verdict: Verdict) -> None:
+        self.alarm_step = step
+        folder = self.checkpoint_dir(trainer)
+        kept = "none (no step before the window was kept)"
+        if self.healthy_step is not None and (folder / HEALTHY).exists():
+            if trainer.is_global_zero:
+                _remove(folder / PRE_COLLAPSE)
+                os.replace(folder / HEALTHY, folder / PRE_COLLAPSE)
+            trainer.strategy.barrier("collapse_guard")
+            kept = f"{folder / PRE_COLLAPSE} (step {self.healthy_step})"
+        detector = self.detector
+        held = "; ".join(
+            rule.describe(detector.history[-1][rule.signal], detector.start(rule.signal))
+            for rule in verdict.met
+        )
+        if trainer.is_global_zero:
+            log.warning(
+                "collapse alarm at step %d: %s, for %d steps; pre-collapse checkpoint: %s%s",
+                step,
+                held,
+                detector.window,
+                kept,
+                "; stopping" if self.stop_on_alarm else "",
+            )
+        if self.stop_on_alarm:
+            trainer.should_stop = True
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            _remove(self.checkpoint_dir(trainer) / HEALTHY)
+
+    def state_dict(self) -> dict:
+        return {
+            **self.detector.state_dict(),
+            "alarm_step": self.alarm_step,
+            "healthy_step": self.healthy_step,
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.detector.load_state_dict(state_dict)
+        self.alarm_step = state_dict["alarm_step"]
+        self.healthy_step = state_dict["healthy_step"]

@@ -1,0 +1,156 @@
+"""The collapse guard: rules on synthetic signal streams, and tiny runs healthy and collapsing."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from covo.callbacks.collapse_guard import CollapseGuard
+from covo.collapse import CollapseDetector, slope
+from covo.eval.harness import load_policy_checkpoint
+from covo.model import build_tiny
+from covo.rewards.base import GroupReward
+from covo.step_metrics import answer_metrics
+from covo.train import build
+
+RULES = {"top_answer_share": {"above": 0.95}, "token_entropy": {"drop": 0.5}, "kl": {"above": 1.0}}
+
+
+def stream(detector: CollapseDetector, **signals: list[float]):
+    """Feed the per-step values; returns the verdict of every step."""
+    steps = len(next(iter(signals.values())))
+    return [detector.update({k: v[t] for k, v in signals.items()}) for t in range(steps)]
+
+
+def test_a_healthy_stream_raises_no_alarm():
+    verdicts = stream(
+        CollapseDetector(RULES),
+        top_answer_share=[0.25, 0.5, 0.75, 0.5, 1.0, 0.25, 0.5, 1.0, 0.75, 0.5, 0.25, 0.5],
+        token_entropy=[5.9, 5.9, 5.8, 5.8, 5.7, 5.7, 5.6, 5.6, 5.5, 5.5, 5.5, 5.4],
+        kl=[0.0, 0.001, 0.003, 0.005, 0.01, 0.02, 0.02, 0.03, 0.04, 0.05, 0.05, 0.06],
+    )
+    assert not any(v.alarm for v in verdicts)
+    # a unanimous step alone (steps 4 and 7) meets one rule: not saturated
+    assert [len(v.met) for v in verdicts] == [0, 0, 0, 0, 1, 0, 0, 1, 0, 0, 0, 0]
+
+
+def test_a_collapsing_stream_alarms_when_saturation_has_lasted_the_window():
+    verdicts = stream(
+        CollapseDetector(RULES),
+        # start of token entropy: mean of the first 3 steps = 6.0; the rule holds at <= 3.0
+        token_entropy=[6.2, 5.8, 6.0, 5.0, 4.0, 3.0, 2.9, 2.5, 2.0, 3.5, 2.0, 1.0, 0.5],
+        top_answer_share=[0.3, 0.3, 0.4, 0.5, 0.6, 0.8, 0.96, 0.97, 0.99, 1.0, 1.0, 1.0, 1.0],
+        kl=[0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.5, 0.6, 0.7, 0.8],
+    )
+    saturated = [v.saturated for v in verdicts]
+    # step 5: entropy 3.0 holds but the share 0.8 does not; steps 6-8 meet both rules;
+    # step 9 (entropy 3.5) breaks the run, which starts again at step 10
+    assert saturated == [False] * 6 + [True] * 3 + [False] + [True] * 3
+    assert [t for t, v in enumerate(verdicts) if v.alarm] == [8, 12]
+    # least-squares slope of the entropy over steps 5-7 (3.0, 2.9, 2.5): (-0.2 - 0.3) / 2
+    assert verdicts[7].trends["token_entropy"] == pytest.approx(-0.25)
+    assert verdicts[0].trends == {}  # one point has no slope
+
+
+def test_absolute_rules_act_before_the_start_is_known_and_knobs_are_checked():
+    detector = CollapseDetector(RULES, window=2)
+    verdicts = stream(detector, top_answer_share=[1.0, 1.0], kl=[2.0, 3.0], token_entropy=[1, 1])
+    assert [v.alarm for v in verdicts] == [False, True]
+    assert detector.start("token_entropy") is None  # 2 of the 3 baseline steps seen
+    assert slope([1.0, 3.0, 2.0]) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="rules.kl must be one of"):
+        CollapseDetector({"kl": {"over": 1.0}})
+    with pytest.raises(ValueError, match="min_rules must be in"):
+        CollapseDetector(RULES, min_rules=4)
+    with pytest.raises(ValueError, match="rules.loss: unknown signal"):
+        CollapseGuard(rules={"loss": {"above": 1.0}})
+
+
+def test_answer_metrics_measure_agreement_without_labels():
+    def result(clusters, rewards):
+        return GroupReward(rewards=rewards, answers=[], clusters=clusters, scores=[])
+
+    metrics = answer_metrics(
+        [result([0, 0, 1, -1], [1.0, 1.0, 0.0, 0.0]), result([-1, -1], [0, 0])]
+    )
+    # group 1: outcomes 2, 1 and the no-answer 1 of N = 4: -(0.5 ln 0.5 + 2 * 0.25 ln 0.25)
+    # = 1.039721; group 2: two no-answers count as two outcomes: ln 2 = 0.693147
+    assert metrics["rollout/answer_entropy"] == pytest.approx((1.039721 + 0.693147) / 2)
+    assert metrics["rollout/top_answer_share"] == pytest.approx((0.5 + 0.0) / 2)
+    assert metrics["rollout/distinct_answers"] == pytest.approx((2 + 0) / 2)
+    assert metrics["reward/zero_var_frac"] == pytest.approx(0.5)
+
+
+QUICK = ["reward=self_certainty", "rollout.max_new_tokens=12", "val_every=100", "export_dir=null"]
+
+
+def scalars(tensorboard_dir: str) -> dict[str, list[tuple[int, float]]]:
+    events = EventAccumulator(tensorboard_dir)
+    events.Reload()
+    return {t: [(e.step, e.value) for e in events.Scalars(t)] for t in events.Tags()["scalars"]}
+
+
+def fit(cfg):
+    module, datamodule, trainer = build(cfg)
+    trainer.fit(module, datamodule=datamodule)
+    return trainer, scalars(trainer.logger.log_dir)
+
+
+def test_a_tiny_run_at_the_default_learning_rate_raises_no_alarm(tiny_cfg):
+    # self-certainty rewards every response differently: no group is filtered, one update a step
+    cfg = tiny_cfg(*QUICK, "trainer.max_steps=6")  # baseline 3 + window 3
+    trainer, values = fit(cfg)
+    assert trainer.global_step == 6
+    alarm = [value for _, value in values["collapse/alarm"]]
+    assert alarm == [0.0] * 6
+    for name in ("top_answer_share", "token_entropy", "kl", "answer_entropy", "len_mean"):
+        assert len(values[f"collapse/{name}"]) == 6, name
+    # the policy barely moved: far from every rule
+    assert max(v for _, v in values["collapse/kl"]) < 0.01
+    entropy = [v for _, v in values["collapse/token_entropy"]]
+    assert min(entropy) > 0.9 * entropy[0]
+    ckpts = Path(trainer.default_root_dir) / "checkpoints"
+    assert not (ckpts / "pre_collapse.ckpt").exists()
+    assert not (ckpts / "last_healthy.ckpt").exists()  # the guard cleans up after itself
+
+
+def test_a_huge_learning_rate_collapses_the_tiny_model_and_the_guard_stops_it(tiny_cfg, caplog):
+    cfg = tiny_cfg(
+        *QUICK,
+        "optimizer.lr=1e-1",
+        "trainer.max_steps=60",
+        "callbacks.collapse_guard.stop_on_alarm=true",
+    )
+    with caplog.at_level(logging.WARNING, logger="covo.callbacks.collapse_guard"):
+        trainer, values = fit(cfg)
+    alarm = values["collapse/alarm"]
+    first = next(step for step, value in alarm if value == 1.0)
+    # the run stopped right after the alarm's step
+    assert alarm[-1] == (first, 1.0) and trainer.global_step == first + 1 < 60
+    # recount the default rules from the logged signals: the first step ending 3 steps in a
+    # row with at least 2 of (share >= 0.95, entropy <= half its 3-step start, kl >= 1)
+    share, kl = dict(values["collapse/top_answer_share"]), dict(values["collapse/kl"])
+    entropy = dict(values["collapse/token_entropy"])
+    start = sum(entropy[s] for s in range(3)) / 3
+    met = {
+        s: (share[s] >= 0.95) + (s >= 2 and entropy[s] <= 0.5 * start) + (kl[s] >= 1.0)
+        for s in entropy
+    }
+    expected = next(s for s in sorted(met) if s >= 2 and all(met[s - k] >= 2 for k in range(3)))
+    assert first == expected
+    assert entropy[first] < 0.5 * start  # the policy did collapse
+    # the checkpoint is the one after the last step before the 3-step window
+    ckpts = Path(trainer.default_root_dir) / "checkpoints"
+    # ... the policy's weights, which the evaluation harness loads; later steps changed them
+    model = build_tiny().model
+    assert load_policy_checkpoint(model, ckpts / "pre_collapse.ckpt") == first - 2
+    name = "model.layers.0.mlp.up_proj.weight"
+    final = trainer.lightning_module.policy.state_dict()[name]
+    assert not torch.equal(model.state_dict()[name], final)
+    assert not (ckpts / "last_healthy.ckpt").exists()
+    (line,) = [r.getMessage() for r in caplog.records if "collapse alarm" in r.getMessage()]
+    assert f"collapse alarm at step {first}:" in line and "pre_collapse.ckpt" in line
