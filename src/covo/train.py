@@ -43,8 +43,8 @@ def resolve_auto(cfg: DictConfig) -> None:
     compute = OmegaConf.select(cfg, "model.dtype")
     with open_dict(cfg):
         if cfg.trainer.precision == "auto":
-            cfg.trainer.precision = (
-                PRECISION_OF_DTYPE.get(compute) or auto_precision(cfg.trainer.accelerator)
+            cfg.trainer.precision = PRECISION_OF_DTYPE.get(compute) or auto_precision(
+                cfg.trainer.accelerator
             )
         if cfg.rollout.dtype == "auto":
             dtype = PRECISION_COMPUTE.get(str(cfg.trainer.precision))
