@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from covo.bootstrap import (
+from covo.intervals import (
     Statistic,
     difference,
     estimate,

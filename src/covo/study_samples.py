@@ -124,7 +124,7 @@ def load_or_sample(loaded: LoadedModel, items: list[dict], cfg: DictConfig) -> t
     started = time.perf_counter()
     with partial.open("a", encoding="utf-8") as out:
         for records in draw(loaded, items, cfg, len(done)):
-            out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            out.write("".join(json.dumps(r) + "\n" for r in records))  # ASCII: one line each
             out.flush()
             side["problems"] += len(records)
             side["seconds"] += time.perf_counter() - started

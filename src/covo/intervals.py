@@ -1,8 +1,9 @@
-"""Percentile bootstrap over items (prompts): resample them with replacement, recompute a statistic.
+"""Confidence intervals: a percentile bootstrap over items, and Student's t over seeds.
 
-A statistic is a function of item weights `[B, M]` (how often each of M items is in each of
-B resamples) returning `[B]` values; the point estimate is the statistic at weight 1 for every
-item. Paired differences evaluate two statistics on the same resamples.
+Bootstrap: a statistic is a function of item weights `[B, M]` (how often each of M items, e.g.
+prompts, is in each of B resamples) returning `[B]` values; the point estimate is the statistic
+at weight 1 for every item. Paired differences evaluate two statistics on the same resamples.
+Seeds: runs that differ only in their seed are independent draws; their mean gets a t interval.
 """
 
 from __future__ import annotations
@@ -102,3 +103,40 @@ def restricted(statistic: Statistic, mask) -> Statistic:
     """`statistic` over the items where `mask` holds (the others weigh 0)."""
     keep = np.asarray(mask, float)
     return lambda weights: statistic(weights * keep)
+
+
+def t_quantile(p: float, df: int, steps: int = 2000) -> float:
+    """The p-quantile (p in (0.5, 1)) of Student's t with `df` degrees of freedom: bisection on
+    its CDF, integrated from 0 with Simpson's rule (no SciPy needed)."""
+    if not 0.5 < p < 1 or df < 1:
+        raise ValueError(f"t_quantile needs 0.5 < p < 1 and df >= 1, got p={p}, df={df}")
+    scale = math.gamma((df + 1) / 2) / (math.sqrt(df * math.pi) * math.gamma(df / 2))
+
+    def density(x: float) -> float:
+        return scale * (1 + x * x / df) ** (-(df + 1) / 2)
+
+    def cdf(t: float) -> float:
+        h = t / steps
+        inner = sum((4 if i % 2 else 2) * density(i * h) for i in range(1, steps))
+        return 0.5 + h / 3 * (density(0.0) + inner + density(t))
+
+    low, high = 0.0, 1.0
+    while cdf(high) < p:
+        low, high = high, 2 * high
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if cdf(mid) < p else (low, mid)
+    return (low + high) / 2
+
+
+def seed_interval(values, confidence: float = 0.95) -> Estimate:
+    """Mean over seeds with its t interval: mean +- t * sd / sqrt(n) (sd with n - 1); one
+    value gets no interval (NaN bounds)."""
+    x = np.asarray(values, float)
+    if x.size == 0:
+        raise ValueError("seed_interval needs at least one value")
+    mean = float(x.mean())
+    if x.size == 1:
+        return Estimate(mean, math.nan, math.nan)
+    half = t_quantile((1 + confidence) / 2, x.size - 1) * float(x.std(ddof=1)) / math.sqrt(x.size)
+    return Estimate(mean, mean - half, mean + half)
