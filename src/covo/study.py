@@ -168,14 +168,17 @@ def study(cfg: DictConfig) -> dict:
 
 
 def headline(results: dict) -> str:
-    accuracy = results["model_accuracy"]
-    sampling = results["sampling_seconds"]
+    """Model, sizes, the model's accuracy and the wall times."""
+    accuracy, sampling = results["model_accuracy"], results["sampling_seconds"]
+    prompts = results["prompts"]
+    statistics = sum(p["group_seconds"] for p in prompts) / len(prompts)
     return (
         f"{results['model']}: {results['problems']} problems x {results['num_samples']} "
         f"samples, model accuracy {accuracy['value']:.3f} [{accuracy['low']:.3f}, "
-        f"{accuracy['high']:.3f}]; sampling "
-        + (f"{sampling:.0f} s" if sampling is not None else "time unknown")
-        + f", scoring {results['scoring_seconds']:.0f} s ({results['samples']})"
+        f"{accuracy['high']:.3f}]\nsampling "
+        + (f"{sampling:.0f} s" if sampling is not None else "time not recorded")
+        + f", scoring {results['scoring_seconds']:.0f} s (token statistics and keys/values "
+        f"{statistics:.2f} s per problem, then the rewards); samples: {results['samples']}"
     )
 
 
