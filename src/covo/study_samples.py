@@ -63,7 +63,7 @@ def read_samples(path: Path, items: list[dict]) -> list[dict]:
     return records
 
 
-def cut_responses(tokenizer, tokens: torch.Tensor, eos: set[int]) -> list[tuple[list[int], bool]]:
+def cut_responses(tokens: torch.Tensor, eos: set[int]) -> list[tuple[list[int], bool]]:
     """(ids up to the first EOS, truncated: no EOS) per generated row [R, G]."""
     lengths = response_mask_from(tokens, eos).sum(1).long().tolist()
     rows = []
@@ -88,7 +88,7 @@ def draw(
         sequences, _, prompt_len = generate(
             model, tokenizer, chat, s.num_samples, s.max_new_tokens, s.temperature, s.top_p
         )
-        rows = cut_responses(tokenizer, sequences[:, prompt_len:], eos)
+        rows = cut_responses(sequences[:, prompt_len:], eos)
         records = []
         for b, item in enumerate(batch):
             mine = rows[b * s.num_samples : (b + 1) * s.num_samples]
