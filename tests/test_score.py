@@ -217,6 +217,10 @@ def test_without_answers_no_correctness_and_the_plot_is_skipped(tmp_path, capsys
         ('{"prompt": "x", ', "malformed JSON (Expecting property name enclosed in double quotes)"),
         ('{"responses": ["a"]}', "missing key 'prompt'"),
         ('{"prompt": "x", "responses": []}', "'responses' must be a non-empty list"),
+        (
+            '{"prompt": "x", "responses": ["a", "b"], "response_ids": [[5, 6]]}',
+            "'response_ids' must hold one list of token ids per response",
+        ),
     ],
 )
 def test_bad_line_names_file_and_line_and_keeps_earlier_lines(tmp_path, capsys, bad, message):
@@ -231,6 +235,20 @@ def test_bad_line_names_file_and_line_and_keeps_earlier_lines(tmp_path, capsys, 
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == f"error: {source}:2: {message}\n"
     assert len(read_output(tmp_path)) == 1
+
+
+def test_sampled_ids_are_scored_instead_of_retokenised_text(tmp_path):
+    loaded = instantiate(compose_config("score", BASE, tmp_path).model)
+    texts = ITEMS[1]["responses"]
+    # each text's ids, the first split into one token per character: same text, other ids
+    ids = [loaded.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    ids[0] = [i for ch in texts[0] for i in loaded.tokenizer.encode(ch, add_special_tokens=False)]
+    assert loaded.tokenizer.decode(ids[0]) == texts[0] and len(ids[0]) > len(
+        loaded.tokenizer.encode(texts[0], add_special_tokens=False)
+    )
+    line = json.dumps({**ITEMS[1], "response_ids": ids})
+    _, _, records = run(tmp_path, [line], "dump_ids=true")
+    assert [r["response_ids"] for r in records[0]["responses"]] == ids
 
 
 @pytest.mark.parametrize("name", ["majority", "self_certainty"])

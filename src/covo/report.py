@@ -5,20 +5,27 @@ first collapse alarm, final and best value of every scalar in the run's TensorBo
 and PNG plots of reward, accuracy, KL, response length and the collapse signals in `plots/`.
 `python -m covo.report --eval <dir>`: one Markdown table from every eval result below `dir`
 (a multirun folder: `python eval.py -m benchmark=gsm8k,math500`).
+`python -m covo.report --compare <dir>`: the training jobs of a multirun grouped by their
+overrides without `seed`; per group the mean and 95% t interval over seeds of the final and
+best `val/accuracy` and of each reward diagnostic (`diag/...`, its mean over the run's steps).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import re
+from collections import defaultdict
 from pathlib import Path
 
 # a bare Figure renders PNGs with Agg and never touches pyplot's global, display-bound state
 from matplotlib.figure import Figure
+from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from covo.errors import exit_on_user_error
 from covo.eval.results import collect_totals, markdown_table
+from covo.intervals import seed_interval
 
 MAIN_TAGS = ("reward/mean", "diag/accuracy", "val/accuracy", "train/kl", "rollout/len_mean")
 # a tag whose `/`- or `_`-separated parts include one of these is better when lower
@@ -138,19 +145,105 @@ def report_training(run_dir: Path) -> str:
     return f"{run_dir}\n{summary}\n{summary_table(scalars)}\n{listing}".rstrip()
 
 
+def job_overrides(multirun_dir: Path) -> dict[Path, list[str]]:
+    """Each Hydra job below `multirun_dir` (a folder with `.hydra/overrides.yaml`) -> its
+    command-line overrides."""
+    jobs = {
+        path.parent.parent: [str(o) for o in OmegaConf.load(path)]
+        for path in sorted(multirun_dir.rglob(".hydra/overrides.yaml"))
+    }
+    if not jobs:
+        raise FileNotFoundError(f"no Hydra jobs (.hydra/overrides.yaml) under {multirun_dir}")
+    return jobs
+
+
+def run_values(scalars: dict[str, Series]) -> dict[str, float]:
+    """One run's numbers: final and best `val/accuracy`, the mean over steps of each `diag/`."""
+    values = {}
+    if "val/accuracy" in scalars:
+        s = summarize(scalars["val/accuracy"], lower=False)
+        values.update({"val/accuracy final": s["final"], "val/accuracy best": s["best"]})
+    for tag in sorted(t for t in scalars if t.startswith("diag/")):
+        values[f"{tag} (mean)"] = sum(v for _, v in scalars[tag]) / len(scalars[tag])
+    return values
+
+
+def seed_groups(multirun_dir: Path) -> tuple[dict[tuple, dict[str, list]], list[Path]]:
+    """Runs grouped by their overrides without `seed` (a sorted tuple) -> metric -> one value
+    per seed, `seeds` -> the seeds; jobs without TensorBoard events are returned apart."""
+    groups: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    skipped = []
+    for job, overrides in job_overrides(multirun_dir).items():
+        if not any(job.rglob("events.out.tfevents.*")):
+            skipped.append(job)
+            continue
+        seeds = [o.split("=", 1)[1] for o in overrides if o.startswith("seed=")]
+        key = tuple(sorted(o for o in overrides if not o.startswith("seed=")))
+        groups[key]["seeds"].append(seeds[0] if seeds else "default")
+        for name, value in run_values(read_scalars(job)).items():
+            groups[key][name].append(value)
+    return groups, skipped
+
+
+def seed_cell(values: list[float], seeds: int) -> str:
+    """`mean [low, high]` (95% t interval over seeds); `(n=...)` when fewer runs than the
+    group's seeds logged the metric."""
+    if not values:
+        return "-"
+    e = seed_interval(values)
+    text = f"{e.value:.4g}" if math.isnan(e.low) else f"{e.value:.4g} [{e.low:.4g}, {e.high:.4g}]"
+    return text if len(values) == seeds else f"{text} (n={len(values)})"
+
+
+def compare_table(groups: dict[tuple, dict[str, list]]) -> str:
+    """Markdown: one row per metric, one column per group, headed by the overrides that
+    differ between groups (the shared ones are listed above the table)."""
+    shared = set.intersection(*(set(key) for key in groups))
+    names = [" ".join(o for o in key if o not in shared) or "(all jobs)" for key in groups]
+    metrics = sorted({m for g in groups.values() for m in g if m != "seeds"})
+    metrics.sort(key=lambda m: not m.startswith("val/"))  # stable: val/ first, then diag/
+    header = ["metric", *(f"{n} ({len(g['seeds'])} seeds)" for n, g in zip(names, groups.values()))]
+    lines = [
+        f"shared overrides: {' '.join(sorted(shared)) or '(none)'}",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|---" + "|---:" * len(groups) + "|",
+    ]
+    for metric in metrics:
+        cells = [seed_cell(g.get(metric, []), len(g["seeds"])) for g in groups.values()]
+        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+    seeds = "; ".join(f"{n}: seeds {', '.join(g['seeds'])}" for n, g in zip(names, groups.values()))
+    return "\n".join(lines) + f"\n\n{seeds}"
+
+
+def report_compare(multirun_dir: Path) -> str:
+    groups, skipped = seed_groups(multirun_dir)
+    if not groups:
+        raise FileNotFoundError(f"no job with TensorBoard events under {multirun_dir}")
+    notes = "".join(f"\nskipped (no TensorBoard events): {job}" for job in skipped)
+    return f"{multirun_dir}\n{compare_table(dict(groups))}{notes}"
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m covo.report", description=__doc__.split("\n")[0]
     )
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--eval", action="store_true", help="merge eval results below run_dir")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--eval", action="store_true", help="merge eval results below run_dir")
+    which.add_argument(
+        "--compare", action="store_true", help="seed intervals of a training multirun's groups"
+    )
     args = parser.parse_args(argv)
     if not args.run_dir.is_dir():
         raise FileNotFoundError(f"run directory not found: {args.run_dir}")
-    print(
-        markdown_table(collect_totals(args.run_dir)) if args.eval else report_training(args.run_dir)
-    )
+    if args.eval:
+        print(markdown_table(collect_totals(args.run_dir)))
+    elif args.compare:
+        print(report_compare(args.run_dir))
+    else:
+        print(report_training(args.run_dir))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Explain a reward on given responses: `python -m covo.score input=in.jsonl output=out.jsonl`.
 
-Input lines `{"prompt": str, "responses": [str, ...], "answer": str (optional)}`. The prompt goes
-through `prompt_template` and the model's chat template; each response is tokenised on its own.
+Input lines `{"prompt": str, "responses": [str, ...], "answer": str (optional), "response_ids":
+[[int, ...], ...] (optional)}`. The prompt goes through `prompt_template` and the model's chat
+template; each response is tokenised on its own unless its sampled ids are given.
 Per-token log-probs, entropy and self-certainty come from one no-grad forward over prompt +
 response, so curiosity and the certainty rewards see real values. Each output line holds the
 answer clusters and, per response, its steps, distance matrix D [T][K], ratios, Con, Vol,
@@ -22,6 +23,7 @@ import torch
 from omegaconf import DictConfig
 
 from covo.answers import AnswerEquivalence
+from covo.context_cache import ContextCache, split_cache
 from covo.data.jsonl import DataError, json_objects
 from covo.diagnostics import distance_curves, reward_diagnostics
 from covo.errors import exit_on_user_error
@@ -54,31 +56,64 @@ def read_records(path: Path) -> Iterator[dict]:
             raise DataError(f"{where}: 'responses' must be a non-empty list")
         if not all(isinstance(r, str) for r in responses):
             raise DataError(f"{where}: every response must be a string")
+        ids = record.get("response_ids")
+        if ids is not None and not (
+            isinstance(ids, list)
+            and len(ids) == len(responses)
+            and all(isinstance(row, list) and all(type(t) is int for t in row) for row in ids)
+        ):
+            raise DataError(f"{where}: 'response_ids' must hold one list of token ids per response")
         yield record
 
 
 @torch.no_grad()
-def token_stats(model, prompt_ids: list[int], response_ids: list[int]) -> dict[str, torch.Tensor]:
-    """Per response token: log-prob, entropy, self-certainty under the model ([G] each, CPU)."""
+def token_stats(
+    model, prompt_ids: list[int], response_ids: list[int], keep_cache: bool = False
+) -> tuple[dict[str, torch.Tensor], ContextCache | None]:
+    """Per response token: log-prob, entropy, self-certainty under the model ([G] each, CPU);
+    with `keep_cache`, also the keys and values of prompt + response from that forward (None
+    for models whose cache layers are not plain full attention)."""
     if not response_ids:
-        return {name: torch.zeros(0) for name in STAT_FIELDS.values()}
-    sequence = torch.tensor([prompt_ids + response_ids], device=model.device)
-    stats = response_token_stats(model, sequence, torch.ones_like(sequence), len(response_ids))
-    return {name: values[0].float().cpu() for name, values in stats.items()}
+        return {name: torch.zeros(0) for name in STAT_FIELDS.values()}, None
+    ids = prompt_ids + response_ids
+    sequence = torch.tensor([ids], device=model.device)
+    stats = response_token_stats(
+        model, sequence, torch.ones_like(sequence), len(response_ids), keep_cache=keep_cache
+    )
+    contexts = split_cache(stats.pop("cache"), [(ids, 0)]) if keep_cache else None
+    stats = {name: values[0].float().cpu() for name, values in stats.items()}
+    return stats, contexts[0] if contexts else None
 
 
-def make_group(loaded: LoadedModel, prompt: str, responses: list[str], label: str | None) -> Group:
-    """The group a reward sees: `prompt` as the policy reads it, each response's own ids."""
+def make_group(
+    loaded: LoadedModel,
+    prompt: str,
+    responses: list[str],
+    label: str | None,
+    response_ids: list[list[int]] | None = None,
+    keep_cache: bool = False,
+) -> Group:
+    """The group a reward sees: `prompt` as the policy reads it, and each response's ids
+    (`response_ids` as sampled, or each text tokenised on its own).
+
+    `keep_cache` keeps every trajectory's keys and values from the statistics forward
+    (`Group.context_caches`; None for an empty response), so a scorer does not feed the
+    trajectories again.
+    """
     tokenizer = loaded.tokenizer
     [chat] = format_prompts(tokenizer, [prompt], loaded.chat_template)
     prompt_ids = encode(tokenizer, chat)
-    response_ids = [encode(tokenizer, text) for text in responses]
-    stats = [token_stats(loaded.model, prompt_ids, ids) for ids in response_ids]
+    if response_ids is None:
+        response_ids = [encode(tokenizer, text) for text in responses]
+    stats, caches = zip(
+        *(token_stats(loaded.model, prompt_ids, ids, keep_cache) for ids in response_ids)
+    )
     return Group(
         prompt_ids=prompt_ids,
-        response_ids=response_ids,
+        response_ids=[list(ids) for ids in response_ids],
         texts=list(responses),
         label=label,
+        context_caches=list(caches) if keep_cache else None,
         **{field: [s[name] for s in stats] for field, name in STAT_FIELDS.items()},
     )
 
@@ -220,7 +255,7 @@ def score(cfg: DictConfig) -> dict[str, float]:
         for item in read_records(source):
             label = None if item.get("answer") is None else str(item["answer"])
             prompt = cfg.prompt_template.format(problem=item["prompt"])
-            group = make_group(loaded, prompt, item["responses"], label)
+            group = make_group(loaded, prompt, item["responses"], label, item.get("response_ids"))
             res = reward(group, scorer)
             record = explain(item["prompt"], group, res, tokenizer, equivalence)
             if cfg.dump_ids:

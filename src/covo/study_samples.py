@@ -1,0 +1,134 @@
+"""The study's samples: N responses per problem, drawn once and kept as a score-input jsonl.
+
+Each line is `{"prompt": problem, "answer": label, "responses": [text, ...], "response_ids":
+[[id, ...], ...], "truncated": [bool, ...]}`: what `python -m covo.score` reads (the problem goes
+through the prompt template at scoring time), plus the generated token ids, so scoring sees
+exactly the tokens the policy sampled. Lines are appended batch by batch to `<file>.partial`; an
+interrupted run continues where it stopped (every batch is seeded by its first problem's index,
+so the samples do not depend on where a run was interrupted), and the file gets its final name
+when every problem has its samples. A side file `<file>.json` records what drew them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from covo.data.jsonl import DataError
+from covo.model import LoadedModel
+from covo.rollout import eos_token_ids, format_prompts, generate, response_mask_from
+from covo.score import read_records
+
+log = logging.getLogger(__name__)
+
+
+def sampling_key(cfg: DictConfig) -> dict:
+    """Everything that decides the samples (where the model is cached does not)."""
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    model.pop("cache_dir", None)
+    return {
+        "model": model,
+        "problems": OmegaConf.to_container(cfg.problems, resolve=True),
+        "prompt_template": cfg.prompt_template,
+        "sampling": OmegaConf.to_container(cfg.sampling, resolve=True),
+        "seed": cfg.seed,
+    }
+
+
+def samples_path(cfg: DictConfig) -> Path:
+    """`cfg.samples`, or a file in the cache named by a hash of `sampling_key(cfg)`."""
+    if cfg.samples:
+        return Path(cfg.samples).expanduser()
+    digest = hashlib.sha256(json.dumps(sampling_key(cfg), sort_keys=True).encode()).hexdigest()
+    return Path(cfg.paths.cache_dir).expanduser() / "study" / f"samples-{digest[:16]}.jsonl"
+
+
+def read_samples(path: Path, items: list[dict]) -> list[dict]:
+    """The records of `path`; they must answer `items` in order (a prefix of them for a
+    `.partial` file)."""
+    records = list(read_records(path))
+    complete = not path.name.endswith(".partial")
+    if len(records) > len(items) or (complete and len(records) != len(items)):
+        raise DataError(f"{path}: {len(records)} sampled problems, the study has {len(items)}")
+    for n, (record, item) in enumerate(zip(records, items), start=1):
+        if record["prompt"] != item["problem"]:
+            raise DataError(f"{path}:{n}: sampled for another problem: {record['prompt']!r}")
+    return records
+
+
+def cut_responses(tokens: torch.Tensor, eos: set[int]) -> list[tuple[list[int], bool]]:
+    """(ids up to the first EOS, truncated: no EOS) per generated row [R, G]."""
+    lengths = response_mask_from(tokens, eos).sum(1).long().tolist()
+    rows = []
+    for ids, length in zip(tokens.tolist(), lengths):
+        ended = length > 0 and ids[length - 1] in eos
+        rows.append((ids[: length - ended], not ended))
+    return rows
+
+
+def draw(
+    loaded: LoadedModel, items: list[dict], cfg: DictConfig, start: int
+) -> Iterator[list[dict]]:
+    """Sample `cfg.sampling.num_samples` responses per item from `items[start:]`, one batch of
+    `cfg.sampling.batch_size` problems per generate call; yields the records of each batch."""
+    model, tokenizer, s = loaded.model, loaded.tokenizer, cfg.sampling
+    eos = eos_token_ids(model, tokenizer)
+    for first in range(start, len(items), s.batch_size):
+        batch = items[first : first + s.batch_size]
+        torch.manual_seed(cfg.seed * 1_000_003 + first)
+        prompts = [cfg.prompt_template.format(problem=item["problem"]) for item in batch]
+        chat = format_prompts(tokenizer, prompts, loaded.chat_template)
+        sequences, _, prompt_len = generate(
+            model, tokenizer, chat, s.num_samples, s.max_new_tokens, s.temperature, s.top_p
+        )
+        rows = cut_responses(sequences[:, prompt_len:], eos)
+        records = []
+        for b, item in enumerate(batch):
+            mine = rows[b * s.num_samples : (b + 1) * s.num_samples]
+            records.append(
+                {
+                    "prompt": item["problem"],
+                    "answer": item.get("answer"),
+                    "responses": [tokenizer.decode(i, skip_special_tokens=True) for i, _ in mine],
+                    "response_ids": [ids for ids, _ in mine],
+                    "truncated": [cut for _, cut in mine],
+                }
+            )
+        yield records
+
+
+def load_or_sample(loaded: LoadedModel, items: list[dict], cfg: DictConfig) -> tuple[Path, dict]:
+    """The samples file of this study (drawn now where missing) and its side record.
+
+    The side record holds the sampling key, the problems done and the sampling seconds
+    summed over the runs that drew them.
+    """
+    path = samples_path(cfg)
+    partial = path.with_name(path.name + ".partial")
+    side_path = path.with_name(path.name + ".json")
+    if path.exists():
+        read_samples(path, items)
+        return path, json.loads(side_path.read_text()) if side_path.exists() else {}
+    done = read_samples(partial, items) if partial.exists() else []
+    side = json.loads(side_path.read_text()) if done and side_path.exists() else {}
+    side.update(key=sampling_key(cfg), problems=len(done), seconds=side.get("seconds", 0.0))
+    log.info("Sampling %d problems into %s (%d already there)", len(items), path, len(done))
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with partial.open("a", encoding="utf-8") as out:
+        for records in draw(loaded, items, cfg, len(done)):
+            out.write("".join(json.dumps(r) + "\n" for r in records))  # ASCII: one line each
+            out.flush()
+            side["problems"] += len(records)
+            side["seconds"] += time.perf_counter() - started
+            started = time.perf_counter()
+            side_path.write_text(json.dumps(side, indent=1))
+    partial.rename(path)
+    return path, side

@@ -1,0 +1,182 @@
+"""`python -m covo.study`: samples drawn once and cached, every reward scored in one pass,
+numbers that follow from hand-made samples, and re-scoring from the cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import compose_config
+from hydra.utils import instantiate
+from omegaconf import open_dict
+
+import covo.study_samples
+from covo.data.jsonl import DataError
+from covo.study import PLOT_FILE, RESULTS_FILE, study
+from covo.study_samples import load_or_sample
+
+torch.set_num_threads(1)
+TINY = [
+    "model=tiny",
+    "device=cpu",
+    "threads=1",
+    "problems.num_problems=3",
+    "sampling.num_samples=4",
+    "sampling.max_new_tokens=24",
+    "sampling.batch_size=2",
+    "bootstrap.resamples=300",
+]
+
+
+def config(tmp: Path, *overrides: str, out: Path | None = None):
+    """The study config with its sample cache under `tmp`, writing into `out` (else `tmp`)."""
+    cache = f"paths.cache_dir={tmp / 'cache'}"
+    return compose_config("study", [*TINY, cache, *overrides], out or tmp)
+
+
+def without_times(results: dict) -> dict:
+    """The results minus wall times, which differ between runs."""
+    out = json.loads(json.dumps(results))
+    for key in ("sampling_seconds", "scoring_seconds", "config"):
+        out.pop(key)
+    for metrics in out["rewards"].values():
+        metrics.pop("seconds")
+    for prompt in out["prompts"]:
+        prompt.pop("group_seconds")
+        for outcome in prompt["rewards"].values():
+            outcome.pop("seconds")
+    return out
+
+
+def test_tiny_study_end_to_end_and_rescored_from_its_cache(tmp_path, monkeypatch, capsys):
+    cfg = config(tmp_path, "rewards=[covo,majority,entropy]")
+    first = study(cfg)
+    samples = Path(first["samples"])
+    assert samples.parent == tmp_path / "cache" / "study" and samples.suffix == ".jsonl"
+    lines = [json.loads(line) for line in samples.read_text().splitlines()]
+    problems = instantiate(cfg.problems)
+    assert [line["prompt"] for line in lines] == [p["problem"] for p in problems]
+    assert all(len(line["responses"]) == len(line["response_ids"]) == 4 for line in lines)
+    side = json.loads(samples.with_name(samples.name + ".json").read_text())
+    assert side["problems"] == 3 and side["seconds"] > 0
+    written = json.loads((tmp_path / RESULTS_FILE).read_text())
+    assert (
+        written["rewards"]["covo"]["reward_accuracy"] == first["rewards"]["covo"]["reward_accuracy"]
+    )
+    assert (tmp_path / PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out
+    assert "| reward | reward accuracy | AUROC |" in out and "| covo |" in out
+    # CoVo fed its scorer (branches only: the trajectories come from the statistics forward)
+    assert first["rewards"]["covo"]["scorer_tokens"]["value"] > 0
+    assert first["rewards"]["majority"]["scorer_tokens"]["value"] == 0
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("the cached samples should have been read")
+
+    monkeypatch.setattr(covo.study_samples, "generate", no_sampling)
+    again = study(config(tmp_path, "rewards=[covo,majority,entropy]", out=tmp_path / "again"))
+    assert again["samples"] == first["samples"]
+    assert (tmp_path / "again" / RESULTS_FILE).exists()
+    assert without_times(again) == without_times(first)
+
+
+def test_interrupted_sampling_resumes_with_the_same_samples(tmp_path):
+    cfg = config(tmp_path, "sampling.batch_size=1", f"samples={tmp_path / 'whole.jsonl'}")
+    loaded = instantiate(cfg.model)
+    problems = instantiate(cfg.problems)
+    whole, _ = load_or_sample(loaded, problems, cfg)
+    with open_dict(cfg):
+        cfg.samples = str(tmp_path / "resumed.jsonl")
+    first_line = whole.read_text().splitlines(keepends=True)[0]
+    (tmp_path / "resumed.jsonl.partial").write_text(first_line)  # stopped after one batch
+    resumed, side = load_or_sample(loaded, problems, cfg)
+    assert resumed.read_text() == whole.read_text()
+    assert side["problems"] == 3
+
+
+HAND_MADE = [
+    # label 4: clusters {4: 2 members}, {5: 1}; one response without an answer
+    ("What is 2 + 2?", "4", ["\\boxed{4}", "so \\boxed{4}", "\\boxed{5}", "no idea"]),
+    # label 12: clusters {7: 2}, {12: 1}, {9: 1}; the majority is wrong
+    ("What is 3 * 4?", "12", ["\\boxed{7}", "\\boxed{7}", "\\boxed{12}", "\\boxed{9}"]),
+    # label 3: one cluster (K = 1): no verdicts to judge
+    ("What is 1 + 2?", "3", ["\\boxed{3}"] * 4),
+]
+
+
+@pytest.fixture
+def hand_made(tmp_path) -> tuple[Path, Path]:
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text("".join(json.dumps({"problem": p, "answer": a}) + "\n" for p, a, _ in
+                                HAND_MADE))  # fmt: skip
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(
+        "".join(
+            json.dumps({"prompt": p, "answer": a, "responses": r}) + "\n" for p, a, r in HAND_MADE
+        )  # fmt: skip
+    )
+    return problems, samples
+
+
+def hand_made_config(tmp_path, problems: Path, samples: Path, *overrides: str):
+    cfg = config(tmp_path, f"samples={samples}", "bootstrap.resamples=200", *overrides)
+    with open_dict(cfg):
+        cfg.problems = {"_target_": "covo.data.jsonl.read_jsonl", "path": str(problems)}
+    return cfg
+
+
+def test_majority_numbers_of_hand_made_samples(tmp_path, hand_made):
+    results = study(hand_made_config(tmp_path, *hand_made, "rewards=[majority,entropy]"))
+    majority = results["rewards"]["majority"]
+    # clusters judged: prompt 1 both right (2 / 2), prompt 2 only {9} right (1 / 3): 3 / 5
+    assert majority["reward_accuracy"]["value"] == pytest.approx(0.6)
+    # one passing cluster per judged prompt: 2 / 5
+    assert majority["pass_frac"]["value"] == pytest.approx(0.4)
+    # the majority answer is right for prompts 1 and 3: 2 / 3
+    assert majority["label_accuracy"]["value"] == pytest.approx(2 / 3)
+    # vote shares of 7 correct and 5 wrong responses: 30 of 35 pairs ordered right (ties 1/2)
+    assert majority["auroc"]["value"] == pytest.approx(30 / 35)
+    # the model is right on 2/4, 1/4 and 4/4 of the samples
+    assert results["model_accuracy"]["value"] == pytest.approx((0.5 + 0.25 + 1.0) / 3)
+    bins = results["bins"]
+    assert [(b["prompts"], b["compared"]) for b in bins] == [(0, 0), (1, 1), (1, 1), (1, 0)]
+    assert bins[1]["reward_accuracy"]["majority"]["value"] == pytest.approx(1 / 3)
+    assert bins[2]["reward_accuracy"]["majority"]["value"] == pytest.approx(1.0)
+    assert bins[3]["reward_accuracy"]["majority"]["value"] is None
+    entropy = results["rewards"]["entropy"]
+    # entropy passes its top response's cluster: paired difference of the same prompts
+    difference = results["differences"]["entropy"]["reward_accuracy"]
+    assert difference["value"] == pytest.approx(
+        entropy["reward_accuracy"]["value"] - majority["reward_accuracy"]["value"]
+    )
+    assert difference["low"] <= difference["value"] <= difference["high"]
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["rewards=[majority,nope]"], "unknown reward 'nope' in rewards: no conf/reward/nope.yaml"),
+        (["rewards=[covo]"], "baseline 'majority' is not one of rewards ['covo']"),
+        (["accuracy_bins=[0.2,1.0]"], "accuracy_bins must rise from <= 0 to >= 1"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(tmp_path, hand_made, overrides, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        study(hand_made_config(tmp_path, *hand_made, *overrides))
+
+
+def test_samples_of_other_problems_are_rejected(tmp_path, hand_made):
+    problems, samples = hand_made
+    lines = samples.read_text().splitlines(keepends=True)
+    samples.write_text(lines[1] + lines[0] + lines[2])
+    with pytest.raises(DataError, match=f"{samples}:1: sampled for another problem"):
+        study(hand_made_config(tmp_path, problems, samples, "rewards=[majority]"))
+
+
+def test_problems_without_answers_are_rejected(tmp_path, hand_made):
+    problems, samples = hand_made
+    problems.write_text(json.dumps({"problem": "What is 2 + 2?", "answer": None}) + "\n")
+    with pytest.raises(DataError, match="problems: item 1 has no answer"):
+        study(hand_made_config(tmp_path, problems, samples, "rewards=[majority]"))
