@@ -33,7 +33,9 @@ TINY = [
 def config(tmp: Path, *overrides: str, out: Path | None = None):
     """The study config with its sample cache under `tmp`, writing into `out` (else `tmp`)."""
     cache = f"paths.cache_dir={tmp / 'cache'}"
-    return compose_config("study", [*TINY, cache, *overrides], out or tmp)
+    # the random tiny model writes numbers, never a box
+    extractor = "reward_extractor=boxed_or_last_number"
+    return compose_config("study", [*TINY, cache, extractor, *overrides], out or tmp)
 
 
 def without_times(results: dict) -> dict:

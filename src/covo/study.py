@@ -131,11 +131,19 @@ def score_prompts(loaded, rewards: dict, records: list[dict], cfg: DictConfig) -
     return prompts
 
 
+def build_reward(name: str, extractor: str | None):
+    """The reward `name`; with `extractor`, every reward that extracts answers uses it."""
+    node = reward_config(name)
+    if extractor is not None and "extractor" in node:
+        node.extractor = extractor
+    return hydra.utils.instantiate(node)
+
+
 def study(cfg: DictConfig) -> dict:
     """Sample (or read the samples), score with every reward, summarise; returns the results."""
     names = check(cfg)
     torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
-    rewards = {name: hydra.utils.instantiate(reward_config(name)) for name in names}
+    rewards = {name: build_reward(name, cfg.get("reward_extractor")) for name in names}
     items = load_problems(cfg)
     loaded = hydra.utils.instantiate(cfg.model)
     loaded.model.to(resolve_device(cfg.device)).eval()
