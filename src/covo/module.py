@@ -31,11 +31,10 @@ from covo.rollout import (
     response_token_stats,
 )
 from covo.scoring import PrefixSharedScorer
+from covo.settings import PRECISION_COMPUTE
 from covo.step_metrics import reward_metrics, rollout_metrics, sample_table
 from covo.update import UpdatePlan, needs_old_logprobs_pass, plan_epochs
 from covo.views import sample_views, training_rows
-
-PRECISION_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16}
 
 
 def hold_unregistered(module: torch.nn.Module, name: str, value) -> None:
@@ -129,7 +128,8 @@ class SelfRewardRL(L.LightningModule):
         if isinstance(self.trainer.strategy, ModelParallelStrategy) and not dist.is_sharded(
             self.policy
         ):
-            compute = PRECISION_DTYPES.get(str(self.trainer.precision))
+            compute = PRECISION_COMPUTE.get(str(self.trainer.precision))
+            compute = None if compute == "float32" else torch_dtype(compute)
             dist.shard(self.policy, self.device_mesh["data_parallel"], compute)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
