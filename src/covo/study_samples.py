@@ -30,9 +30,14 @@ log = logging.getLogger(__name__)
 
 
 def sampling_key(cfg: DictConfig) -> dict:
-    """Everything that decides the samples (where the model is cached does not)."""
+    """Everything that decides the samples: the model's weights, prompts and sampling; not
+    where the model is cached, nor knobs that only training reads (adapters start as the
+    identity)."""
     model = OmegaConf.to_container(cfg.model, resolve=True)
-    model.pop("cache_dir", None)
+    for training_only in ("cache_dir", "dtype", "gradient_checkpointing", "lora"):
+        model.pop(training_only, None)
+    # the study samples with the weights as loaded: in their master dtype
+    model["dtype"] = model.pop("master_dtype", "float32")
     return {
         "model": model,
         "problems": OmegaConf.to_container(cfg.problems, resolve=True),
