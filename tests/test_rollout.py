@@ -6,9 +6,9 @@ import random
 
 import torch
 
-import covo.rollout as rollout_module
 from covo.model import build_tiny
-from covo.rollout import build_rollout, encode_prompts, format_prompts
+from covo.engine import Generation
+from covo.rollout import build_rollout, format_prompts
 from covo.scoring import NaiveScorer, PrefixSharedScorer
 
 
@@ -107,7 +107,7 @@ def test_logprobs_at_temperature_match_an_unpadded_forward():
         assert (rollout.logprobs[r, n:] == 0).all()
 
 
-def test_masks_truncation_and_eos_on_a_model_forced_to_stop(monkeypatch):
+def test_masks_truncation_and_eos_on_a_model_forced_to_stop():
     """Generation replaced by fixed tokens: row 0 stops after 2 tokens, row 1 after 4
     (pad == EOS, as for SmolLM2, so EOS also fills the padding), row 2 never stops."""
     loaded = build_tiny(seed=3)
@@ -118,14 +118,12 @@ def test_masks_truncation_and_eos_on_a_model_forced_to_stop(monkeypatch):
     words = tok.encode("12 + 7 = 19", add_special_tokens=False)[:5]
     rows = [words[:2] + [eos, pad, pad, pad], words[:4] + [eos, pad], words[:5] + [words[0]]]
 
-    def forced(model, tokenizer, prompts, num_samples, *args, **kwargs):
-        enc = encode_prompts(tokenizer, prompts, model.device)
-        ids = enc["input_ids"].repeat(3, 1)
+    def forced(model, tokenizer, encoded, num_samples, *args, **kwargs):
+        ids = encoded["input_ids"].repeat(3, 1)
         sequences = torch.cat([ids, torch.tensor(rows)], dim=1)
-        return sequences, enc["attention_mask"].repeat(3, 1), ids.shape[1]
+        return Generation(sequences, encoded["attention_mask"].repeat(3, 1))  # no statistics
 
-    monkeypatch.setattr(rollout_module, "generate", forced)
-    rollout = build_rollout(loaded.model, tok, prompt, 3, 6, 1.0, 1.0)
+    rollout = build_rollout(loaded.model, tok, prompt, 3, 6, 1.0, 1.0, engine=forced)
     assert rollout.response_mask.tolist() == [
         [1, 1, 1, 0, 0, 0],  # the first EOS counts, what follows is padding
         [1, 1, 1, 1, 1, 0],

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, StaticLayer
 
 
 @dataclass
@@ -35,7 +35,7 @@ def split_cache(cache, rows: list[tuple[list[int], int]]) -> list[ContextCache] 
     None when a layer is not a plain full-attention cache (a sliding window drops early keys).
     """
     layers = getattr(cache, "layers", None)
-    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+    if not layers or any(type(layer) not in (DynamicLayer, StaticLayer) for layer in layers):
         return None
     return [
         ContextCache(

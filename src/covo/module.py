@@ -7,6 +7,7 @@ import os
 import time
 from dataclasses import dataclass
 
+import hydra
 import lightning.pytorch as L
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -85,6 +86,7 @@ class SelfRewardRL(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.rollout_cfg = rollout
+        self.engine = hydra.utils.instantiate(rollout.engine)
         self.max_grad_norm = max_grad_norm
         self.scoring_dtype = torch_dtype(scoring_dtype)
         self.samples_every = samples_every
@@ -188,6 +190,8 @@ class SelfRewardRL(L.LightningModule):
             top_p=cfg.top_p,
             stats_chunk=cfg.stats_chunk,
             keep_cache=self.keep_rollout_cache,
+            engine=self.engine,
+            one_pass=cfg.one_pass,
         )
 
     def score(self, rollout: Rollout, labels: list[str | None]) -> Scored:

@@ -1,14 +1,14 @@
-"""Rollout: sample N responses per prompt, then per-token statistics from one forward pass."""
+"""Rollout: sample N responses per prompt, with the sampling distribution's per-token statistics."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
+from torch import Tensor
 
 from covo.context_cache import ContextCache, split_cache
+from covo.engine import Generation, HFGenerate, distribution_stats, eos_token_ids
 from covo.rewards.base import Group
 
 
@@ -101,14 +101,6 @@ def response_mask_from(tokens: torch.Tensor, eos_ids: set[int]) -> torch.Tensor:
     return (~after_eos).float()
 
 
-def eos_token_ids(model, tokenizer) -> set[int]:
-    ids = model.generation_config.eos_token_id
-    ids = set(ids if isinstance(ids, list) else [ids]) if ids is not None else set()
-    ids.add(tokenizer.eos_token_id)
-    return {i for i in ids if i is not None}
-
-
-@torch.no_grad()
 def generate(
     model,
     tokenizer,
@@ -118,33 +110,74 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     synced: bool = False,
+    engine=None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Sample `num_samples` responses per prompt (greedy when temperature is 0).
+    """Sample `num_samples` responses per prompt (greedy when temperature is 0), tokens only.
 
     `synced` keeps every rank stepping until all ranks are done: needed when parameters are
     sharded (FSDP), where each forward is a collective. Returns (sequences [R, P+G],
     prompt attention mask repeated [R, P], P).
     """
-    enc = encode_prompts(tokenizer, prompts, model.device)
-    sampling = temperature > 0
-    out = model.generate(
-        **enc,
-        do_sample=sampling,
-        temperature=temperature if sampling else None,
-        top_p=top_p if sampling else None,
-        top_k=0 if sampling else None,
-        max_new_tokens=max_new_tokens,
-        num_return_sequences=num_samples,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=sorted(eos_token_ids(model, tokenizer)),
-        synced_gpus=synced,
+    engine = engine or HFGenerate()
+    encoded = encode_prompts(tokenizer, prompts, model.device)
+    out = engine(
+        model,
+        tokenizer,
+        encoded,
+        num_samples,
+        max_new_tokens,
+        temperature,
+        top_p,
+        synced,
+        with_stats=False,
     )
-    prompt_mask = enc["attention_mask"].repeat_interleave(num_samples, dim=0)
-    return out, prompt_mask, enc["input_ids"].shape[1]
+    return out.sequences, out.prompt_mask, out.prompt_len
 
 
 def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class ChosenLogprobs(torch.autograd.Function):
+    """log softmax(logits / T)[target] at every position, without a full-vocabulary
+    log-softmax: a log-sum-exp and a gather per chunk of positions. Backward recomputes each
+    chunk's softmax from the saved logits (in their own dtype) instead of keeping a float32
+    log-softmax of every position: d logp / d logits = (onehot(target) - softmax) / T."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor, temperature: float, chunk: int) -> Tensor:
+        flat, index = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1, 1)
+        lse = torch.empty(len(flat), dtype=torch.float32, device=logits.device)
+        chosen = torch.empty_like(lse)
+        for start in range(0, len(flat), chunk):
+            part = flat[start : start + chunk].float() / temperature
+            lse[start : start + chunk] = torch.logsumexp(part, -1)
+            chosen[start : start + chunk] = part.gather(-1, index[start : start + chunk])[:, 0]
+        ctx.save_for_backward(logits, index, lse)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return (chosen - lse).view(targets.shape)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        logits, index, lse = ctx.saved_tensors
+        flat, grad = logits.reshape(-1, logits.shape[-1]), grad.reshape(-1, 1).float()
+        out = torch.empty_like(flat)
+        temperature, chunk = ctx.temperature, ctx.chunk
+        for start in range(0, len(flat), chunk):
+            rows = slice(start, start + chunk)
+            part = torch.exp(flat[rows].float() / temperature - lse[rows, None]).neg_()
+            part.scatter_add_(-1, index[rows], torch.ones_like(index[rows], dtype=part.dtype))
+            out[rows] = part.mul_(grad[rows] / temperature)
+        return out.view(logits.shape), None, None, None
+
+
+def chosen_logprobs(
+    logits: Tensor, targets: Tensor, temperature: float = 1.0, chunk: int = 256
+) -> Tensor:
+    """[..., V] logits and [...] token ids -> [...] float32 log-probs of those tokens at
+    `temperature` (0 = none, greedy's distribution), `chunk` positions at a time."""
+    temperature = temperature if temperature > 0 else 1.0
+    return ChosenLogprobs.apply(logits, targets, float(temperature), chunk)
 
 
 def response_token_stats(
@@ -160,26 +193,27 @@ def response_token_stats(
     KL(uniform || policy) of the policy's next-token distribution. All [R, G], float32.
     With `keep_cache`, also the forward's model cache (keys and values) under "cache".
 
-    Logits are taken only at the response positions (they dominate memory).
+    Logits are computed only where a response token is predicted (they dominate memory);
+    without the distribution statistics no full-vocabulary log-softmax is formed.
     """
-    # through the model's own forward (FSDP2 hooks live there), logits at response positions only
+    length = sequences.shape[1]
+    # through the model's own forward (FSDP2 hooks live there)
     out = model(
         input_ids=sequences,
         attention_mask=attention_mask,
         position_ids=position_ids_from(attention_mask),
         use_cache=keep_cache,
-        logits_to_keep=response_len + 1,
+        logits_to_keep=torch.arange(length - response_len - 1, length - 1, device=sequences.device),
     )
-    logits = out.logits[:, :-1].float()
-    if temperature > 0 and temperature != 1.0:
-        logits = logits / temperature
-    logp_all = F.log_softmax(logits, dim=-1)
     targets = sequences[:, -response_len:]
-    stats = {"logprobs": logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)}
-    if with_distribution_stats:
-        p = logp_all.exp()
-        stats["entropy"] = -(p * logp_all).sum(-1)
-        stats["self_certainty"] = -logp_all.mean(-1) - math.log(logp_all.shape[-1])
+    if not with_distribution_stats:
+        return {"logprobs": chosen_logprobs(out.logits, targets, temperature)}
+    logp, entropy, self_certainty = distribution_stats(out.logits, temperature)
+    stats = {
+        "logprobs": logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1),
+        "entropy": entropy,
+        "self_certainty": self_certainty,
+    }
     if keep_cache:
         stats["cache"] = out.cache
     return stats
@@ -218,24 +252,48 @@ def build_rollout(
     stats_chunk: int = 4,
     synced: bool = False,
     keep_cache: bool = False,
+    engine=None,
+    one_pass: bool = True,
 ) -> Rollout:
-    """Generate, then score the sampled tokens with one forward pass per chunk of rows.
+    """Sample, keeping the sampling distribution's per-token statistics.
 
-    `keep_cache` keeps that forward's keys and values per response (`Rollout.context_caches`;
-    left as None for models whose cache layers are not plain full attention).
+    `one_pass`: the engine reduces each decoding step's distribution to the statistics and
+    hands over its own keys and values; otherwise (or when the engine gives no statistics)
+    one no-grad forward per `stats_chunk` rows computes them after sampling. `keep_cache`
+    keeps the keys and values per response (`Rollout.context_caches`; None for models whose
+    cache layers are not plain full attention).
     """
-    sequences, prompt_mask, prompt_len = generate(
-        model, tokenizer, prompts, num_samples, max_new_tokens, temperature, top_p, synced
+    engine = engine or HFGenerate()
+    encoded = encode_prompts(tokenizer, prompts, model.device)
+    generation: Generation = engine(
+        model,
+        tokenizer,
+        encoded,
+        num_samples,
+        max_new_tokens,
+        temperature,
+        top_p,
+        synced,
+        keep_cache=keep_cache and one_pass,
+        with_stats=one_pass,
+    )
+    sequences, prompt_mask, prompt_len = (
+        generation.sequences,
+        generation.prompt_mask,
+        generation.prompt_len,
     )
     tokens = sequences[:, prompt_len:]
     eos = eos_token_ids(model, tokenizer)
     response_mask = response_mask_from(tokens, eos)
     attention_mask = torch.cat([prompt_mask, response_mask.long()], dim=1)
-    stats, caches = batched_token_stats(
-        model, sequences, attention_mask, tokens.shape[1], temperature, stats_chunk, keep_cache
-    )
-    for key in stats:
-        stats[key] = stats[key] * response_mask
+    if generation.stats is not None:
+        stats, caches, chunk = generation.stats, [generation.cache], len(sequences)
+    else:
+        stats, caches = batched_token_stats(
+            model, sequences, attention_mask, tokens.shape[1], temperature, stats_chunk, keep_cache
+        )
+        chunk = stats_chunk
+    stats = {key: values * response_mask for key, values in stats.items()}
     response_ids, texts, truncated = [], [], []
     for row, mask in zip(tokens.tolist(), response_mask.long().tolist()):
         ids = row[: sum(mask)]
@@ -253,11 +311,10 @@ def build_rollout(
             for r, ids in enumerate(response_ids)
         ]
         chunks = [
-            split_cache(cache, rows[i * stats_chunk : (i + 1) * stats_chunk])
-            for i, cache in enumerate(caches)
+            split_cache(cache, rows[i * chunk : (i + 1) * chunk]) for i, cache in enumerate(caches)
         ]
-        if all(chunk is not None for chunk in chunks):
-            context_caches = [c for chunk in chunks for c in chunk]
+        if all(part is not None for part in chunks):
+            context_caches = [c for part in chunks for c in part]
     return Rollout(
         sequences=sequences,
         attention_mask=attention_mask,

@@ -63,6 +63,7 @@ def optional(test: Callable[[Any], bool]) -> Callable[[Any], bool]:
 
 
 INT_GE1 = (at_least(1, integer=True), "an integer >= 1")
+BOOL = (lambda v: isinstance(v, bool), "true or false")
 SAMPLING_RULES: list[Rule] = [
     ("num_samples", *INT_GE1),
     ("max_new_tokens", *INT_GE1),
@@ -91,6 +92,9 @@ TRAIN_RULES: list[Rule] = [
     ("threads", optional(at_least(1, integer=True)), "null or an integer >= 1"),
     *[(f"rollout.{key}", test, allowed) for key, test, allowed in SAMPLING_RULES],
     ("rollout.stats_chunk", *INT_GE1),
+    ("rollout.one_pass", *BOOL),
+    ("rollout.engine.cache", one_of("dynamic", "static"), "dynamic or static"),
+    ("rollout.engine.compile", *BOOL),
     ("rollout.dtype", one_of(None, "auto", *DTYPES), f"null, auto or one of {DTYPES}"),
     ("scoring_dtype", one_of(None, *DTYPES), f"null or one of {DTYPES}"),
     ("reference_dtype", one_of(None, *DTYPES), f"null or one of {DTYPES}"),

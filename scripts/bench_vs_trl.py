@@ -1,0 +1,408 @@
+"""Step time of this trainer against TRL's GRPOTrainer on identical work, side by side.
+
+The work: SmolLM2-135M-Instruct, 4 prompts x 8 samples per step ("What is a + b?", a and b in
+10..99), up to 64 new tokens at temperature 1, GRPO's group-normalised advantage, no KL, fp32,
+lr 1e-6 constant, AdamW (0.9, 0.999), micro-batches of 8 (one optimizer step per rollout), one
+torch thread, every process pinned to the same core. Each variant runs in its own process;
+variants alternate, and each round rotates their order.
+
+  covo            ours, group filter off (identical work)
+  covo_filter     ours, the default GRPO filter (all-equal groups skipped: with no KL their
+                  advantage is zero, so the updates are identical)
+  trl             TRL GRPOTrainer, its defaults but fp32 (gradient checkpointing on)
+  trl_no_gc       TRL, gradient checkpointing off
+  floor           one `generate` call plus one forward and backward of the same tokens
+  covo_before     ours from another source tree (--before-src), group filter off
+
+With --work default, ours (and covo_before) run the default training config instead
+(`bash scripts/train.sh`'s run, its own data and group filter, 1 thread, no validation).
+
+Per variant: median s/step over steps 2..N, completion tokens per second, mean completion
+length, peak RSS, the phases (generate, statistics, reward, update) where known, and the
+ratios to TRL and to the floor. TRL is the optional `bench` extra (`pip install -e .[bench]`).
+
+python scripts/bench_vs_trl.py --steps 6 --rounds 1 [--before-src OLD/src]
+python scripts/bench_vs_trl.py --work default --steps 4 --before-src OLD/src
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS, SAMPLES, NEW_TOKENS, MICRO, LR = 4, 8, 64, 8, 1e-6
+QUIET = [
+    "logger=none",
+    "callbacks=none",
+    "export_dir=null",
+    "+trainer.limit_val_batches=0",
+    "trainer.enable_progress_bar=false",
+]
+OURS = [
+    *QUIET,
+    "reward=ground_truth",
+    "algorithm=grpo",
+    "algorithm.kl_coef=0",
+    f"algorithm.micro_batch_size={MICRO}",
+    "data=jsonl",
+    "data.prompt_template={problem}",
+    f"data.batch_size={PROMPTS}",
+    f"rollout.num_samples={SAMPLES}",
+    f"rollout.max_new_tokens={NEW_TOKENS}",
+    "rollout.temperature=1.0",
+    "trainer.precision=32-true",
+    "rollout.dtype=null",
+    f"optimizer.lr={LR}",
+    "optimizer.betas=[0.9,0.999]",
+    "optimizer.weight_decay=0.0",
+    "scheduler=constant",
+    "threads=1",
+]
+NO_FILTER = ["algorithm.filter.drop_all_zero=false", "algorithm.filter.drop_all_equal=false"]
+PHASES = ["generate", "statistics", "reward", "update"]
+VARIANTS = ["covo", "covo_filter", "trl", "trl_no_gc", "floor"]
+
+
+def problems(path: Path, count: int = 512) -> None:
+    rng = random.Random(0)
+    with path.open("w") as f:
+        for _ in range(count):
+            a, b = rng.randint(10, 99), rng.randint(10, 99)
+            f.write(json.dumps({"problem": f"What is {a} + {b}?", "answer": str(a + b)}) + "\n")
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+# ---- children: each prints one JSON line {"steps": [...], "peak_rss_gb": ...} ----
+
+
+def child_ours(data: Path | None, steps: int, no_filter: bool, out_dir: Path) -> dict:
+    """This trainer on the TRL work, or (`data` None) on the default training run's config."""
+    import lightning.pytorch as L
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    import covo.rollout as rollout_module
+    from covo.train import build
+
+    conf = Path(rollout_module.__file__).resolve().parents[2] / "conf"
+    if data is None:
+        overrides = [*QUIET, "threads=1", f"trainer.max_steps={steps}"]
+    else:
+        overrides = [*OURS, f"data.train.path={data}", f"trainer.max_steps={steps}"]
+        overrides += NO_FILTER if no_filter else []
+    with initialize_config_dir(str(conf), version_base="1.3"):
+        cfg = compose("train", overrides)
+    rows_per_step = cfg.data.batch_size * cfg.rollout.num_samples
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out_dir)
+    timed = {"generate_s": 0.0, "statistics_s": 0.0}
+    time_generation(rollout_module, timed)
+    L.seed_everything(cfg.seed, verbose=False)
+    module, datamodule, trainer = build(cfg)
+    rows = []
+
+    class Timer(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            timed.update(generate_s=0.0, statistics_s=0.0)
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            step_s = time.perf_counter() - self.start
+            metrics = trainer.callback_metrics
+            rollout_s = module.timings["time/rollout_s"]
+            rows.append(
+                {
+                    "step_s": step_s,
+                    "tokens": float(metrics["rollout/len_mean"]) * rows_per_step,
+                    "mean_len": float(metrics["rollout/len_mean"]),
+                    "generate_s": timed["generate_s"] - timed["statistics_s"],
+                    "statistics_s": rollout_s - timed["generate_s"] + timed["statistics_s"],
+                    "reward_s": module.timings["time/reward_s"],
+                    "update_s": module.timings["time/update_s"],
+                }
+            )
+
+    trainer.callbacks.append(Timer())
+    trainer.fit(module, datamodule=datamodule)
+    return {"steps": rows}
+
+
+def time_generation(rollout_module, timed: dict) -> None:
+    """Time spent decoding, and inside it in the statistics processor (where there is one)."""
+
+    def timer(fn, key):
+        def wrapped(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                timed[key] += time.perf_counter() - start
+
+        return wrapped
+
+    try:
+        import covo.engine as engine
+
+        engine.HFGenerate.__call__ = timer(engine.HFGenerate.__call__, "generate_s")
+        stats = engine.SamplingStatistics
+        stats.__call__ = timer(stats.__call__, "statistics_s")
+        stats.finish = timer(stats.finish, "statistics_s")
+    except ImportError:  # a tree from before the engines: generate, then a forward
+        rollout_module.generate = timer(rollout_module.generate, "generate_s")
+
+
+def child_trl(data: Path, steps: int, checkpointing: bool | None, out_dir: Path) -> dict:
+    try:
+        from datasets import Dataset
+        from transformers import TrainerCallback
+        from trl import GRPOConfig, GRPOTrainer
+    except ImportError:
+        sys.exit("TRL is not installed: pip install -e .[bench]")
+    from covo.answers import AnswerEquivalence, get_extractor
+    from covo.model import load_smollm2
+
+    loaded = load_smollm2(cache_dir=str(Path("~/.cache/covo").expanduser()))
+    items = [json.loads(line) for line in data.read_text().splitlines()]
+    dataset = Dataset.from_list(
+        [
+            {"prompt": [{"role": "user", "content": i["problem"]}], "answer": i["answer"]}
+            for i in items
+        ]
+    )
+    extract, same = get_extractor("boxed_or_last_number"), AnswerEquivalence()
+
+    def correct(completions, answer, **_):
+        return [
+            float(same.is_correct(extract(c[0]["content"]), a)) for c, a in zip(completions, answer)
+        ]
+
+    extra = {} if checkpointing is None else {"gradient_checkpointing": checkpointing}
+    config = GRPOConfig(
+        output_dir=str(out_dir),
+        use_cpu=True,
+        bf16=False,
+        per_device_train_batch_size=MICRO,
+        gradient_accumulation_steps=PROMPTS * SAMPLES // MICRO,
+        num_generations=SAMPLES,
+        max_completion_length=NEW_TOKENS,
+        temperature=1.0,
+        beta=0.0,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        max_steps=steps,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+        **extra,
+    )
+    rows = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            rows.append({"step_s": time.perf_counter() - self.start})
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "completions/mean_length" in logs and rows:
+                rows[-1]["tokens"] = float(logs["completions/mean_length"]) * PROMPTS * SAMPLES
+
+    trainer = GRPOTrainer(
+        model=loaded.model,
+        processing_class=loaded.tokenizer,
+        reward_funcs=correct,
+        args=config,
+        train_dataset=dataset,
+        callbacks=[Timer()],
+    )
+    trainer.train()
+    return {"steps": rows, "gradient_checkpointing": bool(trainer.args.gradient_checkpointing)}
+
+
+def child_floor(data: Path, steps: int) -> dict:
+    """One `generate` call over the step's prompts, then one forward and backward per
+    micro-batch of the same tokens (the log-probs of the sampled tokens), nothing else."""
+    import torch
+
+    from covo.model import load_smollm2
+
+    loaded = load_smollm2(cache_dir=str(Path("~/.cache/covo").expanduser()))
+    model, tok = loaded.model, loaded.tokenizer
+    items = [json.loads(line) for line in data.read_text().splitlines()]
+    torch.manual_seed(0)
+    rows = []
+    for step in range(steps):
+        batch = items[step * PROMPTS : (step + 1) * PROMPTS]
+        chats = [
+            tok.apply_chat_template(
+                [{"role": "user", "content": i["problem"]}],
+                add_generation_prompt=True,
+                tokenize=False,
+            )
+            for i in batch
+        ]
+        enc = tok(chats, return_tensors="pt", padding=True, add_special_tokens=False)
+        start = time.perf_counter()
+        model.eval()
+        with torch.no_grad():
+            out = model.generate(
+                **enc,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                max_new_tokens=NEW_TOKENS,
+                num_return_sequences=SAMPLES,
+                pad_token_id=tok.pad_token_id,
+            )
+        generated = time.perf_counter()
+        model.train()
+        prompt_len = enc["input_ids"].shape[1]
+        response = out[:, prompt_len:]
+        is_eos = (response == tok.eos_token_id).long()
+        mask = ((is_eos.cumsum(1) - is_eos) == 0).float()
+        attention = torch.cat([enc["attention_mask"].repeat_interleave(SAMPLES, 0), mask.long()], 1)
+        for rows_ in range(0, len(out), MICRO):
+            part = slice(rows_, rows_ + MICRO)
+            logits = model(input_ids=out[part], attention_mask=attention[part]).logits
+            logp = torch.log_softmax(logits[:, prompt_len - 1 : -1].float(), -1)
+            chosen = logp.gather(-1, response[part, :, None])[..., 0]
+            (-(chosen * mask[part]).sum() / mask.sum()).backward()
+        model.zero_grad(set_to_none=True)
+        end = time.perf_counter()
+        rows.append(
+            {
+                "step_s": end - start,
+                "tokens": float(mask.sum()),
+                "generate_s": generated - start,
+                "update_s": end - generated,
+            }
+        )
+    return {"steps": rows}
+
+
+def child(args) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    out_dir = Path(tempfile.mkdtemp(prefix=f"covo-bench-{args.child}-"))
+    if args.child in ("covo", "covo_filter", "covo_before"):
+        data = args.data if args.work == "trl" else None
+        result = child_ours(data, args.steps, args.child != "covo_filter", out_dir)
+    elif args.child in ("trl", "trl_no_gc"):
+        result = child_trl(args.data, args.steps, None if args.child == "trl" else False, out_dir)
+    else:
+        result = child_floor(args.data, args.steps)
+    result["peak_rss_gb"] = peak_rss_gb()
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ---- parent ----
+
+
+def run_child(variant: str, args, data: Path) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    if variant == "covo_before":
+        env["PYTHONPATH"] = str(Path(args.before_src).resolve())
+    else:
+        env["PYTHONPATH"] = str(ROOT / "src")
+    command = ["taskset", "-c", str(args.core), sys.executable, __file__, "--child", variant]
+    command += ["--data", str(data), "--steps", str(args.steps), "--work", args.work]
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode or not lines:
+        sys.exit(f"{variant} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def summarise(runs: list[dict]) -> dict:
+    steps = [row for run in runs for row in run["steps"][1:]]  # steps 2..N of every round
+    total_s = sum(row["step_s"] for row in steps)
+    tokens = [row["tokens"] for row in steps if "tokens" in row]
+    summary = {
+        "s_per_step": statistics.median(row["step_s"] for row in steps),
+        "tokens_per_s": sum(tokens) / total_s if tokens else float("nan"),
+        "mean_len": statistics.mean(
+            row.get("mean_len", row.get("tokens", float("nan")) / (PROMPTS * SAMPLES))
+            for row in steps
+        ),
+        "peak_rss_gb": max(run["peak_rss_gb"] for run in runs),
+    }
+    for phase in [p + "_s" for p in PHASES]:
+        if all(phase in row for row in steps):
+            summary[phase] = statistics.median(row[phase] for row in steps)
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--core", type=int, default=0)
+    parser.add_argument("--variants", nargs="+", help=f"default: {' '.join(VARIANTS)}")
+    parser.add_argument(
+        "--work",
+        choices=["trl", "default"],
+        default="trl",
+        help="trl: the identical work above; default: the default run's config (ours only)",
+    )
+    parser.add_argument("--before-src", help="another tree's src/: adds the covo_before variant")
+    parser.add_argument("--json", help="write every step's numbers here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+    variants = args.variants or (VARIANTS if args.work == "trl" else ["covo"])
+    variants = list(variants) + (["covo_before"] if args.before_src else [])
+    data = Path(tempfile.mkdtemp(prefix="covo-bench-data-")) / "sums.jsonl"
+    problems(data)
+    runs = {variant: [] for variant in variants}
+    for round_ in range(args.rounds):
+        order = variants[round_ % len(variants) :] + variants[: round_ % len(variants)]
+        for variant in order:
+            start = time.perf_counter()
+            runs[variant].append(run_child(variant, args, data))
+            print(f"round {round_ + 1} {variant}: {time.perf_counter() - start:.0f} s", flush=True)
+    table = {variant: summarise(results) for variant, results in runs.items()}
+    print(f"\nmedian over steps 2-{args.steps}, {args.rounds} round(s), core {args.core}")
+    print("| variant | s/step | tokens/s | mean len | peak RSS GB | " + " | ".join(PHASES) + " |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for variant, row in table.items():
+        phases = [f"{row[p + '_s']:.1f}" if p + "_s" in row else "" for p in PHASES]
+        print(
+            f"| {variant} | {row['s_per_step']:.1f} | {row['tokens_per_s']:.1f}"
+            f" | {row['mean_len']:.1f} | {row['peak_rss_gb']:.2f} | " + " | ".join(phases) + " |"
+        )
+    print()
+    for ours in [v for v in variants if v.startswith("covo")]:
+        for peer in [
+            v for v in ("trl", "trl_no_gc", "floor", "covo_before") if v in table and v != ours
+        ]:
+            ratio = table[ours]["s_per_step"] / table[peer]["s_per_step"]
+            rss = table[ours]["peak_rss_gb"] / table[peer]["peak_rss_gb"]
+            print(f"{ours} / {peer}: step {ratio:.3f}, peak RSS {rss:.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"runs": runs, "table": table}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
