@@ -55,7 +55,7 @@ OURS = [
     "algorithm.kl_coef=0",
     f"algorithm.micro_batch_size={MICRO}",
     "data=jsonl",
-    "data.prompt_template={problem}",
+    "data.prompt_template='{problem}'",
     f"data.batch_size={PROMPTS}",
     f"rollout.num_samples={SAMPLES}",
     f"rollout.max_new_tokens={NEW_TOKENS}",
@@ -321,7 +321,7 @@ def run_child(variant: str, args, data: Path) -> dict:
     if variant == "covo_before":
         env["PYTHONPATH"] = str(Path(args.before_src).resolve())
     else:
-        env["PYTHONPATH"] = str(ROOT / "src")
+        env["PYTHONPATH"] = str(Path(args.src).resolve())
     command = ["taskset", "-c", str(args.core), sys.executable, __file__, "--child", variant]
     command += ["--data", str(data), "--steps", str(args.steps), "--work", args.work]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -365,6 +365,7 @@ def main() -> None:
         help="trl: the identical work above; default: the default run's config (ours only)",
     )
     parser.add_argument("--before-src", help="another tree's src/: adds the covo_before variant")
+    parser.add_argument("--src", default=str(ROOT / "src"), help="the src/ whose trainer is ours")
     parser.add_argument("--json", help="write every step's numbers here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)

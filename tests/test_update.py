@@ -140,6 +140,84 @@ def test_accumulated_gradients_equal_the_full_batch_token_mean(tiny_cfg, monkeyp
     assert any(g.abs().max() > 1e-4 for g in optimizer.records[0]["grads"])
 
 
+def test_held_forward_gives_the_same_step_with_one_forward_fewer(tiny_cfg, monkeypatch):
+    """KL in the reward, one optimizer step: with `hold_graphs` the step's own forward gives
+    the old log-probs. The gradients equal the naive full-batch PPO gradient and those of the
+    separate no-grad pass; the policy runs 3 forwards (one per micro-batch) instead of 6."""
+    runs = {}
+    for hold in ("true", "false"):
+        with monkeypatch.context() as patch:
+            module, optimizer, seen, initial = run_recording(
+                tiny_cfg,
+                patch,
+                "trainer.max_steps=1",
+                "algorithm=reinforce_pp",
+                "algorithm.kl_coef=0.01",
+                "algorithm.micro_batch_size=3",  # 8 rows: micro-batches of 3, 3 and 2
+                f"algorithm.hold_graphs={hold}",
+                "trainer.precision=32-true",
+            )
+        runs[hold] = (module, optimizer, seen, initial)
+    for hold, (module, optimizer, seen, initial) in runs.items():
+        ((rollout, advantages, plan),) = seen
+        assert (plan.held is not None) == (hold == "true")
+    # the same rollout, advantages and gradients either way
+    (held_rollout, held_adv, held_plan) = runs["true"][2][0]
+    (pass_rollout, pass_adv, pass_plan) = runs["false"][2][0]
+    assert torch.equal(held_rollout.sequences, pass_rollout.sequences)
+    torch.testing.assert_close(held_plan.old_logprobs, pass_plan.old_logprobs, rtol=0, atol=1e-6)
+    torch.testing.assert_close(held_adv, pass_adv, rtol=0, atol=1e-6)
+    for a, b in zip(runs["true"][1].records[0]["grads"], runs["false"][1].records[0]["grads"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    # against the naive oracle
+    module, optimizer, _, initial = runs["true"]
+    policy = module.policy
+    with torch.no_grad():
+        for p, w in zip(policy.parameters(), initial):
+            p.copy_(w)
+    with torch.no_grad():
+        old = torch.stack([-naive_token_nll(policy, held_rollout, r) for r in range(len(held_adv))])
+    policy.zero_grad()
+    rows = torch.cat(held_plan.epochs[0][0])
+    naive_ppo_loss(
+        policy,
+        held_rollout.sequences[rows],
+        held_rollout.attention_mask[rows],
+        held_rollout.response_mask.shape[1],
+        old[rows],
+        held_adv[rows],
+        held_rollout.response_mask[rows],
+        eps=0.2,
+    ).backward()
+    for p, recorded in zip(policy.parameters(), optimizer.records[0]["grads"]):
+        torch.testing.assert_close(recorded, p.grad, rtol=1e-4, atol=1e-6)
+    assert any(g.abs().max() > 1e-4 for g in optimizer.records[0]["grads"])
+
+
+def test_held_forward_saves_one_policy_forward_per_micro_batch(tiny_cfg, monkeypatch):
+    counts = {}
+    for hold in ("true", "false"):
+        calls = []
+        token_logprobs = covo.module.SelfRewardRL.token_logprobs
+
+        def counting(self, model, *args, **kwargs):
+            calls.append(model is self.policy)
+            return token_logprobs(self, model, *args, **kwargs)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(covo.module.SelfRewardRL, "token_logprobs", counting)
+            run_recording(
+                tiny_cfg,
+                patch,
+                "trainer.max_steps=1",
+                "algorithm=reinforce_pp",
+                "algorithm.micro_batch_size=3",
+                f"algorithm.hold_graphs={hold}",
+            )
+        counts[hold] = (sum(calls), len(calls) - sum(calls))  # (policy, reference) forwards
+    assert counts == {"true": (3, 3), "false": (6, 3)}
+
+
 def naive_token_nll(policy, rollout, r):
     """Per-token NLL [G] of row r's sampled tokens, from an unpadded forward."""
     response_len = rollout.response_mask.shape[1]

@@ -234,7 +234,10 @@ class SelfRewardRL(L.LightningModule):
             return plan
         self.policy.train()  # the mode of the training forward, for the old log-probs too
         if needs_old_logprobs_pass(plan, algo.kl_in_reward, self.reference is not None):
-            plan.old_logprobs = self.logprobs_pass(self.policy, rollout, plan)
+            if algo.get("hold_graphs", False) and plan.optimizer_steps == 1:
+                plan.held, plan.old_logprobs = self.forward_ahead(rollout, plan)
+            else:
+                plan.old_logprobs = self.logprobs_pass(self.policy, rollout, plan)
         if self.reference is not None:
             plan.ref_logprobs = self.logprobs_pass(self.reference, rollout, plan)
         return plan
@@ -249,6 +252,22 @@ class SelfRewardRL(L.LightningModule):
             elif dist.is_sharded(model):  # each forward is a collective: keep ranks in step
                 self.token_logprobs(model, rollout, slice(0, 1), no_grad=True)
         return out
+
+    def forward_ahead(self, rollout: Rollout, plan: UpdatePlan):
+        """The only optimizer step's training forwards, run before the advantages: each
+        micro-batch's log-probs with its graph (for the backward), and their values as the
+        old log-probs [R, G]."""
+        held, old = [], torch.zeros_like(rollout.response_mask)
+        for part in plan.first_micro_batches:
+            held.append(self.token_logprobs(self.policy, rollout, self.rows_of(part)))
+            if len(part):
+                old[part] = held[-1].detach()
+        return held, old
+
+    def rows_of(self, part: torch.Tensor) -> torch.Tensor:
+        """The rows a micro-batch feeds: an empty one feeds row 0 at zero weight, so that
+        every rank runs the same collective forwards and backwards."""
+        return part if len(part) else torch.zeros(1, dtype=torch.long, device=self.device)
 
     def advantages(self, rollout: Rollout, rewards: torch.Tensor, plan: UpdatePlan):
         algo = self.algorithm
@@ -295,6 +314,7 @@ class SelfRewardRL(L.LightningModule):
         self.policy.train()
         sums = dict.fromkeys(("clip_frac", "ratio_mean", "approx_kl", "kl"), 0.0)
         tokens, losses, grad_norms = 0.0, [], []
+        held = iter(plan.held or [])
         for epoch in plan.epochs:
             for mini in epoch:
                 chunk = torch.cat(mini)
@@ -302,7 +322,7 @@ class SelfRewardRL(L.LightningModule):
                 normalizer = dist.all_reduce_sum(count).item() / dist.world_size()
                 for part in mini:
                     loss, stats, n = self.micro_batch_loss(
-                        rollout, advantages, part, normalizer, plan
+                        rollout, advantages, part, normalizer, plan, next(held, None)
                     )
                     self.manual_backward(loss)
                     losses.append(loss.item())
@@ -331,15 +351,19 @@ class SelfRewardRL(L.LightningModule):
             metrics["train/kl"] = sums["kl"] / max(tokens, 1.0)
         return metrics
 
-    def micro_batch_loss(self, rollout, advantages, part, normalizer, plan: UpdatePlan):
+    def micro_batch_loss(
+        self, rollout, advantages, part, normalizer, plan: UpdatePlan, logprobs=None
+    ):
         """Loss of rows `part` scaled for accumulation, its token-mean statistics, and its
-        token count. An empty part gives a zero loss that still touches every parameter (so
-        collective backward passes stay matched)."""
+        token count; `logprobs`, when the forward ran ahead, are its output. An empty part
+        gives a zero loss that still touches every parameter (so collective backward passes
+        stay matched)."""
         algo = self.algorithm
         empty = len(part) == 0
-        rows = part if not empty else torch.zeros(1, dtype=torch.long, device=self.device)
+        rows = self.rows_of(part)
         mask = rollout.response_mask[rows] * (0.0 if empty else 1.0)
-        logprobs = self.token_logprobs(self.policy, rollout, rows)
+        if logprobs is None:
+            logprobs = self.token_logprobs(self.policy, rollout, rows)
         # one optimizer step per rollout: this very forward is the policy that sampled
         old = logprobs.detach() if plan.old_logprobs is None else plan.old_logprobs[rows]
         loss, stats = policy_loss(

@@ -10,7 +10,10 @@ come from the same weights, dtype and code path as the training forward, or the 
 on-policy step is not 1. With a single optimizer step per rollout (one epoch, one mini-batch)
 they are the detached log-probs of the training forward itself; otherwise one no-grad pass
 through the training path, over the first epoch's very micro-batches, computes them before the
-first step. KL in the reward needs them before the advantages, so it asks for that pass too.
+first step. KL in the reward needs them before the advantages, so it asks for that pass too;
+with one optimizer step and `algorithm.hold_graphs`, the step's training forward runs ahead
+instead and its graphs are held until the backward (one forward fewer, the activations of
+every micro-batch held at once).
 """
 
 from __future__ import annotations
@@ -26,12 +29,14 @@ from torch import Tensor
 class UpdatePlan:
     """`epochs[e][m]` lists the micro-batches (row indices, possibly empty) of mini-batch m
     of epoch e. `old_logprobs` / `ref_logprobs` [R, G] hold the training-path log-probs of
-    the kept rows when computed ahead (zero elsewhere); None otherwise."""
+    the kept rows when computed ahead (zero elsewhere); None otherwise. `held[i]`, when the
+    only step's forward ran ahead, is micro-batch i's log-probs with their graph."""
 
     keep: Tensor
     epochs: list[list[list[Tensor]]] = field(default_factory=list)
     old_logprobs: Tensor | None = None
     ref_logprobs: Tensor | None = None
+    held: list[Tensor] | None = None
 
     @property
     def optimizer_steps(self) -> int:
