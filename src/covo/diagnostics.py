@@ -159,8 +159,8 @@ def verdict_counts(outcomes: list[PromptOutcome]) -> dict[str, int]:
     )
     counts = dict.fromkeys(names, 0)
     for o in outcomes:
-        for passed, correct, size in zip(o.passed, o.judged_correct, o.judged_sizes):
-            passed = passed > 0
+        for verdict, correct, size in zip(o.passed, o.judged_correct, o.judged_sizes):
+            passed = verdict > 0
             counts["correct_clusters" if correct else "wrong_clusters"] += 1
             counts["correct_passed"] += correct and passed
             counts["wrong_rejected"] += not correct and not passed

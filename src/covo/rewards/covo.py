@@ -109,7 +109,7 @@ class CoVoReward(AnswerClustering):
     Knobs (paper vs released code, COVO_SPEC section 11; the defaults are the released code's):
     `extractor` (a key of `covo.answers.EXTRACTORS`), `colon_merge` (`pairs` | `chains`, see
     `covo.segmentation`), `aggregation` (a key of `AGGREGATIONS`), `mode` (`binary`: 1 when
-    the cluster value >= `threshold`; `continuous`: the value), `include_prompt_state`,
+    the cluster passes, see `select`; `continuous`: the value), `include_prompt_state`,
     `distance_tokens` (`answer` | `template_and_answer`), `newline_scored` (with
     `template_and_answer`: the token holding the newline before the template is scored too),
     `ties_consistent`, `volatility_index` (`released` | `paper`), `curiosity`
@@ -118,10 +118,10 @@ class CoVoReward(AnswerClustering):
     Guards that neither reading has (off by default; `covo.rewards.covo_select`):
     `min_states` (a trajectory with fewer states takes no part in its cluster's value; a
     cluster with no longer member has no value: it fails, its members get reward 0 and score
-    `NO_ANSWER_SCORE`), `short_penalty` (None, or the reward every such short trajectory gets
-    instead, curiosity included), `select` (`threshold`: every cluster with value >=
-    `threshold` passes; `top1`: only the highest, ties to the larger cluster, then the earliest).
-    In binary mode the members of a passed cluster get 1.
+    `NO_ANSWER_SCORE`), `short_penalty` (None, or the whole reward of every such short
+    trajectory in a judged group, no curiosity added), `select` (`threshold`: every cluster
+    with value >= `threshold` passes; `top1`: only the highest, ties to the larger cluster,
+    then the earliest).
 
     Output: `scores` = the cluster's aggregated value (`NO_ANSWER_SCORE` without an answer, 0
     when K <= 1); components `consistency`, `volatility`, `curiosity` (NaN when off),
