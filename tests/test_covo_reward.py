@@ -13,6 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from covo.rewards.base import Group
 from covo.rewards.covo import NO_ANSWER_SCORE, CoVoReward, build_branches
+from covo.rewards.covo_select import pass_threshold, pass_top1
 from covo.rewards.covo_stats import CURIOSITY_FORMS
 from covo.scoring import NaiveScorer
 
@@ -68,9 +69,14 @@ def response(answer: str | None, i: int) -> list[str]:
 
 def make_case(answers, distances, nll_per_token=None):
     """Group of responses with `answers` and a scorer returning `distances[i]` for response i."""
+    tokens = [response(a, i) for i, a in enumerate(answers)]
+    return case_of_tokens(tokens, distances, nll_per_token)
+
+
+def case_of_tokens(tokens, distances, nll_per_token=None):
+    """Group of responses made of `tokens[i]` and a scorer returning `distances[i]`."""
     tok = WordTokenizer()
     prompt_ids = [tok.id(p) for p in PROMPT]
-    tokens = [response(a, i) for i, a in enumerate(answers)]
     ids = [[tok.id(t) for t in ts] for ts in tokens]
     nlls = nll_per_token or [[1.0] * len(ts) for ts in tokens]
     group = Group(
@@ -397,3 +403,126 @@ def test_reward_configs_compose(name):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         reward = instantiate(compose(overrides=[f"+reward={name}"]).reward)
     assert knobs(reward) == knobs(CoVoReward()) | CONFIG_CHANGES[name]
+
+
+def one_line(answer: str, i: int) -> list[str]:
+    """A bare answer, no reasoning: one step, so T = 1."""
+    return ["Just" + "abcdefgh"[i], " \\boxed{" + answer + "}"]
+
+
+# Four responses, K = 3; columns "5", "4", "6". With 3 states each row picks who is nearest:
+# r0 "5": ratios (2, 1/2, 1/2) -> Con 2/3, Vol (0 + 1) / 3 = 1/3
+# r1 "4": ratios (2, 1/2, 1/2) -> Con 2/3, Vol 1/3 (the same as r0)
+# r2 "4", one line: ratio 1/2 -> Con 1, Vol 0
+# r3 "6", one line: ratio 1/2 -> Con 1, Vol 0
+SHORTCUT = (
+    [response("5", 0), response("4", 1), one_line("4", 2), one_line("6", 3)],
+    [
+        [[2.0, 1.0, 3.0], [1.0, 2.0, 3.0], [1.0, 2.0, 3.0]],
+        [[1.0, 2.0, 3.0], [2.0, 1.0, 3.0], [2.0, 1.0, 3.0]],
+        [[2.0, 1.0, 3.0]],
+        [[2.0, 3.0, 1.0]],
+    ],
+)
+# RiV of one member = its Con; "4" with both members: (2/3, 1/3) and (1, 0) -> RIV_4
+RIV_ONE = 2 / 3
+
+
+def test_one_line_answers_top_the_released_rule():
+    group, scorer = case_of_tokens(*SHORTCUT)
+    out = CoVoReward()(group, scorer)
+    assert out.clusters == [0, 1, 1, 2]
+    assert out.components["num_states"] == [3.0, 3.0, 1.0, 1.0]
+    assert out.scores == pytest.approx([RIV_ONE, RIV_4, RIV_4, 1.0], abs=1e-6)
+    # the bare "6" scores highest of all and passes with the others
+    assert out.verdicts == [True, True, True]
+    assert out.rewards == [1.0] * 4
+
+
+def test_min_states_drops_short_trajectories_from_their_cluster():
+    group, scorer = case_of_tokens(*SHORTCUT)
+    out = CoVoReward(min_states=2)(group, scorer)
+    # "5" 2/3; "4" counts r1 only: 2/3; "6" has no member with 2 states: no value, fails
+    assert out.verdicts == [True, True, False]
+    assert out.scores == pytest.approx([RIV_ONE, RIV_ONE, RIV_ONE, NO_ANSWER_SCORE], abs=1e-6)
+    assert out.components["intrinsic"][:3] == pytest.approx([RIV_ONE] * 3, abs=1e-6)
+    assert math.isnan(out.components["intrinsic"][3])
+    # r2 gave the answer of a passing cluster: it keeps that reward
+    assert out.rewards == [1.0, 1.0, 1.0, 0.0]
+    # its own Con / Vol are still reported
+    assert out.components["consistency"] == pytest.approx([2 / 3, 2 / 3, 1.0, 1.0])
+    assert out.group_metrics["pass_frac"] == pytest.approx(2 / 3)
+
+
+def test_short_penalty_replaces_the_reward_of_short_trajectories():
+    group, scorer = case_of_tokens(*SHORTCUT)
+    out = CoVoReward(min_states=2, short_penalty=-0.5)(group, scorer)
+    assert out.rewards == [1.0, 1.0, -0.5, -0.5]
+    assert out.verdicts == [True, True, False]
+    # without min_states no trajectory is short: the penalty never applies
+    assert CoVoReward(short_penalty=-0.5)(group, scorer).rewards == [1.0] * 4
+
+
+def test_a_cluster_of_short_trajectories_gets_nothing_in_continuous_mode():
+    group, scorer = case_of_tokens(*SHORTCUT)
+    out = CoVoReward(mode="continuous", min_states=2)(group, scorer)
+    assert out.rewards == pytest.approx([RIV_ONE, RIV_ONE, RIV_ONE, 0.0], abs=1e-6)
+    released = CoVoReward(mode="continuous")(group, scorer)
+    assert released.rewards == pytest.approx([RIV_ONE, RIV_4, RIV_4, 1.0], abs=1e-6)
+
+
+def test_top1_passes_only_the_highest_cluster():
+    group, scorer = case_of_tokens(*SHORTCUT)
+    # values 2/3, RIV_4, 1: alone, top1 picks the bare "6"
+    out = CoVoReward(select="top1")(group, scorer)
+    assert out.verdicts == [False, False, True]
+    assert out.rewards == [0.0, 0.0, 0.0, 1.0]
+    assert out.group_metrics["pass_frac"] == pytest.approx(1 / 3)
+
+
+def test_guarded_ties_go_to_the_larger_cluster():
+    group, scorer = case_of_tokens(*SHORTCUT)
+    # "5" and "4" (r1 counted) tie at exactly the same value; "4", seen later, has 2 members
+    out = CoVoReward(min_states=2, select="top1")(group, scorer)
+    assert out.scores[0] == out.scores[1]
+    assert out.verdicts == [False, True, False]
+    assert out.rewards == [0.0, 1.0, 1.0, 0.0]
+
+
+def test_top1_full_ties_go_to_the_cluster_seen_first():
+    # "5" then "4", each one response with the same Con 1, Vol 0: equal value and size
+    distances = [[[1.0, 2.0]] * 3, [[2.0, 1.0]] * 3]
+    group, scorer = case_of_tokens([response("5", 0), response("4", 1)], distances)
+    out = CoVoReward(select="top1")(group, scorer)
+    assert out.details["representatives"] == ["5", "4"]
+    assert out.scores == [1.0, 1.0]
+    assert out.verdicts == [True, False]
+    assert out.rewards == [1.0, 0.0]
+
+
+def test_top1_ignores_the_threshold_and_no_value_passes_nothing():
+    assert pass_top1([0.1, 0.2], [1, 1], 0.5) == [False, True]
+    assert pass_threshold([0.1, 0.2], [1, 1], 0.5) == [False, False]
+    # every response one line: no cluster has a value, none passes, every reward is 0
+    tokens = [one_line(a, i) for i, a in enumerate(["4", "5", "5"])]
+    group, scorer = case_of_tokens(tokens, [[[1.0, 2.0]], [[2.0, 1.0]], [[2.0, 1.0]]])
+    out = CoVoReward(min_states=2, select="top1")(group, scorer)
+    assert out.verdicts == [False, False]
+    assert out.rewards == [0.0, 0.0, 0.0]
+    assert out.scores == [NO_ANSWER_SCORE] * 3
+
+
+def test_bad_guard_values_are_refused():
+    with pytest.raises(ValueError, match="min_states must be an integer >= 1, got 0"):
+        CoVoReward(min_states=0)
+    with pytest.raises(ValueError, match="unknown select 'best'; valid: threshold, top1"):
+        CoVoReward(select="best")
+
+
+def test_covo_guarded_is_covo_with_the_guards_on():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        guarded = instantiate(compose(overrides=["+reward=covo_guarded"]).reward)
+        covo = instantiate(compose(overrides=["+reward=covo"]).reward)
+    assert knobs(guarded) == knobs(covo)
+    assert (guarded.min_states, guarded.short_penalty, guarded.select) == (2, None, "top1")
+    assert (covo.min_states, covo.short_penalty, covo.select) == (1, None, "threshold")

@@ -117,6 +117,48 @@ def test_undefined_entries_are_omitted():
     assert reward_diagnostics([group(["3"], [0.0])], [None], EQ) == {}
 
 
+def test_verdict_shares_of_the_batch(batch):
+    metrics = reward_diagnostics(*batch, EQ)
+    # judged clusters: correct {2} passed, {5} passed -> 2 / 2;
+    # wrong {3} passed, {4} and {6} rejected -> 2 / 3
+    assert metrics["diag/correct_pass_rate"] == 1.0
+    assert metrics["diag/wrong_reject_rate"] == pytest.approx(2 / 3)
+    assert metrics["diag/balanced_reward_accuracy"] == pytest.approx(5 / 6)
+    # passed {2} (2 members, correct), {3} (1, wrong), {5} (1, correct)
+    assert metrics["diag/pass_precision"] == pytest.approx(2 / 3)
+    assert metrics["diag/singleton_pass_share"] == pytest.approx(2 / 3)
+
+
+def test_rejecting_every_cluster_is_balanced_at_one_half():
+    # one correct answer "1" among four: rejecting all is right about the three wrong ones
+    answers = ["1", "2", "3", "4"]
+    reject_all = reward_diagnostics([group(answers, [0.0] * 4, [False] * 4)], ["1"], EQ)
+    assert reject_all["diag/reward_accuracy"] == pytest.approx(3 / 4)
+    assert reject_all["diag/balanced_reward_accuracy"] == pytest.approx(0.5)
+    assert "diag/pass_precision" not in reject_all  # nothing passed
+    pass_all = reward_diagnostics([group(answers, [0.0] * 4, [True] * 4)], ["1"], EQ)
+    assert pass_all["diag/reward_accuracy"] == pytest.approx(1 / 4)
+    assert pass_all["diag/balanced_reward_accuracy"] == pytest.approx(0.5)
+    assert pass_all["diag/pass_precision"] == pytest.approx(1 / 4)
+    assert pass_all["diag/singleton_pass_share"] == 1.0
+
+
+def test_verdict_shares_pool_clusters_over_prompts():
+    results = [
+        # correct {1} passed, wrong {2, 2} passed
+        group(["1", "2", "2"], [0.0] * 3, [True, True]),
+        # correct {5} rejected, wrong {6}, {7}, {8} rejected
+        group(["5", "6", "7", "8"], [0.0] * 4, [False] * 4),
+    ]
+    metrics = reward_diagnostics(results, ["1", "5"], EQ)
+    # pooled: correct 1 of 2 passed, wrong 3 of 4 rejected -> (1/2 + 3/4) / 2 = 5/8;
+    # per prompt first would give ((1 + 0) / 2 + (0 + 1) / 2) / 2 = 1/2
+    assert metrics["diag/balanced_reward_accuracy"] == pytest.approx(5 / 8)
+    assert metrics["diag/reward_accuracy"] == pytest.approx(4 / 6)
+    assert metrics["diag/pass_precision"] == pytest.approx(1 / 2)
+    assert metrics["diag/singleton_pass_share"] == pytest.approx(1 / 2)
+
+
 def test_distance_curves_bin_trajectories_of_different_length():
     ratios = [[0.8, 0.6], [1.2, 1.0, 0.9, 0.5], [1.5, 1.1, 0.7], None]
     results = [

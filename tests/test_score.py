@@ -197,6 +197,27 @@ def test_dumped_ids_reproduce_D_with_the_naive_scorer(scored):
         )
 
 
+def test_guarded_rewards_and_the_states_table(tmp_path, capsys):
+    # T = 1, 2, 1: with min_states=2 only the second response counts, so "5" has no value and
+    # "4" is the only cluster top1 can pass, whatever the model's distances
+    item = {
+        "prompt": "What is 2 + 2?",
+        "responses": ["\\boxed{4}", "First 2 + 2 = 4.\nSo \\boxed{4}", "\\boxed{5}"],
+        "answer": "4",
+    }
+    _, summary, [record] = run(tmp_path, [json.dumps(item)], "reward=covo_guarded")
+    assert [r["reward"] for r in record["responses"]] == [1.0, 1.0, 0.0]
+    assert [c["verdict"] for c in record["clusters"]] == [True, False]
+    assert summary["diag/reward_states_1"] == pytest.approx(0.5)
+    assert summary["diag/reward_states_2_3"] == 1.0
+    assert summary["diag/one_state_share"] == pytest.approx(2 / 3)
+    assert summary["diag/balanced_reward_accuracy"] == 1.0
+    assert summary["diag/singleton_pass_share"] == 0.0
+    out = capsys.readouterr().out
+    assert "| 1 | 2 | 0.667 | 0.5000 | 0.500 |\n| 2-3 | 1 | 0.333 | 1.0000 | 1.000 |" in out
+    assert "passed clusters: correct 1.0000, singletons 0.0000; correct clusters passed " in out
+
+
 def test_plot_is_a_png(scored):
     cfg = scored[0]
     assert Path(cfg.plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

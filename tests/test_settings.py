@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -74,6 +75,23 @@ def test_bad_train_settings_name_key_value_and_range(tmp_path, override, message
         check_train(train_cfg(tmp_path, *overrides))
     assert str(err.value).startswith(message)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("reward.min_states=0", "reward.min_states=0: expected an integer >= 1"),
+        ("reward.min_states=1.5", "reward.min_states=1.5: expected an integer >= 1"),
+        ("reward.short_penalty=abc", "reward.short_penalty=abc: expected null or a number"),
+        ("reward.select=top2", "reward.select=top2: expected threshold or top1"),
+    ],
+)
+def test_bad_cluster_guards_name_key_value_and_range(tmp_path, override, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        check_train(train_cfg(tmp_path, "reward=covo_guarded", override))
+    score_cfg = compose_config("score", ["model=tiny", "input=a", "output=b", override], tmp_path)
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        check_score(score_cfg)
 
 
 def test_group_baselines_need_two_samples(tmp_path):

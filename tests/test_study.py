@@ -156,6 +156,39 @@ def test_majority_numbers_of_hand_made_samples(tmp_path, hand_made):
     assert difference["low"] <= difference["value"] <= difference["high"]
 
 
+def test_verdict_and_state_numbers_of_hand_made_samples(tmp_path, hand_made, capsys):
+    cfg = hand_made_config(tmp_path, *hand_made, "rewards=[majority,covo_guarded]")
+    results = study(cfg)
+    majority = results["rewards"]["majority"]
+    # judged clusters: correct {4} passed, {12} rejected -> 1/2; wrong {5} rejected,
+    # {7} passed, {9} rejected -> 2/3
+    assert majority["correct_pass_rate"]["value"] == pytest.approx(1 / 2)
+    assert majority["wrong_reject_rate"]["value"] == pytest.approx(2 / 3)
+    assert majority["balanced_reward_accuracy"]["value"] == pytest.approx(7 / 12)
+    # passed {4} (2 members, correct) and {7} (2 members, wrong)
+    assert majority["pass_precision"]["value"] == pytest.approx(1 / 2)
+    assert majority["singleton_pass_share"]["value"] == 0.0
+    assert majority["one_state_share"]["value"] is None  # majority counts no states
+    guarded = results["rewards"]["covo_guarded"]
+    # every response is one line (T = 1): with min_states=2 no cluster has a value, none passes
+    assert guarded["reward_accuracy"]["value"] == pytest.approx(3 / 5)
+    assert guarded["balanced_reward_accuracy"]["value"] == pytest.approx(1 / 2)
+    assert guarded["pass_precision"]["value"] is None
+    # scored: the 3 answered responses of prompt 1 and the 4 of prompt 2, 3 of them correct
+    assert guarded["one_state_share"]["value"] == 1.0
+    assert guarded["reward_states_1"]["value"] == 0.0
+    assert guarded["correct_states_1"]["value"] == pytest.approx(3 / 7)
+    assert guarded["reward_states_2_3"]["value"] is None
+    difference = results["differences"]["covo_guarded"]["balanced_reward_accuracy"]
+    assert difference["value"] == pytest.approx(1 / 2 - 7 / 12)
+    assert results["prompts"][1]["rewards"]["majority"]["wrong_rejected"] == 1
+    assert results["prompts"][0]["rewards"]["covo_guarded"]["states"]["1"] == [3, 0.0, 2]
+    out = capsys.readouterr().out
+    assert "| reward | balanced reward accuracy | correct clusters passed |" in out
+    assert "| covo_guarded | 1.000 [1.000, 1.000] | 0.000 [0.000, 0.000] | - | - |" in out
+    assert "| reward - majority | Δ reward accuracy | Δ balanced reward accuracy |" in out
+
+
 @pytest.mark.parametrize(
     "overrides,message",
     [

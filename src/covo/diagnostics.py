@@ -87,13 +87,18 @@ def _mean(values: list[float]) -> float:
     return math.fsum(values) / len(values) if values else math.nan
 
 
+def _share(part: float, whole: float) -> float:
+    return part / whole if whole else math.nan
+
+
 @dataclass
 class PromptOutcome:
     """One labelled prompt's share of the diagnostics, to be pooled over prompts.
 
     `verdict_hits` / `majority_hits` / `passed`: per cluster, 1.0 when the reward's verdict
     (/ "is the majority cluster") equals the cluster's correctness, and 1.0 when the verdict
-    passed; empty unless K >= 2 and the reward passes a verdict per cluster. `scores` /
+    passed; empty unless K >= 2 and the reward passes a verdict per cluster; `judged_correct`
+    and `judged_sizes`: the correctness and member count of those same clusters. `scores` /
     `correct`: the finite per-response scores and each response's correctness. `label_hit` /
     `majority_label_hit`: the top cluster (highest mean score / most members; ties -> earliest)
     is correct. `num_answers`: K; `entropy`: of the cluster sizes (NaN without answers).
@@ -102,6 +107,8 @@ class PromptOutcome:
     verdict_hits: list[float]
     majority_hits: list[float]
     passed: list[float]
+    judged_correct: list[bool]
+    judged_sizes: list[int]
     scores: list[float]
     correct: list[bool]
     label_hit: float
@@ -127,6 +134,8 @@ def prompt_outcome(res: GroupReward, label: str, equivalence: AnswerEquivalence)
         verdict_hits=verdict_hits,
         majority_hits=majority_hits,
         passed=passed,
+        judged_correct=cluster_correct if passed else [],
+        judged_sizes=sizes if passed else [],
         scores=[s for _, s in finite],
         correct=[equivalence.is_correct(a, label) for a, _ in finite],
         label_hit=float(top >= 0 and cluster_correct[top]),
@@ -134,6 +143,53 @@ def prompt_outcome(res: GroupReward, label: str, equivalence: AnswerEquivalence)
         num_answers=len(sizes),
         entropy=_entropy(sizes) if sizes else math.nan,
     )
+
+
+def verdict_counts(outcomes: list[PromptOutcome]) -> dict[str, int]:
+    """Judged clusters (prompts with K >= 2) pooled over `outcomes`: `correct_clusters` and
+    those of them `correct_passed`, `wrong_clusters` and those `wrong_rejected`, `passed` ones
+    and those of them `passed_singletons` (one member)."""
+    names = (
+        "correct_clusters",
+        "correct_passed",
+        "wrong_clusters",
+        "wrong_rejected",
+        "passed",
+        "passed_singletons",
+    )
+    counts = dict.fromkeys(names, 0)
+    for o in outcomes:
+        for verdict, correct, size in zip(o.passed, o.judged_correct, o.judged_sizes):
+            passed = verdict > 0
+            counts["correct_clusters" if correct else "wrong_clusters"] += 1
+            counts["correct_passed"] += correct and passed
+            counts["wrong_rejected"] += not correct and not passed
+            counts["passed"] += passed
+            counts["passed_singletons"] += passed and size == 1
+    return counts
+
+
+def verdict_diagnostics(outcomes: list[PromptOutcome]) -> dict[str, float]:
+    """Where a reward's verdicts go, over the clusters of prompts with K >= 2, pooled as
+    `diag/reward_accuracy` pools them (NaN where a share has no clusters to count):
+
+    - correct_pass_rate: share of the correct clusters that passed;
+    - wrong_reject_rate: share of the wrong clusters that failed;
+    - balanced_reward_accuracy: the mean of the two (0.5 for passing all or rejecting all,
+      however few clusters are correct);
+    - pass_precision: share of the passed clusters that are correct;
+    - singleton_pass_share: share of the passed clusters that have one member.
+    """
+    n = verdict_counts(outcomes)
+    passes = _share(n["correct_passed"], n["correct_clusters"])
+    rejects = _share(n["wrong_rejected"], n["wrong_clusters"])
+    return {
+        "diag/balanced_reward_accuracy": (passes + rejects) / 2,
+        "diag/correct_pass_rate": passes,
+        "diag/wrong_reject_rate": rejects,
+        "diag/pass_precision": _share(n["correct_passed"], n["passed"]),
+        "diag/singleton_pass_share": _share(n["passed_singletons"], n["passed"]),
+    }
 
 
 def reward_diagnostics(
@@ -148,7 +204,8 @@ def reward_diagnostics(
     - label_accuracy / majority_label_accuracy: share of prompts whose top cluster (highest
       mean score / most members; ties -> earliest) is correct; no answers count as wrong.
     - num_answers: mean clusters per prompt; answer_entropy: mean entropy (nats) of the
-      cluster-size distribution over prompts with at least one answer.
+      cluster-size distribution over prompts with at least one answer;
+    - the verdict shares of `verdict_diagnostics`.
     """
     outcomes = [
         prompt_outcome(res, label, equivalence) for res, label in _labelled(results, labels)
@@ -165,6 +222,7 @@ def reward_diagnostics(
         "diag/majority_label_accuracy": _mean([o.majority_label_hit for o in outcomes]),
         "diag/num_answers": _mean([float(o.num_answers) for o in outcomes]),
         "diag/answer_entropy": _mean([o.entropy for o in outcomes if o.num_answers]),
+        **verdict_diagnostics(outcomes),
     }
     return {name: value for name, value in metrics.items() if not math.isnan(value)}
 

@@ -35,6 +35,7 @@ from covo.rewards.covo import CoVoReward, encode
 from covo.rollout import format_prompts, response_token_stats
 from covo.scoring import PrefixSharedScorer
 from covo.settings import check_score
+from covo.states_diagnostics import labelled_counts, pool, state_metrics, states_table
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 SCORING_DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -212,18 +213,44 @@ def plot_curves(results: list[GroupReward], labels: list, equivalence, path: str
     print(f"plot: {path}")
 
 
+def print_verdicts(summary: dict[str, float]) -> None:
+    """Where the verdicts went, then reward accuracy and AUROC (nan: nothing to count)."""
+
+    def get(name: str) -> float:
+        return summary.get(f"diag/{name}", math.nan)
+
+    print(
+        f"passed clusters: correct {get('pass_precision'):.4f}, singletons "
+        f"{get('singleton_pass_share'):.4f}; correct clusters passed "
+        f"{get('correct_pass_rate'):.4f}, wrong ones rejected {get('wrong_reject_rate'):.4f}: "
+        f"balanced reward accuracy {get('balanced_reward_accuracy'):.4f}"
+    )
+    print(f"reward accuracy {get('reward_accuracy'):.4f}, AUROC {get('auroc'):.4f}")
+
+
+def print_states(results: list[GroupReward], labels: list, equivalence) -> None:
+    """The table of reward by number of states, for a reward that counts states."""
+    counts = pool([labelled_counts(res, lab, equivalence) for res, lab in zip(results, labels)])
+    if any(responses for responses, _, _ in counts.values()):
+        with_correct = all(label is not None for label in labels)
+        print(
+            "reward by number of states (scored responses)\n" + states_table(counts, with_correct)
+        )
+
+
 def summarize(results: list[GroupReward], labels: list, equivalence) -> dict[str, float]:
-    """Counts, mean reward and (with labels) the `diag/...` metrics; prints them."""
+    """Counts, mean reward, the `diag/...` metrics (most need labels); prints them."""
     rewards = [r for res in results for r in res.rewards]
     summary = {
         "prompts": len(results),
         "responses": len(rewards),
         "mean_reward": math.fsum(rewards) / len(rewards),
+        **state_metrics(results),
     }
+    print_states(results, labels, equivalence)
     if any(label is not None for label in labels):
         summary.update(reward_diagnostics(results, labels, equivalence))
-        accuracy = summary.get("diag/reward_accuracy", math.nan)
-        print(f"reward accuracy {accuracy:.4f}, AUROC {summary.get('diag/auroc', math.nan):.4f}")
+        print_verdicts(summary)
     print(
         f"scored {summary['prompts']} prompts, {summary['responses']} responses, "
         f"mean reward {summary['mean_reward']:.4f}"
@@ -234,7 +261,8 @@ def summarize(results: list[GroupReward], labels: list, equivalence) -> dict[str
 def score(cfg: DictConfig) -> dict[str, float]:
     """Score every input line, writing (and flushing) its output line before reading the next.
 
-    Returns the summary: `prompts`, `responses`, `mean_reward`, and with labels `diag/...`.
+    Returns the summary: `prompts`, `responses`, `mean_reward` and `diag/...` (most of them
+    with labels only).
     """
     check_score(cfg)
     torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))

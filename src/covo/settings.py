@@ -86,6 +86,9 @@ REWARD_RULES: list[Rule] = [
     ("volatility_index", one_of("released", "paper"), "released or paper"),
     ("curiosity.form", one_of("released", "paper"), "released or paper"),
     ("curiosity.weight", at_least(0.0), "a number >= 0"),
+    ("min_states", *INT_GE1),
+    ("short_penalty", optional(_number), "null or a number"),
+    ("select", one_of("threshold", "top1"), "threshold or top1"),
 ]
 TRAIN_RULES: list[Rule] = [
     ("seed", _integer, "an integer"),

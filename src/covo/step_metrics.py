@@ -10,6 +10,7 @@ from covo.answers import AnswerEquivalence
 from covo.diagnostics import reward_diagnostics
 from covo.rewards.base import GroupReward
 from covo.rollout import Rollout
+from covo.states_diagnostics import state_metrics
 
 
 def nanmean(values: list[float]) -> float:
@@ -96,6 +97,7 @@ def reward_metrics(
     if correct is not None:
         metrics["diag/accuracy"] = nanmean([float(c) for group in correct for c in group])
     metrics.update(reward_diagnostics(results, labels, equivalence))
+    metrics.update(state_metrics(results))
     return {k: v for k, v in metrics.items() if not math.isnan(v)}
 
 

@@ -4,10 +4,12 @@ Samples N responses for each of M problems once (`covo.study_samples`: a score-i
 reused by the same study), then scores them with every reward in `rewards` in one pass: per
 prompt the group (token statistics, and the trajectories' keys and values for scorers) is built
 once and every reward judges it. Per reward: reward accuracy, AUROC, label accuracy, pass
-fraction, time and scorer tokens with bootstrap intervals over prompts, paired differences
-against `baseline`, and reward accuracy per bin of the model's per-prompt accuracy
-(`covo.study_metrics`). Labels are read for these diagnostics only. Writes `study.json` and
-`reward_accuracy_by_bin.png` into the run directory and prints the tables.
+fraction, time and scorer tokens, where the verdicts go (balanced reward accuracy, precision
+and singletons of the passed clusters) and reward by number of states, with bootstrap
+intervals over prompts, paired differences against `baseline`, and reward accuracy per bin of
+the model's per-prompt accuracy (`covo.study_metrics`). Labels are read for these diagnostics
+only. Writes `study.json` and `reward_accuracy_by_bin.png` into the run directory and prints
+the tables.
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from covo.answers import AnswerEquivalence, get_extractor
 from covo.data.jsonl import DataError
-from covo.diagnostics import prompt_outcome
+from covo.diagnostics import prompt_outcome, verdict_counts
 from covo.errors import exit_on_user_error
 from covo.eval.harness import resolve_device
 from covo.plots import accuracy_bins_figure, save_figure
 from covo.score import SCORING_DTYPES, finite, make_group
 from covo.scoring import PrefixSharedScorer
+from covo.states_diagnostics import labelled_counts
 from covo.study_metrics import markdown, summarize
 from covo.study_samples import load_or_sample, read_samples
 
@@ -117,13 +120,14 @@ def score_prompts(loaded, rewards: dict, records: list[dict], cfg: DictConfig) -
             entry["rewards"][name] = {
                 "hits": sum(o.verdict_hits),
                 "clusters": len(o.verdict_hits),
-                "passed": sum(o.passed),
                 "label_hit": o.label_hit,
                 "num_answers": o.num_answers,
                 "scores": o.scores,
                 "correct": o.correct,
                 "seconds": seconds,
                 "scorer_tokens": scorer.tokens_processed,
+                **verdict_counts([o]),
+                "states": labelled_counts(res, label, equivalence),
             }
         prompts.append(entry)
         took = entry["group_seconds"] + sum(r["seconds"] for r in entry["rewards"].values())

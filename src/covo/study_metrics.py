@@ -6,7 +6,10 @@ Input: one entry per prompt, `{"accuracy": share of the N samples that are corre
 "rewards": {name: outcome}}`, an outcome holding `hits` and `clusters` (verdicts equal to
 correctness, clusters judged: prompts with K >= 2), `passed` (clusters whose verdict passed),
 `label_hit` (the reward's top cluster is correct), `scores` and `correct` (per response),
-`seconds` (the reward's time) and `scorer_tokens` (tokens its scorer fed).
+`seconds` (the reward's time) and `scorer_tokens` (tokens its scorer fed), the judged clusters'
+`correct_clusters`, `correct_passed`, `wrong_clusters`, `wrong_rejected` and
+`passed_singletons` (`covo.diagnostics.verdict_counts`), and `states`: per bucket of states
+[responses, reward sum, correct responses] (`covo.states_diagnostics`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from covo.intervals import (
     resample_counts,
     restricted,
 )
+from covo.states_diagnostics import BUCKET_LABELS, BUCKETS
 
 METRICS = {
     "reward_accuracy": "reward accuracy",
@@ -31,7 +35,21 @@ METRICS = {
     "seconds": "s / prompt",
     "scorer_tokens": "scorer tokens / prompt",
 }
-COMPARED = ("reward_accuracy", "auroc", "label_accuracy")  # paired against the baseline
+VERDICT_METRICS = {
+    "balanced_reward_accuracy": "balanced reward accuracy",
+    "correct_pass_rate": "correct clusters passed",
+    "wrong_reject_rate": "wrong clusters rejected",
+    "pass_precision": "passed clusters correct",
+    "singleton_pass_share": "passed clusters singletons",
+}
+STATE_METRICS = {
+    "one_state_share": "share T = 1",
+    **{f"reward_states_{b}": f"reward T = {BUCKET_LABELS[b]}" for b in BUCKETS},
+    **{f"correct_states_{b}": f"correct T = {BUCKET_LABELS[b]}" for b in BUCKETS},
+}
+LABELS = {**METRICS, **VERDICT_METRICS, **STATE_METRICS}
+# paired against the baseline
+COMPARED = ("reward_accuracy", "balanced_reward_accuracy", "auroc", "label_accuracy")
 
 
 def statistics(prompts: list[dict], name: str) -> dict[str, Statistic]:
@@ -52,7 +70,37 @@ def statistics(prompts: list[dict], name: str) -> dict[str, Statistic]:
         "pass_frac": ratio_of_sums(column("passed"), column("clusters")),
         "seconds": ratio_of_sums(column("seconds"), ones),
         "scorer_tokens": ratio_of_sums(column("scorer_tokens"), ones),
+        **verdict_statistics(column),
+        **state_statistics([o["states"] for o in out]),
     }
+
+
+def verdict_statistics(column) -> dict[str, Statistic]:
+    """Shares of the judged clusters pooled over prompts, as reward accuracy pools them."""
+    passes = ratio_of_sums(column("correct_passed"), column("correct_clusters"))
+    rejects = ratio_of_sums(column("wrong_rejected"), column("wrong_clusters"))
+    return {
+        "balanced_reward_accuracy": lambda weights: (passes(weights) + rejects(weights)) / 2,
+        "correct_pass_rate": passes,
+        "wrong_reject_rate": rejects,
+        "pass_precision": ratio_of_sums(column("correct_passed"), column("passed")),
+        "singleton_pass_share": ratio_of_sums(column("passed_singletons"), column("passed")),
+    }
+
+
+def state_statistics(states: list[dict]) -> dict[str, Statistic]:
+    """Share of the scored responses with one state; mean reward and share correct of the
+    responses in each bucket of states, pooled over prompts."""
+
+    def column(bucket: str, j: int) -> np.ndarray:
+        return np.array([s[bucket][j] for s in states], float)
+
+    responses = sum(column(b, 0) for b in BUCKETS)
+    out = {"one_state_share": ratio_of_sums(column("1", 0), responses)}
+    for b in BUCKETS:
+        out[f"reward_states_{b}"] = ratio_of_sums(column(b, 1), column(b, 0))
+        out[f"correct_states_{b}"] = ratio_of_sums(column(b, 2), column(b, 0))
+    return out
 
 
 def bin_of(accuracy: float, edges: list[float]) -> int:
@@ -132,24 +180,34 @@ def bin_label(b: dict, last: bool) -> str:
     return f"[{b['low']:g}, {b['high']:g}{']' if last else ')'}"
 
 
-def markdown(summary: dict, baseline: str | None) -> str:
-    """The study's tables: metrics per reward, differences against the baseline, and reward
-    accuracy (and its difference) per bin of the model's accuracy."""
+def metrics_table(rewards: dict, columns: dict[str, str]) -> str:
+    """One row per reward, one column per metric in `columns`."""
     digits = {"seconds": 2, "scorer_tokens": 0}
+    return table(
+        ["reward", *columns.values()],
+        [
+            [name, *(cell(metrics[m], digits.get(m, 3)) for m in columns)]
+            for name, metrics in rewards.items()
+        ],
+    )
+
+
+def markdown(summary: dict, baseline: str | None) -> str:
+    """The study's tables: metrics per reward, where the verdicts go, reward by number of
+    states, differences against the baseline, and reward accuracy (and its difference) per bin
+    of the model's accuracy."""
     rewards = summary["rewards"]
     parts = [
-        table(
-            ["reward", *METRICS.values()],
-            [
-                [name, *(cell(metrics[m], digits.get(m, 3)) for m in METRICS)]
-                for name, metrics in rewards.items()
-            ],
-        )
+        metrics_table(rewards, METRICS),
+        "where the verdicts go (clusters of prompts with K >= 2)\n\n"
+        + metrics_table(rewards, VERDICT_METRICS),
+        "reward by number of states (responses the reward scored with T states)\n\n"
+        + metrics_table(rewards, STATE_METRICS),
     ]
     if summary["differences"]:
         parts.append(
             table(
-                [f"reward - {baseline}", *(f"Δ {METRICS[m]}" for m in COMPARED)],
+                [f"reward - {baseline}", *(f"Δ {LABELS[m]}" for m in COMPARED)],
                 [[n, *(cell(d[m]) for m in COMPARED)] for n, d in summary["differences"].items()],
             )
         )

@@ -16,6 +16,7 @@ import torch
 from covo.answers import AnswerEquivalence
 from covo.rewards.answered import AnswerClustering
 from covo.rewards.base import Group, GroupReward, Scorer
+from covo.rewards.covo_select import SELECTIONS, cluster_values
 from covo.rewards.covo_stats import (
     AGGREGATIONS,
     CURIOSITY_FORMS,
@@ -31,15 +32,16 @@ from covo.segmentation import COLON_MERGES, states, step_ends
 NO_ANSWER_SCORE = -1.0
 
 
-def _binary(value: float, threshold: float) -> float:
-    return float(value >= threshold)
+def _binary(value: float, passed: bool) -> float:
+    return float(passed)
 
 
-def _continuous(value: float, threshold: float) -> float:
+def _continuous(value: float, passed: bool) -> float:
     return value
 
 
-MODES: dict[str, Callable[[float, float], float]] = {"binary": _binary, "continuous": _continuous}
+# (cluster value, cluster passed) -> reward
+MODES: dict[str, Callable[[float, bool], float]] = {"binary": _binary, "continuous": _continuous}
 
 
 def _common_prefix_len(a: list[int], b: list[int]) -> int:
@@ -107,11 +109,19 @@ class CoVoReward(AnswerClustering):
     Knobs (paper vs released code, COVO_SPEC section 11; the defaults are the released code's):
     `extractor` (a key of `covo.answers.EXTRACTORS`), `colon_merge` (`pairs` | `chains`, see
     `covo.segmentation`), `aggregation` (a key of `AGGREGATIONS`), `mode` (`binary`: 1 when
-    the cluster value >= `threshold`; `continuous`: the value), `include_prompt_state`,
+    the cluster passes, see `select`; `continuous`: the value), `include_prompt_state`,
     `distance_tokens` (`answer` | `template_and_answer`), `newline_scored` (with
     `template_and_answer`: the token holding the newline before the template is scored too),
     `ties_consistent`, `volatility_index` (`released` | `paper`), `curiosity`
     (`{"form": "released" | "paper", "weight": w}`; w = 0 turns it off).
+
+    Guards that neither reading has (off by default; `covo.rewards.covo_select`):
+    `min_states` (a trajectory with fewer states takes no part in its cluster's value; a
+    cluster with no longer member has no value: it fails, its members get reward 0 and score
+    `NO_ANSWER_SCORE`), `short_penalty` (None, or the whole reward of every such short
+    trajectory in a judged group, no curiosity added), `select` (`threshold`: every cluster
+    with value >= `threshold` passes; `top1`: only the highest, ties to the larger cluster,
+    then the earliest).
 
     Output: `scores` = the cluster's aggregated value (`NO_ANSWER_SCORE` without an answer, 0
     when K <= 1); components `consistency`, `volatility`, `curiosity` (NaN when off),
@@ -138,6 +148,9 @@ class CoVoReward(AnswerClustering):
         ties_consistent: bool = False,
         volatility_index: str = "released",
         curiosity: Mapping | None = None,
+        min_states: int = 1,
+        short_penalty: float | None = None,
+        select: str = "threshold",
         template: str = "The answer is: \\boxed{",
         timeout_s: float = 2.0,
         equivalence: AnswerEquivalence | None = None,
@@ -148,9 +161,12 @@ class CoVoReward(AnswerClustering):
             ("colon_merge", colon_merge, COLON_MERGES),
             ("distance_tokens", distance_tokens, SCORED_FROM),
             ("volatility_index", volatility_index, VOLATILITY_OFFSETS),
+            ("select", select, SELECTIONS),
         ]:
             if value not in valid:
                 raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
+        if isinstance(min_states, bool) or not isinstance(min_states, int) or min_states < 1:
+            raise ValueError(f"min_states must be an integer >= 1, got {min_states!r}")
         curiosity = dict(curiosity or {})
         form = curiosity.get("form", "released")
         if form not in CURIOSITY_FORMS:
@@ -171,6 +187,10 @@ class CoVoReward(AnswerClustering):
         self.curiosity = CURIOSITY_FORMS[form]
         self.curiosity_weight = float(curiosity.get("weight", 0.0))
         self.template = template
+        self.min_states = min_states
+        self.short_penalty = short_penalty
+        self.select = select
+        self.pass_clusters = SELECTIONS[select]
 
     def branch_ids(self, tokenizer, representatives: list[str]) -> dict[str, list]:
         """The token ids this reward builds its branches from, for recomputing D elsewhere.
@@ -260,20 +280,29 @@ class CoVoReward(AnswerClustering):
             comp["num_states"][i] = float(len(state_ends))
             details["state_ends"][i], details["D"][i] = state_ends, D.tolist()
             details["ratios"][i] = ratios.tolist()
+        self._reward_clusters(texts, out)
 
-        members = [[i for i in texts if out.clusters[i] == c] for c in range(len(representatives))]
-        values = [
-            self.aggregate([comp["consistency"][i] for i in m], [comp["volatility"][i] for i in m])
-            for m in members
-        ]
-        out.verdicts = [value >= self.threshold for value in values]
+    def _reward_clusters(self, texts: dict, out: GroupReward) -> None:
+        """Cluster values, verdicts and rewards from the answered responses' Con / Vol."""
+        comp, states = out.components, out.components["num_states"]
+        k = len(out.details["representatives"])
+        members = [[i for i in texts if out.clusters[i] == c] for c in range(k)]
+        cons, vols = comp["consistency"], comp["volatility"]
+        values = cluster_values(members, cons, vols, states, self.min_states, self.aggregate)
+        out.verdicts = self.pass_clusters(values, [len(m) for m in members], self.threshold)
         out.group_metrics["pass_frac"] = sum(out.verdicts) / len(values)
         for i in texts:
-            value = values[out.clusters[i]]
-            out.scores[i] = comp["intrinsic"][i] = value
-            out.rewards[i] = self.to_reward(value, self.threshold)
-            if self.curiosity_weight > 0:
-                out.rewards[i] += self.curiosity_weight * self.curiosity.bonus(comp["curiosity"][i])
+            value, passed = values[out.clusters[i]], out.verdicts[out.clusters[i]]
+            if value is not None:
+                out.scores[i] = comp["intrinsic"][i] = value
+                out.rewards[i] = self.to_reward(value, passed)
+                if self.curiosity_weight > 0:
+                    bonus = self.curiosity.bonus(comp["curiosity"][i])
+                    out.rewards[i] += self.curiosity_weight * bonus
+            else:
+                out.scores[i] = NO_ANSWER_SCORE
+            if self.short_penalty is not None and states[i] < self.min_states:
+                out.rewards[i] = float(self.short_penalty)
 
     def __call__(self, group: Group, scorer: Scorer) -> GroupReward:
         """Rewards of one group; K <= 1 answer clusters give every response 0."""
