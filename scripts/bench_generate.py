@@ -29,8 +29,10 @@ import torch
 from transformers import DynamicCache, LogitsProcessorList, StaticCache
 
 from covo.engine import SamplingStatistics
-from covo.model import PACKAGED, load_packaged
+from covo.model import QWEN_CODER_05B, SMOLLM2, load_packaged
 from covo.rollout import encode_prompts, format_prompts
+
+PACKAGED = {"smollm2": SMOLLM2, "qwen_coder_05b": QWEN_CODER_05B}
 
 
 def prompts(n: int) -> list[str]:

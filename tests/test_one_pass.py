@@ -110,7 +110,7 @@ def test_static_cache_engine_matches_the_dynamic_one():
         got = getattr(rollout, name)
         assert (got - forward[name] * rollout.response_mask).abs().max() <= 1e-4, name
     # the static cache's keys are those of each trajectory fed alone
-    for r, cache in enumerate(rollout.context_caches):
+    for cache in rollout.context_caches:
         with torch.no_grad():
             alone = loaded.model(torch.tensor([cache.ids]), use_cache=True).cache
         for (k, v), layer in zip(cache.layers, alone.layers):

@@ -6,8 +6,8 @@ import random
 
 import torch
 
-from covo.model import build_tiny
 from covo.engine import Generation
+from covo.model import build_tiny
 from covo.rollout import build_rollout, format_prompts
 from covo.scoring import NaiveScorer, PrefixSharedScorer
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -158,8 +159,8 @@ def test_held_forward_gives_the_same_step_with_one_forward_fewer(tiny_cfg, monke
                 "trainer.precision=32-true",
             )
         runs[hold] = (module, optimizer, seen, initial)
-    for hold, (module, optimizer, seen, initial) in runs.items():
-        ((rollout, advantages, plan),) = seen
+    for hold, run in runs.items():
+        ((_, _, plan),) = run[2]
         assert (plan.held is not None) == (hold == "true")
     # the same rollout, advantages and gradients either way
     (held_rollout, held_adv, held_plan) = runs["true"][2][0]
@@ -196,13 +197,13 @@ def test_held_forward_gives_the_same_step_with_one_forward_fewer(tiny_cfg, monke
 
 def test_held_forward_saves_one_policy_forward_per_micro_batch(tiny_cfg, monkeypatch):
     counts = {}
+    token_logprobs = covo.module.SelfRewardRL.token_logprobs
     for hold in ("true", "false"):
         calls = []
-        token_logprobs = covo.module.SelfRewardRL.token_logprobs
 
-        def counting(self, model, *args, **kwargs):
+        def counting(self, model, *args, calls=calls, original=token_logprobs, **kwargs):
             calls.append(model is self.policy)
-            return token_logprobs(self, model, *args, **kwargs)
+            return original(self, model, *args, **kwargs)
 
         with monkeypatch.context() as patch:
             patch.setattr(covo.module.SelfRewardRL, "token_logprobs", counting)
@@ -332,6 +333,24 @@ def test_a_rollout_with_every_group_filtered_makes_no_step(tiny_cfg):
     assert trainer.global_step == 0
     assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 0
     assert all(torch.equal(p, b) for p, b in zip(module.policy.parameters(), before))
+
+
+def test_a_run_whose_rollouts_never_step_stops_after_the_idle_bound(tiny_cfg, caplog):
+    cfg = tiny_cfg(
+        "reward=ground_truth",  # 0 everywhere on the tiny model: every group is filtered
+        "callbacks=none",
+        "logger=none",
+        "export_dir=null",
+        "trainer.max_steps=5",
+        "algorithm.max_idle_rollouts=3",
+    )
+    module, datamodule, trainer = build(cfg)
+    with caplog.at_level(logging.WARNING, logger="covo.module"):
+        trainer.fit(module, datamodule=datamodule)
+    assert trainer.fit_loop.epoch_loop.batch_progress.total.completed == 3
+    assert trainer.global_step == 0
+    [line] = [r.getMessage() for r in caplog.records if "no optimizer step" in r.getMessage()]
+    assert line.startswith("stopping at step 0 of 5: 3 rollouts in a row")
 
 
 def test_cosine_lr_at_every_optimizer_step():

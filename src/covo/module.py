@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ from covo.settings import PRECISION_COMPUTE
 from covo.step_metrics import reward_metrics, rollout_metrics, sample_table
 from covo.update import UpdatePlan, needs_old_logprobs_pass, plan_epochs
 from covo.views import sample_views, training_rows
+
+log = logging.getLogger(__name__)
 
 
 def hold_unregistered(module: torch.nn.Module, name: str, value) -> None:
@@ -168,6 +171,23 @@ class SelfRewardRL(L.LightningModule):
         update = self.update(trained, advantages, plan)
         self.timings["time/update_s"] = time.perf_counter() - start
         self.log_step(rollout, trained, scored, plan, update)
+        self.stop_when_idle(plan)
+
+    def stop_when_idle(self, plan: UpdatePlan) -> None:
+        """Stop cleanly after `algorithm.max_idle_rollouts` rollouts in a row without an
+        optimizer step (every group filtered away: the run would never reach max_steps)."""
+        self.idle_rollouts = 0 if plan.epochs else getattr(self, "idle_rollouts", 0) + 1
+        limit = self.algorithm.get("max_idle_rollouts")
+        if limit and self.idle_rollouts >= limit:
+            log.warning(
+                "stopping at step %d of %d: %d rollouts in a row made no optimizer step (every"
+                " group was filtered by algorithm.filter; set algorithm.filter.drop_all_zero=false"
+                " or pick a reward this model can earn)",
+                self.global_step,
+                self.trainer.max_steps,
+                self.idle_rollouts,
+            )
+            self.trainer.should_stop = True
 
     def rollout(self, prompts: list[str]) -> Rollout:
         start = time.perf_counter()

@@ -96,6 +96,8 @@ TRAIN_RULES: list[Rule] = [
     *[(f"rollout.{key}", test, allowed) for key, test, allowed in SAMPLING_RULES],
     ("rollout.stats_chunk", *INT_GE1),
     ("rollout.one_pass", *BOOL),
+    ("algorithm.hold_graphs", *BOOL),
+    ("algorithm.max_idle_rollouts", optional(at_least(1, integer=True)), "null or an integer >= 1"),
     ("rollout.engine.cache", one_of("dynamic", "static"), "dynamic or static"),
     ("rollout.engine.compile", *BOOL),
     ("rollout.dtype", one_of(None, "auto", *DTYPES), f"null, auto or one of {DTYPES}"),
