@@ -120,7 +120,10 @@ class InferenceView:
 
 def replica_of(policy: nn.Module, state: dict[str, torch.Tensor], dtype) -> nn.Module:
     """A plain (unsharded) module of the policy's class and config holding `state`."""
-    replica = type(policy)(policy.config)
+    # its random init (then overwritten) must not draw from the sampling generator: a run
+    # resumed from a checkpoint builds the replica a step later than the run it continues
+    with torch.random.fork_rng(devices=[]):
+        replica = type(policy)(policy.config)
     replica.load_state_dict(state)
     replica.generation_config = policy.generation_config
     device = next(iter(state.values())).device

@@ -136,8 +136,10 @@ class SelfRewardRL(L.LightningModule):
         checkpoint["rng_states"] = all_rng_states()  # every rank's, for an exact resume
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint.get("state_dict", {})
-        missing = [k for k in self.state_dict() if k not in state]
+        # FSDP2's checkpoint folder holds no state dict here: the strategy has already loaded
+        # the weights, and refuses a folder that lacks any
+        state = checkpoint.get("state_dict")
+        missing = [k for k in self.state_dict() if state is not None and k not in state]
         if missing:
             raise ValueError(
                 f"ckpt_path: the checkpoint lacks {len(missing)} of the policy's"
