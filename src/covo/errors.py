@@ -9,9 +9,17 @@ from hydra.errors import InstantiationException
 from omegaconf.errors import OmegaConfBaseException
 
 from covo.data.jsonl import DataError
+from covo.lora import MissingExtraError
 from covo.model import ModelLoadError
 
-USER_ERRORS = (DataError, ModelLoadError, ValueError, FileNotFoundError, KeyError)
+USER_ERRORS = (
+    DataError,
+    ModelLoadError,
+    MissingExtraError,
+    ValueError,
+    FileNotFoundError,
+    KeyError,
+)
 
 
 def root_cause(err: BaseException) -> BaseException:
