@@ -117,6 +117,7 @@ TRAIN_RULES: list[Rule] = [
     ("model.master_dtype", one_of(*DTYPES), f"one of {DTYPES}"),
     *LORA_RULES,
     ("export_adapters", one_of(True, False), "true or false"),
+    ("trainer.num_nodes", *INT_GE1),
     ("optimizer.lr", above(0.0), "a number > 0"),
     ("optimizer.weight_decay", at_least(0.0), "a number >= 0"),
     ("optimizer.momentum", between(0.0, 1.0, high_open=True), "a number in [0, 1)"),
