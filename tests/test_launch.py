@@ -100,3 +100,27 @@ def test_local_launcher_trains_each_sweep_point_as_a_job(tmp_path):
         (run,) = sweep.glob(f"{job}_*")
         assert f"seed: {job}\n" in (run / "config.yaml").read_text()
         assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+
+MISSING_PLUGIN = """
+import importlib.util, runpy, sys
+find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, *a: None if "submitit" in name else find_spec(name, *a)
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def test_a_launcher_without_its_extra_is_one_line_naming_it(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-c", MISSING_PLUGIN, "-m", "hydra/launcher=slurm", "debug=default"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: hydra/launcher=slurm needs the `slurm` extra: pip install -e '.[slurm]'"
+        " (or `bash scripts/setup.sh slurm`)"
+    ]
