@@ -196,6 +196,8 @@ def test_lora_run_checkpoints_adapters_and_exports_the_merged_model(tmp_path):
     # the merged export computes what the trained adapters on the frozen base compute
     policy = build_tiny(lora=LORA).model
     assert load_policy_checkpoint(policy, str(ckpt)) == 2
+    with pytest.raises(ValueError, match=r"holds LoRA adapters: set model\.lora as in its"):
+        load_policy_checkpoint(build_tiny().model, str(ckpt))
     exported = AutoModelForCausalLM.from_pretrained(out["export_dir"])
     assert type(exported) is LlamaForCausalLM
     assert (logits(policy) - logits(build_tiny().model)).abs().max() > 1e-3  # it trained

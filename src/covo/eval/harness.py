@@ -49,6 +49,8 @@ def load_policy_checkpoint(model: torch.nn.Module, ckpt_path: str) -> int:
         raise ValueError(f"{path} does not fit the configured model: {lines[-1].strip()}") from None
     if is_lora(model):
         missing = [k for k in missing if k in adapter_state(model, model.state_dict())]
+    elif any(".lora_A." in k for k in unexpected):
+        raise ValueError(f"{path} holds LoRA adapters: set model.lora as in its training run")
     if missing or unexpected:
         raise ValueError(
             f"{path} does not fit the configured model: missing {missing[:3]}, "
