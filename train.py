@@ -1,9 +1,11 @@
 """Train a policy with a self-reward: `python train.py reward=covo algorithm=grpo`."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from covo.errors import exit_on_user_error
+from covo.errors import exit_on_missing_launcher, exit_on_user_error
 from covo.train import train
 
 
@@ -14,4 +16,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    exit_on_missing_launcher(sys.argv[1:])
     main()

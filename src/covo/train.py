@@ -113,7 +113,7 @@ def train(cfg: DictConfig) -> dict:
     if trainer.logger is not None:
         outputs["tensorboard_dir"] = trainer.logger.log_dir
     if cfg.get("export_dir"):
-        export_policy(module, Path(cfg.export_dir), trainer)
+        export_policy(module, Path(cfg.export_dir), trainer, cfg.export_adapters)
         outputs["export_dir"] = str(cfg.export_dir)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.global_rank == 0:

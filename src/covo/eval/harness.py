@@ -15,6 +15,7 @@ from tqdm import tqdm
 from covo.eval.grading import ChoiceGrader, MathGrader
 from covo.eval.metrics import item_metrics, mean_metrics
 from covo.eval.results import RESULTS_FILE, markdown_table, write_json, write_tensorboard
+from covo.lora import adapter_state, is_lora
 from covo.model import LoadedModel
 from covo.rollout import eos_token_ids, format_prompts, generate, response_mask_from
 from covo.settings import check_eval
@@ -26,7 +27,10 @@ AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def load_policy_checkpoint(model: torch.nn.Module, ckpt_path: str) -> int:
-    """Copy the `policy.*` weights of a Lightning checkpoint into `model`; returns its step."""
+    """Copy the `policy.*` weights of a Lightning checkpoint into `model`; returns its step.
+
+    Into a LoRA model (`model.lora`, as in training) a LoRA run's checkpoint copies the
+    adapters: it holds nothing else, the other weights are the loaded model's."""
     path = Path(ckpt_path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -43,6 +47,10 @@ def load_policy_checkpoint(model: torch.nn.Module, ckpt_path: str) -> int:
     except RuntimeError as err:  # shape mismatches, one per line after a header line
         lines = str(err).strip().splitlines()
         raise ValueError(f"{path} does not fit the configured model: {lines[-1].strip()}") from None
+    if is_lora(model):
+        missing = [k for k in missing if k in adapter_state(model, model.state_dict())]
+    elif any(".lora_A." in k for k in unexpected):
+        raise ValueError(f"{path} holds LoRA adapters: set model.lora as in its training run")
     if missing or unexpected:
         raise ValueError(
             f"{path} does not fit the configured model: missing {missing[:3]}, "
