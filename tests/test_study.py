@@ -215,3 +215,20 @@ def test_problems_without_answers_are_rejected(tmp_path, hand_made):
     problems.write_text(json.dumps({"problem": "What is 2 + 2?", "answer": None}) + "\n")
     with pytest.raises(DataError, match="problems: item 1 has no answer"):
         study(hand_made_config(tmp_path, problems, samples, "rewards=[majority]"))
+
+
+def test_a_reward_scoring_the_same_branches_reuses_the_calls(tmp_path):
+    """covo_guarded scores the very branches covo scores: after covo it feeds nothing, and
+    its outcomes equal those of a study that scores it alone."""
+    both = study(
+        config(tmp_path, "rewards=[covo,covo_guarded]", "baseline=null", out=tmp_path / "both")
+    )
+    alone = study(
+        config(tmp_path, "rewards=[covo_guarded]", "baseline=null", out=tmp_path / "alone")
+    )
+    assert both["rewards"]["covo"]["scorer_tokens"]["value"] > 0
+    assert both["rewards"]["covo_guarded"]["scorer_tokens"]["value"] == 0
+    assert alone["rewards"]["covo_guarded"]["scorer_tokens"]["value"] > 0
+    for with_covo, by_itself in zip(both["prompts"], alone["prompts"]):
+        got, want = with_covo["rewards"]["covo_guarded"], by_itself["rewards"]["covo_guarded"]
+        assert got["scores"] == want["scores"] and got["hits"] == want["hits"]

@@ -87,14 +87,48 @@ def load_problems(cfg: DictConfig) -> list[dict]:
     return items
 
 
+class SharedCalls:
+    """A scorer that answers a call it already answered for this prompt from memory: rewards
+    that score the same branches of the same trajectories (`covo` and `covo_guarded` differ
+    only in which clusters pass) feed the model once. Scoring is deterministic, so the values
+    are those a second feed would give; the second reward's time and tokens count only what
+    it did itself."""
+
+    def __init__(self, scorer):
+        self.scorer = scorer
+        self.memo: dict = {}
+
+    def __getattr__(self, name):
+        return getattr(self.scorer, name)
+
+    def new_prompt(self) -> None:
+        self.memo.clear()
+
+    def branch_nll(self, context_ids, state_ends, branches, scored_from, context_cache=None):
+        key = (
+            tuple(context_ids),
+            tuple(state_ends),
+            tuple(tuple(map(tuple, state)) for state in branches),
+            tuple(map(tuple, scored_from)),
+        )
+        if key not in self.memo:
+            self.memo[key] = self.scorer.branch_nll(
+                context_ids, state_ends, branches, scored_from, context_cache=context_cache
+            )
+        return [values.clone() for values in self.memo[key]]
+
+
 def score_prompts(loaded, rewards: dict, records: list[dict], cfg: DictConfig) -> list[dict]:
     """Per prompt: the model's accuracy over its samples and each reward's outcome."""
-    scorer = PrefixSharedScorer(loaded.model, loaded.tokenizer, SCORING_DTYPES[cfg.scoring_dtype])
+    scorer = SharedCalls(
+        PrefixSharedScorer(loaded.model, loaded.tokenizer, SCORING_DTYPES[cfg.scoring_dtype])
+    )
     keep_cache = any(getattr(reward, "uses_scorer", False) for reward in rewards.values())
     extract, equivalence = get_extractor(cfg.extractor), AnswerEquivalence()
     prompts = []
     for n, record in enumerate(records, start=1):
         label, started = str(record["answer"]), time.perf_counter()
+        scorer.new_prompt()
         group = make_group(
             loaded,
             cfg.prompt_template.format(problem=record["prompt"]),
