@@ -101,6 +101,38 @@ def response_mask_from(tokens: torch.Tensor, eos_ids: set[int]) -> torch.Tensor:
     return (~after_eos).float()
 
 
+def sample(
+    model,
+    tokenizer,
+    prompts: list[str],
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    synced: bool = False,
+    engine=None,
+    keep_cache: bool = False,
+    with_stats: bool = True,
+) -> Generation:
+    """`num_samples` responses per prompt from `engine` (transformers' `generate` by default;
+    greedy when temperature is 0). `synced` keeps every rank stepping until all ranks are
+    done: needed when parameters are sharded (FSDP), where each forward is a collective."""
+    engine = engine or HFGenerate()
+    encoded = encode_prompts(tokenizer, prompts, model.device)
+    return engine(
+        model,
+        tokenizer,
+        encoded,
+        num_samples,
+        max_new_tokens,
+        temperature,
+        top_p,
+        synced,
+        keep_cache=keep_cache,
+        with_stats=with_stats,
+    )
+
+
 def generate(
     model,
     tokenizer,
@@ -112,23 +144,17 @@ def generate(
     synced: bool = False,
     engine=None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Sample `num_samples` responses per prompt (greedy when temperature is 0), tokens only.
-
-    `synced` keeps every rank stepping until all ranks are done: needed when parameters are
-    sharded (FSDP), where each forward is a collective. Returns (sequences [R, P+G],
-    prompt attention mask repeated [R, P], P).
-    """
-    engine = engine or HFGenerate()
-    encoded = encode_prompts(tokenizer, prompts, model.device)
-    out = engine(
+    """`sample`'s tokens only: (sequences [R, P+G], prompt attention mask repeated [R, P], P)."""
+    out = sample(
         model,
         tokenizer,
-        encoded,
+        prompts,
         num_samples,
         max_new_tokens,
         temperature,
         top_p,
         synced,
+        engine,
         with_stats=False,
     )
     return out.sequences, out.prompt_mask, out.prompt_len
@@ -263,17 +289,16 @@ def build_rollout(
     keeps the keys and values per response (`Rollout.context_caches`; None for models whose
     cache layers are not plain full attention).
     """
-    engine = engine or HFGenerate()
-    encoded = encode_prompts(tokenizer, prompts, model.device)
-    generation: Generation = engine(
+    generation = sample(
         model,
         tokenizer,
-        encoded,
+        prompts,
         num_samples,
         max_new_tokens,
         temperature,
         top_p,
         synced,
+        engine,
         keep_cache=keep_cache and one_pass,
         with_stats=one_pass,
     )
