@@ -280,8 +280,13 @@ def child_floor(data: Path, steps: int) -> dict:
         attention = torch.cat([enc["attention_mask"].repeat_interleave(SAMPLES, 0), mask.long()], 1)
         for rows_ in range(0, len(out), MICRO):
             part = slice(rows_, rows_ + MICRO)
-            logits = model(input_ids=out[part], attention_mask=attention[part]).logits
-            logp = torch.log_softmax(logits[:, prompt_len - 1 : -1].float(), -1)
+            # logits only where a response token is predicted
+            logits = model(
+                input_ids=out[part],
+                attention_mask=attention[part],
+                logits_to_keep=response.shape[1] + 1,
+            ).logits
+            logp = torch.log_softmax(logits[:, :-1].float(), -1)
             chosen = logp.gather(-1, response[part, :, None])[..., 0]
             (-(chosen * mask[part]).sum() / mask.sum()).backward()
         model.zero_grad(set_to_none=True)
