@@ -35,7 +35,7 @@ from covo.rollout import (
 from covo.scoring import PrefixSharedScorer
 from covo.settings import PRECISION_COMPUTE
 from covo.step_metrics import reward_metrics, rollout_metrics, sample_table
-from covo.update import UpdatePlan, needs_old_logprobs_pass, plan_epochs
+from covo.update import UpdatePlan, old_logprobs_source, plan_epochs
 from covo.views import sample_views, training_rows
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,7 @@ class SelfRewardRL(L.LightningModule):
         self.scheduler_factory = scheduler
         self.rollout_cfg = rollout
         self.engine = hydra.utils.instantiate(rollout.engine)
+        self.idle_rollouts = 0  # rollouts in a row without an optimizer step
         self.max_grad_norm = max_grad_norm
         self.scoring_dtype = torch_dtype(scoring_dtype)
         self.samples_every = samples_every
@@ -184,7 +185,7 @@ class SelfRewardRL(L.LightningModule):
     def stop_when_idle(self, plan: UpdatePlan) -> None:
         """Stop cleanly after `algorithm.max_idle_rollouts` rollouts in a row without an
         optimizer step (every group filtered away: the run would never reach max_steps)."""
-        self.idle_rollouts = 0 if plan.epochs else getattr(self, "idle_rollouts", 0) + 1
+        self.idle_rollouts = 0 if plan.epochs else self.idle_rollouts + 1
         limit = self.algorithm.get("max_idle_rollouts")
         if limit and self.idle_rollouts >= limit:
             log.warning(
@@ -261,11 +262,13 @@ class SelfRewardRL(L.LightningModule):
         if not plan.epochs:
             return plan
         self.policy.train()  # the mode of the training forward, for the old log-probs too
-        if needs_old_logprobs_pass(plan, algo.kl_in_reward, self.reference is not None):
-            if algo.get("hold_graphs", False) and plan.optimizer_steps == 1:
-                plan.held, plan.old_logprobs = self.forward_ahead(rollout, plan)
-            else:
-                plan.old_logprobs = self.logprobs_pass(self.policy, rollout, plan)
+        source = old_logprobs_source(
+            plan, algo.kl_in_reward, self.reference is not None, algo.get("hold_graphs", False)
+        )
+        if source == "held":
+            plan.held, plan.old_logprobs = self.forward_ahead(rollout, plan)
+        elif source == "pass":
+            plan.old_logprobs = self.logprobs_pass(self.policy, rollout, plan)
         if self.reference is not None:
             plan.ref_logprobs = self.logprobs_pass(self.reference, rollout, plan)
         return plan

@@ -82,6 +82,14 @@ def plan_epochs(
     return epochs
 
 
-def needs_old_logprobs_pass(plan: UpdatePlan, kl_in_reward: bool, has_reference: bool) -> bool:
-    """True unless the rollout makes one optimizer step whose own forward can serve as old."""
-    return plan.optimizer_steps > 1 or (kl_in_reward and has_reference)
+def old_logprobs_source(
+    plan: UpdatePlan, kl_in_reward: bool, has_reference: bool, hold_graphs: bool
+) -> str:
+    """Where PPO's old log-probs come from: "forward" (the training forward itself, detached:
+    one optimizer step and nothing needs them before it), "held" (that forward run ahead,
+    its graphs held: one step, KL in the reward, `hold_graphs`) or "pass" (a no-grad pass)."""
+    if plan.optimizer_steps > 1:
+        return "pass"
+    if not (kl_in_reward and has_reference):
+        return "forward"
+    return "held" if hold_graphs else "pass"
