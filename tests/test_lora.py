@@ -57,6 +57,22 @@ def test_only_the_adapters_train():
     assert is_lora(policy) and not is_lora(build_tiny().model)
 
 
+def test_the_configured_default_adapts_query_and_value_only(tmp_path):
+    lora = config(tmp_path, "model.lora.r=4").model.lora
+    policy = build_tiny(lora={**lora, "r": R}).model
+    adapted = {name.split(".")[-4] for name, p in policy.named_parameters() if p.requires_grad}
+    trained = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    assert adapted == {"q_proj", "v_proj"}
+    assert trained == 2 * 2 * R * (64 + 64) == 2048  # 2 layers x (q, v), each 64 -> 64
+
+
+def test_target_modules_the_model_lacks_is_one_line_naming_the_key():
+    with pytest.raises(ValueError) as err:
+        build_tiny(lora={**LORA, "target_modules": ["c_attn"]})
+    assert str(err.value).startswith("model.lora.target_modules=['c_attn']: Target modules")
+    assert "\n" not in str(err.value)
+
+
 def test_merged_state_is_peft_merge_and_unload():
     policy = perturbed_lora()
     merged = LlamaForCausalLM(base_of(policy).config)
@@ -135,6 +151,7 @@ def tiny_lora(tmp_path: Path, *overrides: str):
         tmp_path,
         f"model.lora.r={R}",
         "model.lora.alpha=8",
+        "model.lora.target_modules=all-linear",  # the MLP too (the default adapts q and v)
         "reward=self_certainty",  # every response its own reward: no group is filtered away
         "optimizer.lr=1e-2",  # adapters move well past the tolerances below
         "trainer.precision=32-true",
@@ -148,7 +165,15 @@ def tiny_lora(tmp_path: Path, *overrides: str):
 
 
 def test_reference_is_the_policy_with_adapters_off_not_a_copy(tmp_path):
-    module, _, _ = build(config(tmp_path, f"model.lora.r={R}", "callbacks=none", "logger=none"))
+    module, _, _ = build(
+        config(
+            tmp_path,
+            f"model.lora.r={R}",
+            "model.lora.target_modules=all-linear",
+            "callbacks=none",
+            "logger=none",
+        )
+    )
     policy = module.policy
     with torch.no_grad():
         for name, p in policy.named_parameters():
@@ -235,6 +260,7 @@ TWO_PROCESS_RUN = [
     *TINY_RUN,
     f"model.lora.r={R}",
     "model.lora.alpha=8",
+    "model.lora.target_modules=all-linear",
     "reward=self_certainty",
     "optimizer.lr=1e-2",
     "trainer.precision=32-true",

@@ -31,7 +31,7 @@ def add_adapters(
     r: int,
     alpha: float,
     dropout: float = 0.0,
-    target_modules: str | Sequence[str] = "all-linear",
+    target_modules: str | Sequence[str] = ("q_proj", "v_proj"),
 ) -> nn.Module:
     """`model` wrapped by peft with rank-`r` adapters (scaled by alpha / r) on `target_modules`
     (module names, or `all-linear`: every linear layer but the output head); only the adapters
@@ -46,7 +46,11 @@ def add_adapters(
     )
     with warnings.catch_warnings():  # peft asks transformers about checkpointing the old way
         warnings.simplefilter("ignore", FutureWarning)
-        return peft.get_peft_model(model, config)
+        try:
+            return peft.get_peft_model(model, config)
+        except ValueError as err:  # e.g. no module of that name (GPT-2 has c_attn, not q_proj)
+            first = str(err).strip().splitlines()[0]
+            raise ValueError(f"model.lora.target_modules={targets}: {first}") from None
 
 
 def is_lora(model) -> bool:
