@@ -8,8 +8,10 @@ Per process it prints the peak resident set (CPU; the peak allocated memory on a
 resident set after the imports (before any model), and what the run holds: the policy's
 parameters (trained and frozen; the local shard under FSDP2), the reference's own copy of the
 weights (bytes the reference holds that the policy does not), the rollout replica, gradients
-and optimizer state at an optimizer step, and what the largest micro-batch's forward saves for
-the backward pass: activations, and autocast's low-precision copies of the weights. Every group
+and optimizer state at an optimizer step, and what the training forwards save for the backward
+pass at once (the largest micro-batch's, or all of a step's when `algorithm.hold_graphs` holds
+them, as the default run does): activations, and autocast's low-precision copies of the
+weights. Every group
 keeps its update (`algorithm.filter.drop_all_zero=false`), so every variant trains every step.
 """
 
@@ -62,9 +64,11 @@ def storages(tensors) -> set[int]:
 
 
 class MemoryProbe(L.Callback):
-    """Gradient and optimizer-state bytes before each optimizer step, and what the largest
-    micro-batch's forward saves for the backward pass: activations, and the low-precision
-    copies of weights that autocast makes for each matmul (parameters themselves excluded)."""
+    """Gradient and optimizer-state bytes before each optimizer step, and what the training
+    forwards save for the backward pass at once (the largest micro-batch's; every micro-batch's
+    of the step where the module holds their graphs, `algorithm.hold_graphs`): activations,
+    and the low-precision copies of weights that autocast makes for each matmul (parameters
+    themselves excluded)."""
 
     def __init__(self) -> None:
         self.grads = self.optimizer_state = self.activations = self.weight_casts = 0
@@ -76,8 +80,13 @@ class MemoryProbe(L.Callback):
         self.optimizer_state = max(self.optimizer_state, nbytes(state))
 
     def watch(self, module) -> None:
-        """Wrap the module's micro-batch loss: its forward is where tensors are saved."""
-        forward = module.micro_batch_loss
+        """Wrap where the training forwards run: the micro-batch loss, and the forwards that
+        run ahead of it with their graphs held."""
+        for name in ("micro_batch_loss", "forward_ahead"):
+            setattr(module, name, self.counted(module, getattr(module, name)))
+
+    def counted(self, module, forward):
+        """`forward`, with the bytes its saved tensors take recorded."""
         # a cast of a weight: 2-D, shaped like one of them, no history but the cast
         shapes = {tuple(p.shape) for p in module.policy.parameters() if p.dim() == 2}
 
@@ -102,7 +111,7 @@ class MemoryProbe(L.Callback):
             self.activations = max(self.activations, sum(n for n, _ in saved.values()) - casts)
             return out
 
-        module.micro_batch_loss = counted
+        return counted
 
 
 def resident_bytes() -> int:
