@@ -9,6 +9,7 @@ variants alternate, and each round rotates their order.
   covo            ours, group filter off (identical work)
   covo_filter     ours, the default GRPO filter (all-equal groups skipped: with no KL their
                   advantage is zero, so the updates are identical)
+  covo_gc         ours, group filter off, gradient checkpointing on (as TRL's defaults)
   trl             TRL GRPOTrainer, its defaults but fp32 (gradient checkpointing on)
   trl_no_gc       TRL, gradient checkpointing off
   floor           one `generate` call plus one forward and backward of the same tokens
@@ -70,7 +71,7 @@ OURS = [
 ]
 NO_FILTER = ["algorithm.filter.drop_all_zero=false", "algorithm.filter.drop_all_equal=false"]
 PHASES = ["generate", "statistics", "reward", "update"]
-VARIANTS = ["covo", "covo_filter", "trl", "trl_no_gc", "floor"]
+VARIANTS = ["covo", "covo_filter", "covo_gc", "trl", "trl_no_gc", "floor"]
 
 
 def problems(path: Path, count: int = 512) -> None:
@@ -88,7 +89,9 @@ def peak_rss_gb() -> float:
 # ---- children: each prints one JSON line {"steps": [...], "peak_rss_gb": ...} ----
 
 
-def child_ours(data: Path | None, steps: int, no_filter: bool, out_dir: Path) -> dict:
+def child_ours(
+    data: Path | None, steps: int, no_filter: bool, out_dir: Path, extra: tuple[str, ...] = ()
+) -> dict:
     """This trainer on the TRL work, or (`data` None) on the default training run's config."""
     import lightning.pytorch as L
     from hydra import compose, initialize_config_dir
@@ -103,6 +106,7 @@ def child_ours(data: Path | None, steps: int, no_filter: bool, out_dir: Path) ->
     else:
         overrides = [*OURS, f"data.train.path={data}", f"trainer.max_steps={steps}"]
         overrides += NO_FILTER if no_filter else []
+    overrides += list(extra)
     with initialize_config_dir(str(conf), version_base="1.3"):
         cfg = compose("train", overrides)
     rows_per_step = cfg.data.batch_size * cfg.rollout.num_samples
@@ -307,9 +311,10 @@ def child(args) -> None:
 
     torch.set_num_threads(1)
     out_dir = Path(tempfile.mkdtemp(prefix=f"covo-bench-{args.child}-"))
-    if args.child in ("covo", "covo_filter", "covo_before"):
+    if args.child in ("covo", "covo_filter", "covo_gc", "covo_before"):
         data = args.data if args.work == "trl" else None
-        result = child_ours(data, args.steps, args.child != "covo_filter", out_dir)
+        extra = ("model.gradient_checkpointing=true",) if args.child == "covo_gc" else ()
+        result = child_ours(data, args.steps, args.child != "covo_filter", out_dir, extra)
     elif args.child in ("trl", "trl_no_gc"):
         result = child_trl(args.data, args.steps, None if args.child == "trl" else False, out_dir)
     else:
