@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 
@@ -370,3 +371,48 @@ def test_cosine_lr_at_every_optimizer_step():
     hand = [2 / 3, 4 / 3, 2.0]
     hand += [0.5 + 0.75 * (1 + c) for c in (c1, c2, -c2, -c1)] + [0.5]
     assert seen == pytest.approx(hand, rel=1e-9)
+
+
+def test_held_forwards_share_one_cast_of_each_weight_under_autocast():
+    """Lightning's autocast caches no casts: each held graph would keep a bf16 copy of every
+    weight. Inside shared_weight_casts two forwards keep one copy, compute the same numbers,
+    and a weight changed after the block is cast anew."""
+    from covo.model import build_tiny
+    from covo.module import shared_weight_casts
+
+    model = build_tiny(seed=0).model
+    weights = {tuple(p.shape) for p in model.parameters() if p.dim() == 2}
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3], [8, 250, 31, 64, 12, 9]])
+
+    def two_forwards(shared: bool):
+        casts, saved = set(), []
+
+        def pack(t):
+            if t.dtype == torch.bfloat16 and tuple(t.shape) in weights:
+                casts.add(t.untyped_storage().data_ptr())
+            saved.append(t)
+            return t
+
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+            block = shared_weight_casts("cpu") if shared else contextlib.nullcontext()
+            with block, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                losses = [model(input_ids=ids[i : i + 1]).logits.float().sum() for i in (0, 1)]
+        for loss in losses:  # one backward per micro-batch, as the update runs them
+            loss.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        return len(casts), [float(x) for x in losses], grads
+
+    apart, losses_apart, grads_apart = two_forwards(shared=False)
+    shared, losses_shared, grads_shared = two_forwards(shared=True)
+    # 2 layers x 7 projections (q, k, v, o, gate, up, down): one bf16 copy each per forward
+    # apart, one each for both forwards shared
+    assert (apart, shared) == (28, 14)
+    assert losses_shared == losses_apart
+    for a, b in zip(grads_apart, grads_shared, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # leaving the block clears the cache: a changed weight is cast anew
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2.0)
+    _, losses_after, _ = two_forwards(shared=True)
+    assert losses_after != losses_shared

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -45,6 +46,24 @@ def hold_unregistered(module: torch.nn.Module, name: str, value) -> None:
     """An attribute that is not a submodule: no strategy wraps, shards, casts or checkpoints
     it (the frozen reference, the rollout replica used for validation)."""
     object.__setattr__(module, name, value)
+
+
+@contextlib.contextmanager
+def shared_weight_casts(device_type: str):
+    """Under mixed-precision autocast, one low-precision copy of each weight for every forward
+    in the block. Lightning's autocast caches no casts, so each held graph would keep a copy of
+    its own (a whole bf16 model per micro-batch); the weights do not change inside the block,
+    and the cache is cleared on leaving it, before any optimizer step. Each micro-batch's
+    backward runs on its own, so weight gradients still sum in the weights' dtype."""
+    if not torch.is_autocast_enabled(device_type):
+        yield
+        return
+    dtype = torch.get_autocast_dtype(device_type)
+    try:
+        with torch.autocast(device_type, dtype=dtype, cache_enabled=True):
+            yield
+    finally:
+        torch.clear_autocast_cache()
 
 
 @dataclass
@@ -289,10 +308,11 @@ class SelfRewardRL(L.LightningModule):
         micro-batch's log-probs with its graph (for the backward), and their values as the
         old log-probs [R, G]."""
         held, old = [], torch.zeros_like(rollout.response_mask)
-        for part in plan.first_micro_batches:
-            held.append(self.token_logprobs(self.policy, rollout, self.rows_of(part)))
-            if len(part):
-                old[part] = held[-1].detach()
+        with shared_weight_casts(self.device.type):
+            for part in plan.first_micro_batches:
+                held.append(self.token_logprobs(self.policy, rollout, self.rows_of(part)))
+                if len(part):
+                    old[part] = held[-1].detach()
         return held, old
 
     def rows_of(self, part: torch.Tensor) -> torch.Tensor:
