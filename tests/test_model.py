@@ -19,7 +19,7 @@ from covo.model import (
     load_qwen_coder_05b,
     packaged_parts,
 )
-from covo.rollout import format_prompts, generate
+from covo.rollout import format_prompts, sample
 
 FILES = Path(importlib.util.find_spec("covo").submodule_search_locations[0]) / "data" / "files"
 # two files of the covo package itself stand in for the parts of a split GGUF
@@ -72,5 +72,5 @@ def test_qwen_coder_answers_a_sum_greedily(tmp_path):
     tok = loaded.tokenizer
     [chat] = format_prompts(tok, ["What is 17 + 25? Reply with the number only."], True)
     with torch.no_grad():
-        sequences, _, prompt_len = generate(loaded.model.eval(), tok, [chat], 1, 8, 0.0)
-    assert "42" in tok.decode(sequences[0, prompt_len:], skip_special_tokens=True)
+        responses = sample(loaded.model.eval(), tok, [chat], 1, 8, 0.0, with_stats=False).responses
+    assert "42" in tok.decode(responses[0], skip_special_tokens=True)

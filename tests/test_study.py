@@ -77,7 +77,7 @@ def test_tiny_study_end_to_end_and_rescored_from_its_cache(tmp_path, monkeypatch
     def no_sampling(*args, **kwargs):
         raise AssertionError("the cached samples should have been read")
 
-    monkeypatch.setattr(covo.study_samples, "generate", no_sampling)
+    monkeypatch.setattr(covo.study_samples, "sample", no_sampling)
     again = study(config(tmp_path, "rewards=[covo,majority,entropy]", out=tmp_path / "again"))
     assert again["samples"] == first["samples"]
     assert (tmp_path / "again" / RESULTS_FILE).exists()

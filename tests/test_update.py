@@ -62,6 +62,27 @@ def naive_ppo_loss(model, sequences, attention_mask, response_len, old, adv, mas
     return (per_token * mask).sum() / mask.sum()
 
 
+def assert_naive_ppo_gradient(policy, weights, rollout, rows, old, advantages, recorded):
+    """Load `weights` into `policy` and check `recorded` gradients against the naive
+    token-mean PPO-clip gradient of `rows`."""
+    with torch.no_grad():
+        for p, w in zip(policy.parameters(), weights):
+            p.copy_(w)
+    policy.zero_grad()
+    naive_ppo_loss(
+        policy,
+        rollout.sequences[rows],
+        rollout.attention_mask[rows],
+        rollout.response_mask.shape[1],
+        old[rows],
+        advantages[rows],
+        rollout.response_mask[rows],
+        eps=0.2,
+    ).backward()
+    for p, grad in zip(policy.parameters(), recorded):
+        torch.testing.assert_close(grad, p.grad, rtol=1e-4, atol=1e-6)
+
+
 def run_recording(tiny_cfg, monkeypatch, *overrides):
     """Fit a tiny run with RecordingSGD; returns the module, its optimizer and, per rollout,
     (rollout, advantages, plan) as the update received them."""
@@ -121,24 +142,9 @@ def test_accumulated_gradients_equal_the_full_batch_token_mean(tiny_cfg, monkeyp
         old = torch.stack([-naive_token_nll(policy, rollout, r) for r in range(len(advantages))])
     minis = [mini for epoch in plan.epochs for mini in epoch]
     for record, mini in zip(optimizer.records, minis):
-        rows = torch.cat(mini)
-        with torch.no_grad():
-            for p, w in zip(policy.parameters(), record["weights"]):
-                p.copy_(w)
-        policy.zero_grad()
-        loss = naive_ppo_loss(
-            policy,
-            rollout.sequences[rows],
-            rollout.attention_mask[rows],
-            rollout.response_mask.shape[1],
-            old[rows],
-            advantages[rows],
-            rollout.response_mask[rows],
-            eps=0.2,
+        assert_naive_ppo_gradient(
+            policy, record["weights"], rollout, torch.cat(mini), old, advantages, record["grads"]
         )
-        loss.backward()
-        for p, recorded in zip(policy.parameters(), record["grads"]):
-            torch.testing.assert_close(recorded, p.grad, rtol=1e-4, atol=1e-6)
     assert any(g.abs().max() > 1e-4 for g in optimizer.records[0]["grads"])
 
 
@@ -177,22 +183,10 @@ def test_held_forward_gives_the_same_step_with_one_forward_fewer(tiny_cfg, monke
     with torch.no_grad():
         for p, w in zip(policy.parameters(), initial):
             p.copy_(w)
-    with torch.no_grad():
         old = torch.stack([-naive_token_nll(policy, held_rollout, r) for r in range(len(held_adv))])
-    policy.zero_grad()
     rows = torch.cat(held_plan.epochs[0][0])
-    naive_ppo_loss(
-        policy,
-        held_rollout.sequences[rows],
-        held_rollout.attention_mask[rows],
-        held_rollout.response_mask.shape[1],
-        old[rows],
-        held_adv[rows],
-        held_rollout.response_mask[rows],
-        eps=0.2,
-    ).backward()
-    for p, recorded in zip(policy.parameters(), optimizer.records[0]["grads"]):
-        torch.testing.assert_close(recorded, p.grad, rtol=1e-4, atol=1e-6)
+    recorded = optimizer.records[0]["grads"]
+    assert_naive_ppo_gradient(policy, initial, held_rollout, rows, old, held_adv, recorded)
     assert any(g.abs().max() > 1e-4 for g in optimizer.records[0]["grads"])
 
 

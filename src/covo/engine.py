@@ -43,6 +43,11 @@ class Generation:
     def prompt_len(self) -> int:
         return self.prompt_mask.shape[1]
 
+    @property
+    def responses(self) -> Tensor:
+        """[R, G] the sampled tokens."""
+        return self.sequences[:, self.prompt_len :]
+
 
 def distribution_stats(logits: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
     """Log-softmax of `logits` [..., V] at `temperature` (none when it is 0: greedy), the
@@ -173,11 +178,12 @@ class HFGenerate:
         )
         out = self._generate(model, kwargs, encoded["input_ids"].shape[1] + max_new_tokens)
         prompt_mask = encoded["attention_mask"].repeat_interleave(num_samples, dim=0)
-        prompt_len = encoded["input_ids"].shape[1]
-        sequences = out.sequences
-        stats = statistics.finish(sequences[:, prompt_len:]) if statistics else None
-        cache = complete_cache(model, out.cache, sequences, prompt_mask) if keep_cache else None
-        return Generation(sequences, prompt_mask, stats, cache)
+        generation = Generation(out.sequences, prompt_mask)
+        if statistics:
+            generation.stats = statistics.finish(generation.responses)
+        if keep_cache:
+            generation.cache = complete_cache(model, out.cache, out.sequences, prompt_mask)
+        return generation
 
     def _generate(self, model, kwargs: dict, longest: int):
         options = self.generation_options(model, longest)
@@ -200,6 +206,10 @@ class HFGenerate:
             return model.generate(**kwargs)
 
 
+def position_ids_from(attention_mask: Tensor) -> Tensor:
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def complete_cache(model, cache, sequences: Tensor, prompt_mask: Tensor):
     """`cache` holding every column of `sequences`: decoding never feeds the last sampled
     token, so its keys and values come from one more single-token step."""
@@ -207,11 +217,10 @@ def complete_cache(model, cache, sequences: Tensor, prompt_mask: Tensor):
         return cache
     generated = sequences.shape[1] - prompt_mask.shape[1]
     attention_mask = torch.cat([prompt_mask, prompt_mask.new_ones(len(sequences), generated)], 1)
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     model(
         input_ids=sequences[:, -1:],
         attention_mask=attention_mask,
-        position_ids=positions[:, -1:],
+        position_ids=position_ids_from(attention_mask)[:, -1:],
         cache=cache,
         use_cache=True,
         logits_to_keep=1,

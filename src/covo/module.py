@@ -29,9 +29,9 @@ from covo.rollout import (
     build_rollout,
     eos_token_ids,
     format_prompts,
-    generate,
     response_mask_from,
     response_token_stats,
+    sample,
 )
 from covo.scoring import PrefixSharedScorer
 from covo.settings import PRECISION_COMPUTE
@@ -484,12 +484,18 @@ class SelfRewardRL(L.LightningModule):
         """Greedy pass@1 on the validation split."""
         model = self.validation_model
         prompts = format_prompts(self.tokenizer, batch["prompt"], self.chat_template)
-        sequences, _, prompt_len = generate(
-            model, self.tokenizer, prompts, 1, self.rollout_cfg.max_new_tokens, temperature=0.0
-        )
+        responses = sample(
+            model,
+            self.tokenizer,
+            prompts,
+            1,
+            self.rollout_cfg.max_new_tokens,
+            temperature=0.0,
+            with_stats=False,
+        ).responses
         eos = eos_token_ids(model, self.tokenizer)
-        mask = response_mask_from(sequences[:, prompt_len:], eos)
-        texts = self.tokenizer.batch_decode(sequences[:, prompt_len:], skip_special_tokens=True)
+        mask = response_mask_from(responses, eos)
+        texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
         correct = [
             float(self.equivalence.is_correct(self.val_extract(text), label))
             for text, label in zip(texts, batch["answer"])

@@ -8,7 +8,13 @@ import torch
 from torch import Tensor
 
 from covo.context_cache import ContextCache, split_cache
-from covo.engine import Generation, HFGenerate, distribution_stats, eos_token_ids
+from covo.engine import (
+    Generation,
+    HFGenerate,
+    distribution_stats,
+    eos_token_ids,
+    position_ids_from,
+)
 from covo.rewards.base import Group
 
 
@@ -131,37 +137,6 @@ def sample(
         keep_cache=keep_cache,
         with_stats=with_stats,
     )
-
-
-def generate(
-    model,
-    tokenizer,
-    prompts: list[str],
-    num_samples: int,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    synced: bool = False,
-    engine=None,
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """`sample`'s tokens only: (sequences [R, P+G], prompt attention mask repeated [R, P], P)."""
-    out = sample(
-        model,
-        tokenizer,
-        prompts,
-        num_samples,
-        max_new_tokens,
-        temperature,
-        top_p,
-        synced,
-        engine,
-        with_stats=False,
-    )
-    return out.sequences, out.prompt_mask, out.prompt_len
-
-
-def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 class ChosenLogprobs(torch.autograd.Function):
@@ -302,12 +277,12 @@ def build_rollout(
         keep_cache=keep_cache and one_pass,
         with_stats=one_pass,
     )
-    sequences, prompt_mask, prompt_len = (
+    sequences, prompt_mask, tokens = (
         generation.sequences,
         generation.prompt_mask,
-        generation.prompt_len,
+        generation.responses,
     )
-    tokens = sequences[:, prompt_len:]
+    prompt_len = generation.prompt_len
     eos = eos_token_ids(model, tokenizer)
     response_mask = response_mask_from(tokens, eos)
     attention_mask = torch.cat([prompt_mask, response_mask.long()], dim=1)

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from covo.data.jsonl import DataError
 from covo.model import LoadedModel
-from covo.rollout import eos_token_ids, format_prompts, generate, response_mask_from
+from covo.rollout import eos_token_ids, format_prompts, response_mask_from, sample
 from covo.score import read_records
 
 log = logging.getLogger(__name__)
@@ -90,10 +90,17 @@ def draw(
         torch.manual_seed(cfg.seed * 1_000_003 + first)
         prompts = [cfg.prompt_template.format(problem=item["problem"]) for item in batch]
         chat = format_prompts(tokenizer, prompts, loaded.chat_template)
-        sequences, _, prompt_len = generate(
-            model, tokenizer, chat, s.num_samples, s.max_new_tokens, s.temperature, s.top_p
-        )
-        rows = cut_responses(sequences[:, prompt_len:], eos)
+        responses = sample(
+            model,
+            tokenizer,
+            chat,
+            s.num_samples,
+            s.max_new_tokens,
+            s.temperature,
+            s.top_p,
+            with_stats=False,
+        ).responses
+        rows = cut_responses(responses, eos)
         records = []
         for b, item in enumerate(batch):
             mine = rows[b * s.num_samples : (b + 1) * s.num_samples]

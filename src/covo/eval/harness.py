@@ -17,7 +17,7 @@ from covo.eval.metrics import item_metrics, mean_metrics
 from covo.eval.results import RESULTS_FILE, markdown_table, write_json, write_tensorboard
 from covo.lora import adapter_state, is_lora
 from covo.model import LoadedModel
-from covo.rollout import eos_token_ids, format_prompts, generate, response_mask_from
+from covo.rollout import eos_token_ids, format_prompts, response_mask_from, sample
 from covo.settings import check_eval
 
 log = logging.getLogger(__name__)
@@ -88,10 +88,16 @@ def sample_responses(
         for start in range(0, len(order), cfg.batch_size):
             batch = order[start : start + cfg.batch_size]
             chat = format_prompts(tokenizer, [prompts[i] for i in batch], loaded.chat_template)
-            sequences, _, prompt_len = generate(
-                model, tokenizer, chat, n, cfg.max_new_tokens, cfg.temperature, cfg.top_p
-            )
-            tokens = sequences[:, prompt_len:]
+            tokens = sample(
+                model,
+                tokenizer,
+                chat,
+                n,
+                cfg.max_new_tokens,
+                cfg.temperature,
+                cfg.top_p,
+                with_stats=False,
+            ).responses
             lengths = response_mask_from(tokens, eos).sum(1).long().tolist()
             for row, (ids, length) in enumerate(zip(tokens.tolist(), lengths)):
                 ended = length > 0 and ids[length - 1] in eos
