@@ -242,3 +242,31 @@ def test_curiosity_is_logged_only_when_on(tiny_cfg, tmp_path):
     # the same rollout (same seed, same weights): the bonus moves the mean reward
     assert logged[0.1]["reward/consistency"] == logged[0.0]["reward/consistency"]
     assert logged[0.1]["reward/mean"] != logged[0.0]["reward/mean"]
+
+
+def test_validation_accuracy_is_pooled_over_batches_and_its_best_kept(tiny_cfg, monkeypatch):
+    # 3 validation prompts in batches of 2 and 1, checked after each of the 2 steps
+    cfg = tiny_cfg(
+        "reward=self_certainty",
+        "val_every=1",
+        "data.val.num_problems=3",
+        "data.val_batch_size=2",
+        "callbacks=none",
+        "logger=none",
+        "export_dir=null",
+    )
+    module, datamodule, trainer = build(cfg)
+    for item in datamodule.val_items:
+        item["answer"] = "1"
+    answers = iter(["1", "0", "1", "0", "0", "0"])
+    monkeypatch.setattr(module, "val_extract", lambda text: next(answers))
+    logged = []
+    monkeypatch.setattr(
+        module,
+        "on_validation_end",
+        lambda: logged.append({k: float(v) for k, v in trainer.callback_metrics.items()}),
+    )
+    trainer.fit(module, datamodule=datamodule)
+    # first check: 2 of 3 right (the mean of the batch means would be 0.75); second: none
+    assert [m["val/accuracy"] for m in logged] == pytest.approx([2 / 3, 0.0])
+    assert [m["val/accuracy_best"] for m in logged] == pytest.approx([2 / 3, 2 / 3])

@@ -52,10 +52,13 @@ def exit_on_user_error(main):
     return wrapped
 
 
-# Hydra launchers that an extra installs: the override -> (the plugin's module, the extra)
+# Hydra plugins (launchers, sweepers) that an extra installs: an override, or the start of
+# one (every `hparams_search=` option runs the Optuna sweeper) -> (the plugin's module, the extra)
 LAUNCHER_EXTRAS = {
     "hydra/launcher=slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
     "hydra/launcher=submitit_local": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+    "hydra/sweeper=optuna": ("hydra_plugins.hydra_optuna_sweeper", "optuna"),
+    "hparams_search=": ("hydra_plugins.hydra_optuna_sweeper", "optuna"),
 }
 
 
@@ -67,10 +70,13 @@ def installed(module: str) -> bool:
 
 
 def exit_on_missing_launcher(argv: list[str]) -> None:
-    """A launcher whose extra is not installed: one line naming the extra, exit 2. (Hydra
-    resolves the launcher before any run code, and would only name a config it cannot find.)"""
+    """A launcher or sweeper whose extra is not installed: one line naming the extra, exit 2.
+    (Hydra resolves them before any run code, and would only name a config it cannot find.)"""
     for arg in argv:
-        module, extra = LAUNCHER_EXTRAS.get(arg, (None, None))
+        module, extra = next(
+            (plugin for start, plugin in LAUNCHER_EXTRAS.items() if arg.startswith(start)),
+            (None, None),
+        )
         if module is not None and not installed(module):
             print(
                 f"error: {arg} needs the `{extra}` extra: pip install -e '.[{extra}]'"

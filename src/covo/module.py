@@ -13,6 +13,7 @@ import lightning.pytorch as L
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from omegaconf import DictConfig
+from torchmetrics import MaxMetric, MeanMetric
 
 from covo import distributed as dist
 from covo import lora
@@ -137,6 +138,8 @@ class SelfRewardRL(L.LightningModule):
             and self.scoring_view is self.rollout_view
         )
         self.equivalence = AnswerEquivalence()
+        self.val_accuracy = MeanMetric()  # summed and counted over every rank's prompts
+        self.val_accuracy_best = MaxMetric()
 
     def setup(self, stage: str) -> None:
         cores = len(os.sched_getaffinity(0))
@@ -501,5 +504,10 @@ class SelfRewardRL(L.LightningModule):
             for text, label in zip(texts, batch["answer"])
         ]
         size = len(correct)
-        self.log("val/accuracy", sum(correct) / size, batch_size=size, sync_dist=True)
+        self.val_accuracy.update(torch.tensor(correct, device=self.device))
+        self.log("val/accuracy", self.val_accuracy, on_epoch=True, batch_size=size)
         self.log("val/len_mean", float(mask.sum(1).mean()), batch_size=size, sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self.val_accuracy_best.update(self.val_accuracy.compute())
+        self.log("val/accuracy_best", self.val_accuracy_best.compute(), batch_size=1)

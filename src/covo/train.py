@@ -120,3 +120,14 @@ def train(cfg: DictConfig) -> dict:
         for name, path in outputs.items():
             log.info("%s: %s", name, path)
     return {"metrics": metrics, **outputs}
+
+
+def optimized_value(result: dict, name: str) -> float:
+    """The value of the metric `optimized_metric` names, from what `train` returned."""
+    metrics = result["metrics"]
+    if name not in metrics:
+        raise ValueError(
+            f"optimized_metric: {name!r} was not logged by this run"
+            f" (logged: {', '.join(sorted(metrics)) or 'nothing'})"
+        )
+    return metrics[name]
