@@ -1,4 +1,4 @@
-"""Self-reward diagnostics against ground-truth labels (COVO_SPEC section 9).
+"""Self-reward diagnostics against ground-truth labels (docs/covo.md, Diagnostics).
 
 Labels are read here only, never by a reward. Every function takes one `GroupReward` and one
 label per prompt; prompts whose label is None are left out. A response is correct when its own

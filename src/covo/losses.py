@@ -40,7 +40,7 @@ def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: str) -> Tenso
 
     With d = logp - logp_ref: k1 = d, k2 = d^2 / 2, k3 = exp(-d) + d - 1 (d clamped to
     +-10). Which divergence each one's value and gradient follow, in the reward and in the
-    loss, is tabled in the README (KL section).
+    loss, is tabled in docs/training.md (KL).
     """
     if estimator not in KL_ESTIMATORS:
         raise ValueError(f"unknown KL estimator {estimator!r}; choose one of {list(KL_ESTIMATORS)}")

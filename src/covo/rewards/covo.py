@@ -1,8 +1,9 @@
 """CoVo: reward answer clusters whose trajectories lean towards their own answer early and stay.
 
 Glue between answer clustering, step segmentation, the scorer (distance matrices) and the
-statistics in `covo_stats` (COVO_SPEC sections 2-7). Every paper / released-code difference is
-a constructor knob; `conf/reward/covo.yaml` and `covo_paper.yaml` set the two readings.
+statistics in `covo_stats` (docs/covo.md, Answers and clusters to Curiosity bonus). Every
+paper / released-code difference is a constructor knob; `conf/reward/covo.yaml` and
+`covo_paper.yaml` set the two readings.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def glued_newline(tokenizer, text: str, newline: list[int]) -> list[int] | None:
 class CoVoReward(AnswerClustering):
     """Consistency and volatility of intermediate states, aggregated per answer cluster.
 
-    Knobs (paper vs released code, COVO_SPEC section 11; the defaults are the released code's):
+    Knobs (docs/covo.md, Paper vs released code; the defaults are the released code's):
     `extractor` (a key of `covo.answers.EXTRACTORS`), `colon_merge` (`pairs` | `chains`, see
     `covo.segmentation`), `aggregation` (a key of `AGGREGATIONS`), `mode` (`binary`: 1 when
     the cluster passes, see `select`; `continuous`: the value), `include_prompt_state`,
