@@ -38,7 +38,7 @@ def options(group: str) -> list[str]:
 
 
 def test_groups_are_not_empty():
-    for group in GROUPS + ["experiment", "debug"]:
+    for group in GROUPS + ["experiment", "debug", "hparams_search"]:
         assert options(group), group
 
 
