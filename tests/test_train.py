@@ -242,3 +242,22 @@ def test_curiosity_is_logged_only_when_on(tiny_cfg, tmp_path):
     # the same rollout (same seed, same weights): the bonus moves the mean reward
     assert logged[0.1]["reward/consistency"] == logged[0.0]["reward/consistency"]
     assert logged[0.1]["reward/mean"] != logged[0.0]["reward/mean"]
+
+
+def test_fp16_clips_and_logs_the_unscaled_gradient_norm(tiny_cfg, tmp_path):
+    # the same seed samples the same responses in fp32 and fp16 on the tiny model; a norm
+    # read before the GradScaler unscales would be ~65,536 times the fp32 one
+    norms = {}
+    for precision in ("32-true", "16-mixed"):
+        cfg = tiny_cfg(
+            "reward=self_certainty",
+            "callbacks=none",
+            "export_dir=null",
+            f"trainer.precision={precision}",
+        )
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / precision)
+        out = train(cfg)
+        norms[precision] = scalars(out["tensorboard_dir"])["train/grad_norm"]
+    assert norms["32-true"][0] > 0.5
+    assert norms["16-mixed"] == pytest.approx(norms["32-true"], rel=0.01)

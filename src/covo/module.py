@@ -380,14 +380,9 @@ class SelfRewardRL(L.LightningModule):
                     tokens += n
                     for key, value in stats.items():
                         sums[key] += value * n
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    self.policy.parameters(), self.max_grad_norm
-                )
-                if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
-                    grad_norm = grad_norm.full_tensor()
-                grad_norms.append(float(grad_norm))
                 self.last_lr = optimizer.param_groups[0]["lr"]
-                optimizer.step()
+                optimizer.step()  # clips first (`on_before_optimizer_step`)
+                grad_norms.append(self.last_grad_norm)
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
         n_mini = plan.optimizer_steps
@@ -401,6 +396,15 @@ class SelfRewardRL(L.LightningModule):
         if self.reference is not None and plan.old_logprobs is None:
             metrics["train/kl"] = sums["kl"] / max(tokens, 1.0)
         return metrics
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Clip the accumulated gradients and keep their norm. Lightning calls this inside the
+        optimizer step, after a 16-mixed GradScaler has unscaled them (once per step): clipping
+        after `manual_backward` would see gradients scaled by ~65,536."""
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
+        self.last_grad_norm = float(grad_norm)
 
     def micro_batch_loss(
         self, rollout, advantages, part, normalizer, plan: UpdatePlan, logprobs=None
