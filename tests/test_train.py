@@ -56,7 +56,9 @@ def test_one_step_changes_policy_not_reference(tiny_cfg):
 
 def test_train_logs_checkpoints_and_exports(tiny_cfg, tmp_path):
     cfg = tiny_cfg(
-        "reward=self_certainty", "callbacks.model_checkpoint.every_n_train_steps=1", "val_every=1"
+        "reward=self_certainty",
+        "callbacks.model_checkpoint.every_n_steps=1",
+        "val_every_n_rollouts=1",
     )
     out = train(cfg)
     values = scalars(out["tensorboard_dir"])
@@ -154,7 +156,7 @@ def covo_scalars(tiny_cfg, output_dir: Path, *overrides: str) -> dict[str, list[
         "rollout.max_new_tokens=32",
         "callbacks=none",
         "export_dir=null",
-        "val_every=100",
+        "val_every_n_rollouts=100",
         *overrides,
     )
     with open_dict(cfg):
@@ -200,7 +202,7 @@ def test_covo_run_logs_reward_components_and_diagnostics(tiny_cfg):
         "reward=covo",
         "rollout.num_samples=4",
         "rollout.max_new_tokens=32",
-        "plots_every=1",
+        "plots_every_n_steps=1",
         "callbacks=none",
         "export_dir=null",
     )

@@ -36,7 +36,7 @@ from covo.rollout import (
 from covo.scoring import PrefixSharedScorer
 from covo.settings import PRECISION_COMPUTE
 from covo.step_metrics import reward_metrics, rollout_metrics, sample_table
-from covo.update import UpdatePlan, old_logprobs_source, plan_epochs
+from covo.update import UpdatePlan, crossed, old_logprobs_source, plan_epochs
 from covo.views import sample_views, training_rows
 
 log = logging.getLogger(__name__)
@@ -92,8 +92,8 @@ class SelfRewardRL(L.LightningModule):
         max_grad_norm: float = 1.0,
         scoring_dtype: str | None = None,
         reuse_rollout_cache: bool = True,
-        samples_every: int = 10,
-        plots_every: int = 10,
+        samples_every_n_steps: int = 10,
+        plots_every_n_steps: int = 10,
         threads: int | None = None,
         val_extractor: str = "boxed_or_last_number",
         reference_dtype: str | None = None,
@@ -112,8 +112,9 @@ class SelfRewardRL(L.LightningModule):
         self.idle_rollouts = 0  # rollouts in a row without an optimizer step
         self.max_grad_norm = max_grad_norm
         self.scoring_dtype = torch_dtype(scoring_dtype)
-        self.samples_every = samples_every
-        self.plots_every = plots_every
+        self.samples_every_n_steps = samples_every_n_steps
+        self.plots_every_n_steps = plots_every_n_steps
+        self.media_step = -1  # the step of the last rollout that considered media
         self.val_extract = get_extractor(val_extractor)
         self.threads = threads
         rollout_dtype = torch_dtype(rollout.dtype)
@@ -200,6 +201,9 @@ class SelfRewardRL(L.LightningModule):
         self.timings["time/update_s"] = time.perf_counter() - start
         self.log_step(rollout, trained, scored, plan, update)
         self.stop_when_idle(plan)
+
+    def on_train_start(self) -> None:
+        self.media_step = self.global_step - 1  # a resumed run's first rollout may be due
 
     def stop_when_idle(self, plan: UpdatePlan) -> None:
         """Stop cleanly after `algorithm.max_idle_rollouts` rollouts in a row without an
@@ -455,11 +459,19 @@ class SelfRewardRL(L.LightningModule):
         tokens = float(trained.response_mask.sum())
         step_time = sum(v for k, v in self.timings.items() if k != "time/scoring_s")
         metrics["perf/tokens_per_s"] = tokens / max(step_time, 1e-9)
-        shown = {"reward/mean", "diag/accuracy"}
-        for name, value in dist.mean_across_ranks(metrics).items():
-            self.log(name, value, on_step=True, batch_size=1, prog_bar=name in shown)
+        self.log_rollout(dist.mean_across_ranks(metrics), shown=("reward/mean", "diag/accuracy"))
         if self.global_rank == 0:
             self.log_media(rollout, scored)
+
+    def log_rollout(self, metrics: dict[str, float], shown=()) -> None:
+        """This rollout's values, at the optimizer step it began at, for callbacks (and the
+        progress bar) and for the loggers. Lightning's logger would write them at its count of
+        batches (rollouts), and write a filtered rollout's missing `train/` values again."""
+        for name, value in metrics.items():
+            self.log(name, value, on_step=True, batch_size=1, logger=False, prog_bar=name in shown)
+        for logger in self.loggers:  # each writes on rank 0 only
+            logger.log_metrics(metrics, step=self.step_at_rollout)
+            logger.save()
 
     def log_media(self, rollout: Rollout, scored: Scored) -> None:
         """Samples as text, reward-component histograms, the distance-curve figure."""
@@ -467,9 +479,12 @@ class SelfRewardRL(L.LightningModule):
         if not hasattr(board, "add_text"):
             return
         step, results, labels = self.step_at_rollout, scored.results, scored.labels
-        if step % self.samples_every == 0:
+        before, self.media_step = self.media_step, step
+        if crossed(before, step, self.samples_every_n_steps):
             board.add_text("samples", sample_table(rollout, results, labels), step)
-        if step % self.plots_every != 0 or any(label is None for label in labels):
+        if not crossed(before, step, self.plots_every_n_steps) or any(
+            label is None for label in labels
+        ):
             return
         for name, values in consistency_volatility_values(
             results, labels, self.equivalence
@@ -505,5 +520,8 @@ class SelfRewardRL(L.LightningModule):
             for text, label in zip(texts, batch["answer"])
         ]
         size = len(correct)
+        # Lightning's logger writes a logged `step` as the x axis (else its batch count): the
+        # optimizer step of the weights measured
+        self.log("step", float(self.global_step), batch_size=size)
         self.log("val/accuracy", sum(correct) / size, batch_size=size, sync_dist=True)
         self.log("val/len_mean", float(mask.sum(1).mean()), batch_size=size, sync_dist=True)

@@ -145,9 +145,10 @@ TRAIN_RULES: list[Rule] = [
     ("data.batch_size", *INT_GE1),
     ("data.val_batch_size", *INT_GE1),
     ("data.val_size", at_least(0, integer=True), "an integer >= 0"),
-    ("val_every", *INT_GE1),
-    ("samples_every", *INT_GE1),
-    ("plots_every", *INT_GE1),
+    ("val_every_n_rollouts", *INT_GE1),
+    ("samples_every_n_steps", *INT_GE1),
+    ("plots_every_n_steps", *INT_GE1),
+    ("callbacks.model_checkpoint.every_n_steps", *INT_GE1),
     ("max_grad_norm", above(0.0), "a number > 0"),
     *[(f"reward.{key}", test, allowed) for key, test, allowed in REWARD_RULES],
 ]

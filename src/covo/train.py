@@ -78,8 +78,8 @@ def build(cfg: DictConfig) -> tuple[SelfRewardRL, L.LightningDataModule, L.Train
         max_grad_norm=cfg.max_grad_norm,
         scoring_dtype=cfg.scoring_dtype,
         reuse_rollout_cache=cfg.reuse_rollout_cache,
-        samples_every=cfg.samples_every,
-        plots_every=cfg.plots_every,
+        samples_every_n_steps=cfg.samples_every_n_steps,
+        plots_every_n_steps=cfg.plots_every_n_steps,
         threads=cfg.threads,
         reference_dtype=cfg.reference_dtype,
     )
