@@ -19,7 +19,7 @@ from covo import lora
 from covo.advantages import filter_groups
 from covo.answers import AnswerEquivalence, get_extractor
 from covo.diagnostics import consistency_volatility_values, distance_curves
-from covo.losses import kl_estimate, kl_loss, masked_mean, policy_loss
+from covo.losses import kl_estimate, kl_loss, loss_count, loss_weights, masked_mean, policy_loss
 from covo.model import LoadedModel, torch_dtype
 from covo.plots import distance_curve_figure, figure_to_array
 from covo.resume import all_rng_states, set_rng_state
@@ -360,11 +360,13 @@ class SelfRewardRL(L.LightningModule):
         """The planned optimizer steps; the schedule advances once after each.
 
         Every rank runs the same number of backward passes (gradients are all-reduced in each);
-        a rank with fewer kept responses runs zero-weighted passes. Statistics are token means
+        a rank with fewer kept responses runs zero-weighted passes. Each step's loss is
+        `algorithm.loss_agg` over its mini-batch (`covo.losses`); statistics are token means
         over every micro-batch of every epoch.
         """
         if not plan.epochs:
             return {}
+        algo, loss_mask = self.algorithm, self.loss_mask(rollout)
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         self.policy.train()
         sums = dict.fromkeys(("clip_frac", "ratio_mean", "approx_kl", "kl"), 0.0)
@@ -372,12 +374,12 @@ class SelfRewardRL(L.LightningModule):
         held = iter(plan.held or [])
         for epoch in plan.epochs:
             for mini in epoch:
-                chunk = torch.cat(mini)
-                count = rollout.response_mask[chunk].sum().reshape(1).double()
-                normalizer = dist.all_reduce_sum(count).item() / dist.world_size()
+                count = loss_count(loss_mask[torch.cat(mini)], algo.loss_agg).reshape(1).double()
+                # a mini-batch with nothing in the loss divides by 1: zero loss, zero gradient
+                normalizer = max(dist.all_reduce_sum(count).item(), 1.0) / dist.world_size()
                 for part in mini:
                     loss, stats, n = self.micro_batch_loss(
-                        rollout, advantages, part, normalizer, plan, next(held, None)
+                        rollout, loss_mask, advantages, part, normalizer, plan, next(held, None)
                     )
                     self.manual_backward(loss)
                     losses.append(loss.item())
@@ -410,8 +412,16 @@ class SelfRewardRL(L.LightningModule):
             grad_norm = grad_norm.full_tensor()
         self.last_grad_norm = float(grad_norm)
 
+    def loss_mask(self, rollout: Rollout) -> torch.Tensor:
+        """The tokens [R, G] in the loss: every response token, or with
+        `algorithm.mask_truncated` none of a response cut at max_new_tokens without an EOS."""
+        mask = rollout.response_mask
+        if not self.algorithm.mask_truncated:
+            return mask
+        return mask * (~rollout.truncated.to(mask.device))[:, None].to(mask.dtype)
+
     def micro_batch_loss(
-        self, rollout, advantages, part, normalizer, plan: UpdatePlan, logprobs=None
+        self, rollout, loss_mask, advantages, part, normalizer, plan: UpdatePlan, logprobs=None
     ):
         """Loss of rows `part` scaled for accumulation, its token-mean statistics, and its
         token count; `logprobs`, when the forward ran ahead, are its output. An empty part
@@ -420,20 +430,21 @@ class SelfRewardRL(L.LightningModule):
         algo = self.algorithm
         empty = len(part) == 0
         rows = self.rows_of(part)
-        mask = rollout.response_mask[rows] * (0.0 if empty else 1.0)
+        mask = loss_mask[rows] * (0.0 if empty else 1.0)
+        weights = loss_weights(mask, algo.loss_agg, self.rollout_cfg.max_new_tokens)
         if logprobs is None:
             logprobs = self.token_logprobs(self.policy, rollout, rows)
         # one optimizer step per rollout: this very forward is the policy that sampled
         old = logprobs.detach() if plan.old_logprobs is None else plan.old_logprobs[rows]
         loss, stats = policy_loss(
-            logprobs, old, advantages[rows], mask, algo.clip_eps, normalizer=max(normalizer, 1.0)
+            logprobs, old, advantages[rows], mask, algo.clip_eps, normalizer, weights
         )
         if plan.ref_logprobs is not None:
             ref = plan.ref_logprobs[rows]
             stats["kl"] = masked_mean(old - ref, mask)
             if not algo.kl_in_reward:
                 loss = loss + algo.kl_coef * kl_loss(
-                    logprobs, ref, mask, algo.kl_estimator, max(normalizer, 1.0)
+                    logprobs, ref, mask, algo.kl_estimator, normalizer, weights
                 )
         if empty:
             return loss + 0.0 * logprobs.sum(), {}, 0.0

@@ -15,6 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from covo.lora import MISSING, wants_lora
+from covo.losses import LOSS_AGGREGATIONS
 
 Rule = tuple[str, Callable[[Any], bool], str]
 DTYPES = ("float32", "bfloat16", "float16")
@@ -116,6 +117,12 @@ TRAIN_RULES: list[Rule] = [
     ("rollout.stats_chunk", *INT_GE1),
     ("rollout.one_pass", *BOOL),
     ("algorithm.hold_graphs", *BOOL),
+    ("algorithm.mask_truncated", *BOOL),
+    (
+        "algorithm.loss_agg",
+        one_of(*LOSS_AGGREGATIONS),
+        f"one of {', '.join(LOSS_AGGREGATIONS)}",
+    ),
     ("algorithm.max_idle_rollouts", optional(at_least(1, integer=True)), "null or an integer >= 1"),
     ("rollout.engine.cache", one_of("dynamic", "static"), "dynamic or static"),
     ("rollout.engine.compile", *BOOL),
