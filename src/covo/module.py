@@ -533,6 +533,6 @@ class SelfRewardRL(L.LightningModule):
         size = len(correct)
         # Lightning's logger writes a logged `step` as the x axis (else its batch count): the
         # optimizer step of the weights measured
-        self.log("step", float(self.global_step), batch_size=size)
+        self.log("step", float(self.global_step), batch_size=size, sync_dist=True)
         self.log("val/accuracy", sum(correct) / size, batch_size=size, sync_dist=True)
         self.log("val/len_mean", float(mask.sum(1).mean()), batch_size=size, sync_dist=True)
