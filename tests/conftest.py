@@ -42,3 +42,21 @@ def tiny_cfg(tmp_path):
         return compose_config(name, [*TINY_RUN, *overrides], tmp_path)
 
     return make
+
+
+class ConstantOnRollouts:
+    """The wrapped reward, with every reward of the rollouts (`Group.step`) in `rollouts` set
+    to `value`: each of their groups is all-equal (all-zero ones are filtered by
+    `algorithm.filter.drop_all_zero`)."""
+
+    def __init__(self, inner, rollouts: set[int], value: float):
+        self.inner, self.rollouts, self.value = inner, rollouts, value
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, group, scorer):
+        result = self.inner(group, scorer)
+        if group.step in self.rollouts:
+            result.rewards = [self.value] * len(result.rewards)
+        return result

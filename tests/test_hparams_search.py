@@ -62,7 +62,7 @@ def test_two_trials_return_their_metric_to_the_sweeper(tmp_path):
             "hydra.sweeper.n_trials=2",
             "optimized_metric=train/lr",
             *overrides,
-            "val_every=1",
+            "val_every_n_rollouts=1",
             "threads=1",
             "callbacks=none",
             "logger=none",

@@ -56,7 +56,9 @@ def test_one_step_changes_policy_not_reference(tiny_cfg):
 
 def test_train_logs_checkpoints_and_exports(tiny_cfg, tmp_path):
     cfg = tiny_cfg(
-        "reward=self_certainty", "callbacks.model_checkpoint.every_n_train_steps=1", "val_every=1"
+        "reward=self_certainty",
+        "callbacks.model_checkpoint.every_n_steps=1",
+        "val_every_n_rollouts=1",
     )
     out = train(cfg)
     values = scalars(out["tensorboard_dir"])
@@ -154,7 +156,7 @@ def covo_scalars(tiny_cfg, output_dir: Path, *overrides: str) -> dict[str, list[
         "rollout.max_new_tokens=32",
         "callbacks=none",
         "export_dir=null",
-        "val_every=100",
+        "val_every_n_rollouts=100",
         *overrides,
     )
     with open_dict(cfg):
@@ -200,7 +202,7 @@ def test_covo_run_logs_reward_components_and_diagnostics(tiny_cfg):
         "reward=covo",
         "rollout.num_samples=4",
         "rollout.max_new_tokens=32",
-        "plots_every=1",
+        "plots_every_n_steps=1",
         "callbacks=none",
         "export_dir=null",
     )
@@ -248,7 +250,7 @@ def test_validation_accuracy_is_pooled_over_batches_and_its_best_kept(tiny_cfg, 
     # 3 validation prompts in batches of 2 and 1, checked after each of the 2 steps
     cfg = tiny_cfg(
         "reward=self_certainty",
-        "val_every=1",
+        "val_every_n_rollouts=1",
         "data.val.num_problems=3",
         "data.val_batch_size=2",
         "callbacks=none",
@@ -270,3 +272,22 @@ def test_validation_accuracy_is_pooled_over_batches_and_its_best_kept(tiny_cfg, 
     # first check: 2 of 3 right (the mean of the batch means would be 0.75); second: none
     assert [m["val/accuracy"] for m in logged] == pytest.approx([2 / 3, 0.0])
     assert [m["val/accuracy_best"] for m in logged] == pytest.approx([2 / 3, 2 / 3])
+
+
+def test_fp16_clips_and_logs_the_unscaled_gradient_norm(tiny_cfg, tmp_path):
+    # the same seed samples the same responses in fp32 and fp16 on the tiny model; a norm
+    # read before the GradScaler unscales would be ~65,536 times the fp32 one
+    norms = {}
+    for precision in ("32-true", "16-mixed"):
+        cfg = tiny_cfg(
+            "reward=self_certainty",
+            "callbacks=none",
+            "export_dir=null",
+            f"trainer.precision={precision}",
+        )
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / precision)
+        out = train(cfg)
+        norms[precision] = scalars(out["tensorboard_dir"])["train/grad_norm"]
+    assert norms["32-true"][0] > 0.5
+    assert norms["16-mixed"] == pytest.approx(norms["32-true"], rel=0.01)

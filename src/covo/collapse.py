@@ -86,7 +86,9 @@ class CollapseDetector:
                 f"got {min_rules}"
             )
         if window < 1 or baseline_steps < 1:
-            raise ValueError("callbacks.collapse_guard.window and baseline_steps must be >= 1")
+            raise ValueError(
+                "callbacks.collapse_guard.window_rollouts and baseline_rollouts must be >= 1"
+            )
         self.min_rules, self.window, self.baseline_steps = min_rules, window, baseline_steps
         self.history: list[dict[str, float]] = []
         self.saturated: list[bool] = []

@@ -15,6 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from covo.lora import MISSING, wants_lora
+from covo.losses import LOSS_AGGREGATIONS
 
 Rule = tuple[str, Callable[[Any], bool], str]
 DTYPES = ("float32", "bfloat16", "float16")
@@ -116,6 +117,12 @@ TRAIN_RULES: list[Rule] = [
     ("rollout.stats_chunk", *INT_GE1),
     ("rollout.one_pass", *BOOL),
     ("algorithm.hold_graphs", *BOOL),
+    ("algorithm.mask_truncated", *BOOL),
+    (
+        "algorithm.loss_agg",
+        one_of(*LOSS_AGGREGATIONS),
+        f"one of {', '.join(LOSS_AGGREGATIONS)}",
+    ),
     ("algorithm.max_idle_rollouts", optional(at_least(1, integer=True)), "null or an integer >= 1"),
     ("rollout.engine.cache", one_of("dynamic", "static"), "dynamic or static"),
     ("rollout.engine.compile", *BOOL),
@@ -145,9 +152,10 @@ TRAIN_RULES: list[Rule] = [
     ("data.batch_size", *INT_GE1),
     ("data.val_batch_size", *INT_GE1),
     ("data.val_size", at_least(0, integer=True), "an integer >= 0"),
-    ("val_every", *INT_GE1),
-    ("samples_every", *INT_GE1),
-    ("plots_every", *INT_GE1),
+    ("val_every_n_rollouts", *INT_GE1),
+    ("samples_every_n_steps", *INT_GE1),
+    ("plots_every_n_steps", *INT_GE1),
+    ("callbacks.model_checkpoint.every_n_steps", *INT_GE1),
     ("max_grad_norm", above(0.0), "a number > 0"),
     *[(f"reward.{key}", test, allowed) for key, test, allowed in REWARD_RULES],
 ]

@@ -9,6 +9,7 @@ from pathlib import Path
 import hydra
 import lightning.pytorch as L
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.plugins.precision import MixedPrecision
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from covo.export import export_policy
@@ -51,6 +52,15 @@ def resolve_auto(cfg: DictConfig) -> None:
             cfg.rollout.dtype = dtype if dtype != "float32" else None
 
 
+def precision_plugin(trainer: DictConfig) -> MixedPrecision | None:
+    """A precision plugin to use instead of `trainer.precision`. On a CPU Lightning runs
+    `16-mixed` as bf16-mixed, while the rollout replica follows the configured fp16: the fp16
+    autocast and its GradScaler are built here instead (torch runs both on CPUs)."""
+    if str(trainer.precision) == "16-mixed" and trainer.accelerator == "cpu":
+        return MixedPrecision("16-mixed", "cpu")
+    return None
+
+
 def build(cfg: DictConfig) -> tuple[SelfRewardRL, L.LightningDataModule, L.Trainer]:
     for pattern in QUIET:
         warnings.filterwarnings("ignore", message=pattern)
@@ -68,21 +78,26 @@ def build(cfg: DictConfig) -> tuple[SelfRewardRL, L.LightningDataModule, L.Train
         max_grad_norm=cfg.max_grad_norm,
         scoring_dtype=cfg.scoring_dtype,
         reuse_rollout_cache=cfg.reuse_rollout_cache,
-        samples_every=cfg.samples_every,
-        plots_every=cfg.plots_every,
+        samples_every_n_steps=cfg.samples_every_n_steps,
+        plots_every_n_steps=cfg.plots_every_n_steps,
         threads=cfg.threads,
         reference_dtype=cfg.reference_dtype,
     )
     callbacks = instantiate_dict(cfg.get("callbacks"))
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(StepProgressBar())
+    plugins = [AtomicCheckpointIO()]
+    precision = precision_plugin(cfg.trainer)
+    if precision is not None:
+        plugins.append(precision)
     trainer = hydra.utils.instantiate(
         cfg.trainer,
+        **({"precision": None} if precision is not None else {}),
         strategy=hydra.utils.instantiate(cfg.strategy),
         logger=instantiate_dict(cfg.get("logger")) or False,
         callbacks=callbacks,
         enable_checkpointing=bool(cfg.get("callbacks")),
-        plugins=[AtomicCheckpointIO()],
+        plugins=plugins,
     )
     # weights are built: from here on each rank samples with its own seed
     seed_rank(cfg.seed, trainer.global_rank)

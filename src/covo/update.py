@@ -82,6 +82,13 @@ def plan_epochs(
     return epochs
 
 
+def crossed(before: int, after: int, every: int) -> bool:
+    """Whether a step counter that went from `before` to `after` passed a multiple of `every`
+    (one in (before, after]): several optimizer steps a rollout, or none, skip or repeat
+    values, so landing on a multiple is not enough."""
+    return after // every > before // every
+
+
 def old_logprobs_source(
     plan: UpdatePlan, kl_in_reward: bool, has_reference: bool, hold_graphs: bool
 ) -> str:

@@ -18,7 +18,8 @@ class Group:
     when present, holds the keys and values of prompt + response i from the rollout's forward,
     for a scorer to reuse. `views[name]` is the group sampled from the same prompt put through
     the view `name` that the reward declared (`Reward.views`); empty for rewards that declare
-    none. `step` (the rollout's index in the run, its TensorBoard step), `rank` (the process)
+    none. `step` (the rollout's index in the run: a seed, not the x axis, which counts optimizer
+    steps), `rank` (the process)
     and `index` (the group's place in that process's batch) let a reward seed its own draws.
     """
 
