@@ -23,7 +23,7 @@ class MissingExtraError(RuntimeError):
 
 def wants_lora(lora) -> bool:
     """`model.lora` turns adapters on when it is set and its rank `r` is above 0."""
-    return lora is not None and lora.get("r", 0) > 0
+    return lora is not None and lora["r"] > 0
 
 
 def add_adapters(

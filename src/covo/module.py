@@ -79,7 +79,8 @@ class SelfRewardRL(L.LightningModule):
 
     `reward` maps a prompt's group of responses to rewards; `algorithm` holds the advantage
     estimator (a partial), KL, clipping and batching settings; `optimizer` and `scheduler`
-    are partials completed here.
+    are partials completed here. Validation reads answers with the extractor `val_extractor`
+    names (`covo.answers.EXTRACTORS`).
     """
 
     def __init__(
@@ -90,13 +91,13 @@ class SelfRewardRL(L.LightningModule):
         optimizer,
         scheduler,
         rollout: DictConfig,
+        val_extractor: str,
         max_grad_norm: float = 1.0,
         scoring_dtype: str | None = None,
         reuse_rollout_cache: bool = True,
         samples_every: int = 10,
         plots_every: int = 10,
         threads: int | None = None,
-        val_extractor: str = "boxed_or_last_number",
         reference_dtype: str | None = None,
     ):
         super().__init__()
@@ -104,6 +105,7 @@ class SelfRewardRL(L.LightningModule):
         self.policy = model.model.train()
         self.tokenizer = model.tokenizer
         self.chat_template = model.chat_template
+        self.hold_graphs = model.hold_graphs
         self.reward = reward
         self.algorithm = algorithm
         self.optimizer_factory = optimizer
@@ -115,6 +117,7 @@ class SelfRewardRL(L.LightningModule):
         self.scoring_dtype = torch_dtype(scoring_dtype)
         self.samples_every = samples_every
         self.plots_every = plots_every
+        self.val_extractor = val_extractor
         self.val_extract = get_extractor(val_extractor)
         self.threads = threads
         rollout_dtype = torch_dtype(rollout.dtype)
@@ -148,6 +151,8 @@ class SelfRewardRL(L.LightningModule):
             torch.set_num_threads(self.threads or max(1, cores // per_node))
 
     def on_fit_start(self) -> None:
+        if self.global_rank == 0:
+            log.info("val/accuracy reads answers with val_extractor=%s", self.val_extractor)
         if self.reference is not None:
             self.reference.to(self.device)
 
@@ -208,7 +213,7 @@ class SelfRewardRL(L.LightningModule):
         """Stop cleanly after `algorithm.max_idle_rollouts` rollouts in a row without an
         optimizer step (every group filtered away: the run would never reach max_steps)."""
         self.idle_rollouts = 0 if plan.epochs else self.idle_rollouts + 1
-        limit = self.algorithm.get("max_idle_rollouts")
+        limit = self.algorithm.max_idle_rollouts
         if limit and self.idle_rollouts >= limit:
             log.warning(
                 "stopping at step %d of %d: %d rollouts in a row made no optimizer step (every"
@@ -285,7 +290,7 @@ class SelfRewardRL(L.LightningModule):
             return plan
         self.policy.train()  # the mode of the training forward, for the old log-probs too
         source = old_logprobs_source(
-            plan, algo.kl_in_reward, self.reference is not None, algo.get("hold_graphs", False)
+            plan, algo.kl_in_reward, self.reference is not None, self.hold_graphs
         )
         if source == "held":
             plan.held, plan.old_logprobs = self.forward_ahead(rollout, plan)
@@ -499,10 +504,7 @@ class SelfRewardRL(L.LightningModule):
         eos = eos_token_ids(model, self.tokenizer)
         mask = response_mask_from(responses, eos)
         texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
-        correct = [
-            float(self.equivalence.is_correct(self.val_extract(text), label))
-            for text, label in zip(texts, batch["answer"])
-        ]
+        correct = self.grade(texts, batch["answer"])
         size = len(correct)
         self.val_accuracy.update(torch.tensor(correct, device=self.device))
         self.log("val/accuracy", self.val_accuracy, on_epoch=True, batch_size=size)
@@ -511,3 +513,10 @@ class SelfRewardRL(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self.val_accuracy_best.update(self.val_accuracy.compute())
         self.log("val/accuracy_best", self.val_accuracy_best.compute(), batch_size=1)
+
+    def grade(self, texts: list[str], labels: list[str]) -> list[float]:
+        """1.0 for each response whose answer, as `val_extractor` reads it, matches its label."""
+        return [
+            float(self.equivalence.is_correct(self.val_extract(text), label))
+            for text, label in zip(texts, labels)
+        ]

@@ -181,7 +181,7 @@ def study(cfg: DictConfig) -> dict:
     """Sample (or read the samples), score with every reward, summarise; returns the results."""
     names = check(cfg)
     torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
-    rewards = {name: build_reward(name, cfg.get("reward_extractor")) for name in names}
+    rewards = {name: build_reward(name, cfg.reward_extractor) for name in names}
     items = load_problems(cfg)
     loaded = hydra.utils.instantiate(cfg.model)
     loaded.model.to(resolve_device(cfg.device)).eval()

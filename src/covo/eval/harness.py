@@ -155,7 +155,7 @@ def evaluate(cfg: DictConfig) -> dict:
     Markdown table, and returns the results dict.
     """
     ks = check_eval(cfg)
-    if not cfg.get("benchmarks"):
+    if "benchmarks" not in cfg:
         raise ValueError("no benchmark selected: e.g. benchmark=gsm8k or benchmark=[gsm8k,math500]")
     torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
     benchmarks = {name: hydra.utils.instantiate(node) for name, node in cfg.benchmarks.items()}
