@@ -217,3 +217,42 @@ def test_the_default_run_and_the_choices_that_follow_the_model(tmp_path):
     # an experiment's pick gives way to the command line's
     ttrl = compose_config("train", ["experiment=ttrl_majority", "reward=vote_share"], tmp_path)
     assert ttrl.reward._target_ == "covo.rewards.majority.VoteShareReward"
+
+
+# keys the code reads (once with a second default in code): every option of these groups has them
+READ_KEYS = [
+    "algorithm.max_idle_rollouts",
+    "model.hold_graphs",
+    "model.dtype",
+    "model.master_dtype",
+    "model.lora.r",
+    "trainer.enable_progress_bar",
+    "callbacks",
+    "logger",
+    "ckpt_path",
+    "export_dir",
+    "export_adapters",
+    "reference_dtype",
+    "val_extractor",
+]
+
+
+@pytest.mark.parametrize(
+    "group,option",
+    [(g, o) for g in ("model", "algorithm", "trainer") for o in options(g)],
+    ids=lambda x: str(x),
+)
+def test_every_key_the_code_reads_is_in_the_yaml(group, option, tmp_path):
+    cfg = compose_config("train", [f"{group}={option}"], tmp_path)
+    missing = [key for key in READ_KEYS if OmegaConf.select(cfg, key, default=KeyError) is KeyError]
+    assert not missing, f"{group}={option}: {missing}"
+
+
+def test_every_key_the_code_reads_is_in_the_other_yamls(tmp_path):
+    assert "reward_extractor" in compose_config("study", [], tmp_path)
+    for path in (CONF_DIR / "benchmark").glob("*.yaml"):
+        assert "problem_key" in OmegaConf.load(path), path.stem
+    for option in options("reward"):
+        values = own_values("reward", option)
+        if values["_target_"] == "covo.rewards.covo.CoVoReward":
+            assert set(values["curiosity"]) == {"form", "weight"}, option

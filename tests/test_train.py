@@ -11,7 +11,7 @@ from omegaconf import open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM
 
-from covo.train import build, train
+from covo.train import build, train, write_config
 
 STEP_TAGS = [
     "reward/mean",
@@ -270,3 +270,31 @@ def test_validation_accuracy_is_pooled_over_batches_and_its_best_kept(tiny_cfg, 
     # first check: 2 of 3 right (the mean of the batch means would be 0.75); second: none
     assert [m["val/accuracy"] for m in logged] == pytest.approx([2 / 3, 0.0])
     assert [m["val/accuracy_best"] for m in logged] == pytest.approx([2 / 3, 2 / 3])
+
+
+VAL_RESPONSES = [
+    ("3 + 4 = 7, so the answer is 7.", "7"),  # no box: only a last-number reader finds 7
+    (r"First \boxed{5}, or rather 6", "5"),  # the box says 5, the last number 6
+    (r"\boxed{} it is 9", "9"),  # an empty box: the released reader's answer is ""
+]
+
+
+@pytest.mark.parametrize(
+    "overrides, extractor, correct",
+    [
+        (["reward=covo"], "released_boxed", [0.0, 1.0, 0.0]),
+        (["reward=covo_last_number"], "boxed_or_last_number", [1.0, 1.0, 1.0]),
+        (["reward=covo", "val_extractor=last_number"], "last_number", [1.0, 0.0, 1.0]),
+    ],
+)
+def test_validation_reads_answers_with_the_configured_extractor(
+    tiny_cfg, overrides, extractor, correct, caplog
+):
+    cfg = tiny_cfg(*overrides, "callbacks=none", "logger=none")
+    module, _, _ = build(cfg)
+    texts, labels = zip(*VAL_RESPONSES)
+    assert module.grade(list(texts), list(labels)) == correct
+    with caplog.at_level("INFO", logger="covo.module"):
+        module.on_fit_start()
+    assert f"val_extractor={extractor}" in caplog.text
+    assert f"val_extractor: {extractor}\n" in write_config(cfg).read_text()
