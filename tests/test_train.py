@@ -147,9 +147,10 @@ COVO_TAGS = [
 
 
 def covo_scalars(tiny_cfg, output_dir: Path, *overrides: str) -> dict[str, list[float]]:
-    """TensorBoard scalars of a tiny CoVo run (4 samples, no validation) into `output_dir`."""
+    """TensorBoard scalars of a tiny CoVo run (4 samples, no validation) into `output_dir`; the
+    random tiny model writes digits, seldom a box: its answers are the last numbers."""
     cfg = tiny_cfg(
-        "reward=covo",
+        "reward=covo_last_number",
         "rollout.num_samples=4",
         "rollout.max_new_tokens=32",
         "callbacks=none",
@@ -197,7 +198,7 @@ def test_rollout_keeps_caches_only_for_a_scorer_on_the_same_weights(tiny_cfg, ov
 def test_covo_run_logs_reward_components_and_diagnostics(tiny_cfg):
     # the random tiny model writes digits, so groups have several answers (K >= 2)
     cfg = tiny_cfg(
-        "reward=covo",
+        "reward=covo_last_number",
         "rollout.num_samples=4",
         "rollout.max_new_tokens=32",
         "plots_every=1",

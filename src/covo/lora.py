@@ -14,10 +14,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from covo.errors import UserError
+
 MISSING = "LoRA needs peft: pip install -e '.[lora]' (or `bash scripts/setup.sh lora`)"
 
 
-class MissingExtraError(RuntimeError):
+class MissingExtraError(UserError, RuntimeError):
     """An optional dependency is not installed; the message names the extra that brings it."""
 
 

@@ -23,6 +23,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from covo.errors import UserError
 from covo.lora import add_adapters, wants_lora
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ CHATML_TEMPLATE = (
 )
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     pass
 
 

@@ -20,11 +20,12 @@ from covo import lora
 from covo.advantages import filter_groups
 from covo.answers import AnswerEquivalence, get_extractor
 from covo.diagnostics import consistency_volatility_values, distance_curves
+from covo.errors import DataError
 from covo.losses import kl_estimate, kl_loss, masked_mean, policy_loss
 from covo.model import LoadedModel, torch_dtype
 from covo.plots import distance_curve_figure, figure_to_array
 from covo.resume import all_rng_states, set_rng_state
-from covo.rewards.base import GroupReward, Reward
+from covo.rewards.base import GroupReward, Reward, label_for
 from covo.rollout import (
     Rollout,
     build_rollout,
@@ -179,7 +180,7 @@ class SelfRewardRL(L.LightningModule):
         state = checkpoint.get("state_dict")
         missing = [k for k in self.state_dict() if state is not None and k not in state]
         if missing:
-            raise ValueError(
+            raise DataError(
                 f"ckpt_path: the checkpoint lacks {len(missing)} of the policy's"
                 f" {len(self.state_dict())} weights (first: {missing[0]})"
             )
@@ -257,7 +258,8 @@ class SelfRewardRL(L.LightningModule):
         model = view.replica if view is self.rollout_view and view.replica else view(self.policy)
         scorer = PrefixSharedScorer(model, self.tokenizer)
         step, rank = self.trainer.fit_loop.epoch_loop.total_batch_idx, self.global_rank
-        results = [self.reward(group, scorer) for group in rollout.groups(labels, step, rank)]
+        truths = [label_for(self.reward, label) for label in labels]
+        results = [self.reward(group, scorer) for group in rollout.groups(truths, step, rank)]
         rollout.context_caches = None  # free the keys and values before the update
         rewards = torch.tensor([r for res in results for r in res.rewards], dtype=torch.float32)
         elapsed = time.perf_counter() - start

@@ -15,6 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from covo.answers import EXTRACTORS
+from covo.errors import SettingError
 from covo.lora import MISSING, wants_lora
 
 Rule = tuple[str, Callable[[Any], bool], str]
@@ -170,10 +171,6 @@ SCORE_RULES: list[Rule] = [
     ("scoring_dtype", one_of(None, "float32", "bfloat16"), "null, float32 or bfloat16"),
     *[(f"reward.{key}", test, allowed) for key, test, allowed in REWARD_RULES],
 ]
-
-
-class SettingError(ValueError):
-    pass
 
 
 def fail(key: str, value, allowed: str) -> None:
