@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_config
+from conftest import PeekingMajority, compose_config
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -168,15 +168,6 @@ def test_only_rewards_that_need_labels_are_given_them(name, tiny_model, tmp_path
     given = score_with(reward, tiny_model, "7")
     assert repr(withheld) == repr(given)  # NaN components compare equal as text
     assert len(withheld.rewards) == len(RESPONSES)
-
-
-class PeekingMajority(MajorityReward):
-    """A label-free reward with a bug: it looks at the label."""
-
-    def __call__(self, group, scorer=None):
-        out = super().__call__(group, scorer)
-        out.rewards = [float(a == group.label) for a in out.answers]
-        return out
 
 
 def test_a_label_free_reward_that_reads_the_label_fails_naming_itself():

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import PeekingMajority
 from omegaconf import open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM
 
+from covo.rewards.base import LabelWithheldError
 from covo.train import build, train, write_config
 
 STEP_TAGS = [
@@ -299,3 +301,17 @@ def test_validation_reads_answers_with_the_configured_extractor(
         module.on_fit_start()
     assert f"val_extractor={extractor}" in caplog.text
     assert f"val_extractor: {extractor}\n" in write_config(cfg).read_text()
+
+
+def test_training_withholds_labels_from_a_label_free_reward(tiny_cfg):
+    """The module gives a label-free reward no label (reading it raises), while ground truth
+    gets it; the diagnostics keep theirs (`diag/accuracy` is logged by the other runs here)."""
+    cfg = tiny_cfg("reward=majority", "trainer.max_steps=1", "callbacks=none", "logger=none")
+    module, datamodule, trainer = build(cfg)
+    module.reward = PeekingMajority()
+    with pytest.raises(LabelWithheldError, match="PeekingMajority read Group.label"):
+        trainer.fit(module, datamodule=datamodule)
+    cfg = tiny_cfg("reward=ground_truth", "trainer.max_steps=1", "callbacks=none", "logger=none")
+    module, datamodule, trainer = build(cfg)
+    trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == 1
