@@ -11,6 +11,7 @@ import lightning.pytorch as L
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from covo.errors import SettingError
 from covo.export import export_policy
 from covo.hardware import auto_precision
 from covo.module import SelfRewardRL
@@ -127,7 +128,7 @@ def optimized_value(result: dict, name: str) -> float:
     """The value of the metric `optimized_metric` names, from what `train` returned."""
     metrics = result["metrics"]
     if name not in metrics:
-        raise ValueError(
+        raise SettingError(
             f"optimized_metric: {name!r} was not logged by this run"
             f" (logged: {', '.join(sorted(metrics)) or 'nothing'})"
         )
