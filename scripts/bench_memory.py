@@ -10,7 +10,7 @@ resident set after the imports (before any model), and what the run holds: the p
 parameters (trained and frozen; the local shard under FSDP2), the reference's own copy of the
 weights (bytes the reference holds that the policy does not), the rollout replica, gradients
 and optimizer state at an optimizer step, and what the training forwards save for the backward
-pass at once (the largest micro-batch's, or all of a step's when `algorithm.hold_graphs` holds
+pass at once (the largest micro-batch's, or all of a step's when `model.hold_graphs` holds
 them, as the default run does): activations, and autocast's low-precision copies of the
 weights. Every group
 keeps its update (`algorithm.filter.drop_all_zero=false`), so every variant trains every step.
@@ -69,7 +69,7 @@ def storages(tensors) -> set[int]:
 class MemoryProbe(L.Callback):
     """Gradient and optimizer-state bytes before each optimizer step, and what the training
     forwards save for the backward pass at once (the largest micro-batch's; every micro-batch's
-    of the step where the module holds their graphs, `algorithm.hold_graphs`): activations,
+    of the step where the module holds their graphs, `model.hold_graphs`): activations,
     and the low-precision copies of weights that autocast makes for each matmul (parameters
     themselves excluded)."""
 

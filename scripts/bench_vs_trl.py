@@ -47,7 +47,7 @@ QUIET = [
     "callbacks=none",
     "export_dir=null",
     "+trainer.limit_val_batches=0",
-    "+trainer.enable_progress_bar=false",
+    "trainer.enable_progress_bar=false",
 ]
 OURS = [
     *QUIET,

@@ -163,7 +163,7 @@ def test_held_forward_gives_the_same_step_with_one_forward_fewer(tiny_cfg, monke
                 "algorithm=reinforce_pp",
                 "algorithm.kl_coef=0.01",
                 "algorithm.micro_batch_size=3",  # 8 rows: micro-batches of 3, 3 and 2
-                f"algorithm.hold_graphs={hold}",
+                f"model.hold_graphs={hold}",
                 "trainer.precision=32-true",
             )
         runs[hold] = (module, optimizer, seen, initial)
@@ -209,7 +209,7 @@ def test_held_forward_saves_one_policy_forward_per_micro_batch(tiny_cfg, monkeyp
                 "trainer.max_steps=1",
                 "algorithm=reinforce_pp",
                 "algorithm.micro_batch_size=3",
-                f"algorithm.hold_graphs={hold}",
+                f"model.hold_graphs={hold}",
             )
         counts[hold] = (sum(calls), len(calls) - sum(calls))  # (policy, reference) forwards
     assert counts == {"true": (3, 3), "false": (6, 3)}

@@ -20,11 +20,12 @@ from covo import lora
 from covo.advantages import filter_groups
 from covo.answers import AnswerEquivalence, get_extractor
 from covo.diagnostics import consistency_volatility_values, distance_curves
+from covo.errors import DataError
 from covo.losses import kl_estimate, kl_loss, loss_count, loss_weights, masked_mean, policy_loss
 from covo.model import LoadedModel, torch_dtype
 from covo.plots import distance_curve_figure, figure_to_array
 from covo.resume import all_rng_states, set_rng_state
-from covo.rewards.base import GroupReward, Reward
+from covo.rewards.base import GroupReward, Reward, label_for
 from covo.rollout import (
     Rollout,
     build_rollout,
@@ -79,7 +80,8 @@ class SelfRewardRL(L.LightningModule):
 
     `reward` maps a prompt's group of responses to rewards; `algorithm` holds the advantage
     estimator (a partial), KL, clipping and batching settings; `optimizer` and `scheduler`
-    are partials completed here.
+    are partials completed here. Validation reads answers with the extractor `val_extractor`
+    names (`covo.answers.EXTRACTORS`).
     """
 
     def __init__(
@@ -90,13 +92,13 @@ class SelfRewardRL(L.LightningModule):
         optimizer,
         scheduler,
         rollout: DictConfig,
+        val_extractor: str,
         max_grad_norm: float = 1.0,
         scoring_dtype: str | None = None,
         reuse_rollout_cache: bool = True,
         samples_every_n_steps: int = 10,
         plots_every_n_steps: int = 10,
         threads: int | None = None,
-        val_extractor: str = "boxed_or_last_number",
         reference_dtype: str | None = None,
     ):
         super().__init__()
@@ -104,6 +106,7 @@ class SelfRewardRL(L.LightningModule):
         self.policy = model.model.train()
         self.tokenizer = model.tokenizer
         self.chat_template = model.chat_template
+        self.hold_graphs = model.hold_graphs
         self.reward = reward
         self.algorithm = algorithm
         self.optimizer_factory = optimizer
@@ -116,6 +119,7 @@ class SelfRewardRL(L.LightningModule):
         self.samples_every_n_steps = samples_every_n_steps
         self.plots_every_n_steps = plots_every_n_steps
         self.media_step = -1  # the step of the last rollout that considered media
+        self.val_extractor = val_extractor
         self.val_extract = get_extractor(val_extractor)
         self.threads = threads
         rollout_dtype = torch_dtype(rollout.dtype)
@@ -149,6 +153,8 @@ class SelfRewardRL(L.LightningModule):
             torch.set_num_threads(self.threads or max(1, cores // per_node))
 
     def on_fit_start(self) -> None:
+        if self.global_rank == 0:
+            log.info("val/accuracy reads answers with val_extractor=%s", self.val_extractor)
         if self.reference is not None:
             self.reference.to(self.device)
 
@@ -175,7 +181,7 @@ class SelfRewardRL(L.LightningModule):
         state = checkpoint.get("state_dict")
         missing = [k for k in self.state_dict() if state is not None and k not in state]
         if missing:
-            raise ValueError(
+            raise DataError(
                 f"ckpt_path: the checkpoint lacks {len(missing)} of the policy's"
                 f" {len(self.state_dict())} weights (first: {missing[0]})"
             )
@@ -212,7 +218,7 @@ class SelfRewardRL(L.LightningModule):
         """Stop cleanly after `algorithm.max_idle_rollouts` rollouts in a row without an
         optimizer step (every group filtered away: the run would never reach max_steps)."""
         self.idle_rollouts = 0 if plan.epochs else self.idle_rollouts + 1
-        limit = self.algorithm.get("max_idle_rollouts")
+        limit = self.algorithm.max_idle_rollouts
         if limit and self.idle_rollouts >= limit:
             log.warning(
                 "stopping at step %d of %d: %d rollouts in a row made no optimizer step (every"
@@ -256,7 +262,8 @@ class SelfRewardRL(L.LightningModule):
         model = view.replica if view is self.rollout_view and view.replica else view(self.policy)
         scorer = PrefixSharedScorer(model, self.tokenizer)
         step, rank = self.trainer.fit_loop.epoch_loop.total_batch_idx, self.global_rank
-        results = [self.reward(group, scorer) for group in rollout.groups(labels, step, rank)]
+        truths = [label_for(self.reward, label) for label in labels]
+        results = [self.reward(group, scorer) for group in rollout.groups(truths, step, rank)]
         rollout.context_caches = None  # free the keys and values before the update
         rewards = torch.tensor([r for res in results for r in res.rewards], dtype=torch.float32)
         elapsed = time.perf_counter() - start
@@ -289,7 +296,7 @@ class SelfRewardRL(L.LightningModule):
             return plan
         self.policy.train()  # the mode of the training forward, for the old log-probs too
         source = old_logprobs_source(
-            plan, algo.kl_in_reward, self.reference is not None, algo.get("hold_graphs", False)
+            plan, algo.kl_in_reward, self.reference is not None, self.hold_graphs
         )
         if source == "held":
             plan.held, plan.old_logprobs = self.forward_ahead(rollout, plan)
@@ -529,10 +536,7 @@ class SelfRewardRL(L.LightningModule):
         eos = eos_token_ids(model, self.tokenizer)
         mask = response_mask_from(responses, eos)
         texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
-        correct = [
-            float(self.equivalence.is_correct(self.val_extract(text), label))
-            for text, label in zip(texts, batch["answer"])
-        ]
+        correct = self.grade(texts, batch["answer"])
         size = len(correct)
         # Lightning's logger writes a logged `step` as the x axis (else its batch count): the
         # optimizer step of the weights measured
@@ -544,3 +548,10 @@ class SelfRewardRL(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self.val_accuracy_best.update(self.val_accuracy.compute())
         self.log("val/accuracy_best", self.val_accuracy_best.compute(), batch_size=1)
+
+    def grade(self, texts: list[str], labels: list[str]) -> list[float]:
+        """1.0 for each response whose answer, as `val_extractor` reads it, matches its label."""
+        return [
+            float(self.equivalence.is_correct(self.val_extract(text), label))
+            for text, label in zip(texts, labels)
+        ]

@@ -26,11 +26,11 @@ from covo.answers import AnswerEquivalence
 from covo.context_cache import ContextCache, split_cache
 from covo.data.jsonl import DataError, json_objects
 from covo.diagnostics import distance_curves, reward_diagnostics
-from covo.errors import exit_on_user_error
+from covo.errors import SettingError, exit_on_user_error
 from covo.eval.harness import resolve_device
 from covo.model import LoadedModel
 from covo.plots import distance_curve_figure, save_figure
-from covo.rewards.base import Group, GroupReward
+from covo.rewards.base import Group, GroupReward, Withheld, label_for
 from covo.rewards.covo import CoVoReward, encode
 from covo.rollout import format_prompts, response_token_stats
 from covo.scoring import PrefixSharedScorer
@@ -90,12 +90,13 @@ def make_group(
     loaded: LoadedModel,
     prompt: str,
     responses: list[str],
-    label: str | None,
+    truth: str | Withheld | None,
     response_ids: list[list[int]] | None = None,
     keep_cache: bool = False,
 ) -> Group:
     """The group a reward sees: `prompt` as the policy reads it, and each response's ids
-    (`response_ids` as sampled, or each text tokenised on its own).
+    (`response_ids` as sampled, or each text tokenised on its own); `truth` is what the reward
+    is given of the label (`covo.rewards.base.label_for`).
 
     `keep_cache` keeps every trajectory's keys and values from the statistics forward
     (`Group.context_caches`; None for an empty response), so a scorer does not feed the
@@ -113,7 +114,7 @@ def make_group(
         prompt_ids=prompt_ids,
         response_ids=[list(ids) for ids in response_ids],
         texts=list(responses),
-        label=label,
+        truth=truth,
         context_caches=list(caches) if keep_cache else None,
         **{field: [s[name] for s in stats] for field, name in STAT_FIELDS.items()},
     )
@@ -147,16 +148,20 @@ def per_response(source: dict[str, list], name: str, i: int):
 
 
 def explain(
-    prompt: str, group: Group, res: GroupReward, tokenizer, equivalence: AnswerEquivalence
+    prompt: str,
+    group: Group,
+    res: GroupReward,
+    tokenizer,
+    equivalence: AnswerEquivalence,
+    label: str | None,
 ) -> dict:
-    """The output record of one group (`prompt` as given): its answer clusters and
-    per-response details.
+    """The output record of one group (`prompt` as given, `label` the data's answer): its
+    answer clusters and per-response details.
 
     A cluster's `value` is the mean of its members' scores (CoVo: the aggregated Con / Vol
     value); `verdict` is None for a reward that passes none. `correct` (from the label) is
-    there only when the group has one.
+    there only when the item has a label.
     """
-    label = group.label
     k = max(res.clusters, default=-1) + 1
     clusters = []
     for c in range(k):
@@ -267,10 +272,10 @@ def score(cfg: DictConfig) -> dict[str, float]:
     check_score(cfg)
     torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
     if "{problem}" not in cfg.prompt_template:
-        raise ValueError(f"prompt_template must contain '{{problem}}': {cfg.prompt_template!r}")
+        raise SettingError(f"prompt_template must contain '{{problem}}': {cfg.prompt_template!r}")
     source, target = Path(cfg.input).expanduser(), Path(cfg.output).expanduser()
     if target.resolve() == source.resolve():
-        raise ValueError(f"output would overwrite the input: {target}")
+        raise SettingError(f"output would overwrite the input: {target}")
     loaded = hydra.utils.instantiate(cfg.model)
     loaded.model.to(resolve_device(cfg.device)).eval()
     reward = hydra.utils.instantiate(cfg.reward)
@@ -283,9 +288,10 @@ def score(cfg: DictConfig) -> dict[str, float]:
         for item in read_records(source):
             label = None if item.get("answer") is None else str(item["answer"])
             prompt = cfg.prompt_template.format(problem=item["prompt"])
-            group = make_group(loaded, prompt, item["responses"], label, item.get("response_ids"))
+            truth = label_for(reward, label)
+            group = make_group(loaded, prompt, item["responses"], truth, item.get("response_ids"))
             res = reward(group, scorer)
-            record = explain(item["prompt"], group, res, tokenizer, equivalence)
+            record = explain(item["prompt"], group, res, tokenizer, equivalence, label)
             if cfg.dump_ids:
                 branch_ids = None
                 if isinstance(reward, CoVoReward):

@@ -12,6 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.plugins.precision import MixedPrecision
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from covo.errors import SettingError
 from covo.export import export_policy
 from covo.hardware import auto_precision
 from covo.module import SelfRewardRL
@@ -41,7 +42,7 @@ def instantiate_dict(cfg: DictConfig | None) -> list:
 def resolve_auto(cfg: DictConfig) -> None:
     """`trainer.precision: auto` follows `model.dtype` (the compute dtype) when set, else what
     this hardware runs fast; `rollout.dtype: auto` decodes in the resolved compute dtype."""
-    compute = OmegaConf.select(cfg, "model.dtype")
+    compute = cfg.model.dtype
     with open_dict(cfg):
         if cfg.trainer.precision == "auto":
             cfg.trainer.precision = PRECISION_OF_DTYPE.get(compute) or auto_precision(
@@ -75,6 +76,7 @@ def build(cfg: DictConfig) -> tuple[SelfRewardRL, L.LightningDataModule, L.Train
         optimizer=hydra.utils.instantiate(cfg.optimizer),
         scheduler=hydra.utils.instantiate(cfg.scheduler),
         rollout=cfg.rollout,
+        val_extractor=cfg.val_extractor,
         max_grad_norm=cfg.max_grad_norm,
         scoring_dtype=cfg.scoring_dtype,
         reuse_rollout_cache=cfg.reuse_rollout_cache,
@@ -83,8 +85,8 @@ def build(cfg: DictConfig) -> tuple[SelfRewardRL, L.LightningDataModule, L.Train
         threads=cfg.threads,
         reference_dtype=cfg.reference_dtype,
     )
-    callbacks = instantiate_dict(cfg.get("callbacks"))
-    if cfg.trainer.get("enable_progress_bar", True):
+    callbacks = instantiate_dict(cfg.callbacks)
+    if cfg.trainer.enable_progress_bar:
         callbacks.append(StepProgressBar())
     plugins = [AtomicCheckpointIO()]
     precision = precision_plugin(cfg.trainer)
@@ -94,9 +96,9 @@ def build(cfg: DictConfig) -> tuple[SelfRewardRL, L.LightningDataModule, L.Train
         cfg.trainer,
         **({"precision": None} if precision is not None else {}),
         strategy=hydra.utils.instantiate(cfg.strategy),
-        logger=instantiate_dict(cfg.get("logger")) or False,
+        logger=instantiate_dict(cfg.logger) or False,
         callbacks=callbacks,
-        enable_checkpointing=bool(cfg.get("callbacks")),
+        enable_checkpointing=bool(cfg.callbacks),
         plugins=plugins,
     )
     # weights are built: from here on each rank samples with its own seed
@@ -123,11 +125,11 @@ def train(cfg: DictConfig) -> dict:
     module, datamodule, trainer = build(cfg)
     if trainer.global_rank == 0:
         write_config(cfg)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     outputs = {"output_dir": str(cfg.paths.output_dir)}
     if trainer.logger is not None:
         outputs["tensorboard_dir"] = trainer.logger.log_dir
-    if cfg.get("export_dir"):
+    if cfg.export_dir:
         export_policy(module, Path(cfg.export_dir), trainer, cfg.export_adapters)
         outputs["export_dir"] = str(cfg.export_dir)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -141,7 +143,7 @@ def optimized_value(result: dict, name: str) -> float:
     """The value of the metric `optimized_metric` names, from what `train` returned."""
     metrics = result["metrics"]
     if name not in metrics:
-        raise ValueError(
+        raise SettingError(
             f"optimized_metric: {name!r} was not logged by this run"
             f" (logged: {', '.join(sorted(metrics)) or 'nothing'})"
         )

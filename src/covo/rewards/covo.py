@@ -28,6 +28,8 @@ from covo.rewards.covo_stats import (
 )
 from covo.segmentation import COLON_MERGES, states, step_ends
 
+CURIOSITY_OFF = {"form": "released", "weight": 0.0}  # `curiosity=None`
+
 # Below every aggregation's range (linear RiL >= -1, the others >= 0): answerless responses
 # rank last for AUROC.
 NO_ANSWER_SCORE = -1.0
@@ -168,8 +170,8 @@ class CoVoReward(AnswerClustering):
                 raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
         if isinstance(min_states, bool) or not isinstance(min_states, int) or min_states < 1:
             raise ValueError(f"min_states must be an integer >= 1, got {min_states!r}")
-        curiosity = dict(curiosity or {})
-        form = curiosity.get("form", "released")
+        curiosity = CURIOSITY_OFF if curiosity is None else curiosity
+        form = curiosity["form"]
         if form not in CURIOSITY_FORMS:
             raise ValueError(
                 f"unknown curiosity form {form!r}; valid: {', '.join(CURIOSITY_FORMS)}"
@@ -186,7 +188,7 @@ class CoVoReward(AnswerClustering):
         self.ties_consistent = ties_consistent
         self.volatility_index = volatility_index
         self.curiosity = CURIOSITY_FORMS[form]
-        self.curiosity_weight = float(curiosity.get("weight", 0.0))
+        self.curiosity_weight = float(curiosity["weight"])
         self.template = template
         self.min_states = min_states
         self.short_penalty = short_penalty

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from covo.errors import DataError
 from covo.rewards.answered import AnswerClustering
 from covo.rewards.base import Group, GroupReward, Scorer
 
@@ -9,9 +10,11 @@ from covo.rewards.base import Group, GroupReward, Scorer
 class GroundTruthReward(AnswerClustering):
     """1.0 for a response whose answer matches `group.label`, else 0.0 (no answer: 0.0)."""
 
+    needs_labels = True
+
     def __call__(self, group: Group, scorer: Scorer | None = None) -> GroupReward:
         if group.label is None:
-            raise ValueError("GroundTruthReward needs group.label; this group has none")
+            raise DataError("GroundTruthReward needs labels: this item has no answer")
         answers, clusters, representatives = self.answers_and_clusters(group)
         rewards = [float(self.equivalence.is_correct(a, group.label)) for a in answers]
         verdicts = [self.equivalence.is_correct(rep, group.label) for rep in representatives]
