@@ -101,6 +101,8 @@ class Scorer(Protocol):
 class Reward(Protocol):
     """Rewards of one group. A reward that calls the scorer sets `uses_scorer = True`: the
     rollout then keeps the trajectories' keys and values for it (`Group.context_caches`).
+    A reward that reads the ground truth sets `uses_label = True`: trainers that keep labels
+    away from label-free rewards (`covo.integrations.trl`) give `Group.label` to it only.
 
     A reward that compares views of a prompt sets `views`, a mapping from a view's name to a
     prompt template holding `{prompt}`: the rollout samples each view as a group of its own

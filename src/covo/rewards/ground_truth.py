@@ -9,6 +9,8 @@ from covo.rewards.base import Group, GroupReward, Scorer
 class GroundTruthReward(AnswerClustering):
     """1.0 for a response whose answer matches `group.label`, else 0.0 (no answer: 0.0)."""
 
+    uses_label = True
+
     def __call__(self, group: Group, scorer: Scorer | None = None) -> GroupReward:
         if group.label is None:
             raise ValueError("GroundTruthReward needs group.label; this group has none")
