@@ -186,7 +186,7 @@ def child_trl(
     except ImportError:
         sys.exit("TRL is not installed: pip install -e .[bench]")
     from covo.answers import AnswerEquivalence, get_extractor
-    from covo.integrations.trl import CovoReward, grpo_trainer
+    from covo.integrations.trl import CovoReward, experiment_reward_overrides, grpo_trainer
     from covo.model import load_smollm2
 
     loaded = load_smollm2(cache_dir=str(Path("~/.cache/covo").expanduser()))
@@ -246,8 +246,9 @@ def child_trl(
         train_dataset=dataset,
         callbacks=[Timer()],
     )
-    if covo_reward:
-        trainer = grpo_trainer(CovoReward("covo"), **setup)
+    if covo_reward:  # judged as ours judges: the default experiment's reward keys on top
+        reward = CovoReward("covo", experiment_reward_overrides("smollm2_arithmetic"))
+        trainer = grpo_trainer(reward, **setup)
     else:
         trainer = GRPOTrainer(reward_funcs=correct, **setup)
     trainer.train()
