@@ -24,6 +24,7 @@ from covo.integrations.trl import (  # noqa: E402
     GROUP_KEYS,
     CovoReward,
     check_whole_groups,
+    experiment_reward_overrides,
     grpo_trainer,
 )
 from covo.lora import MissingExtraError, merged_state  # noqa: E402
@@ -299,6 +300,15 @@ def test_a_reward_yaml_of_ones_own_and_bad_names(tmp_path):
         CovoReward(str(tmp_path / "missing.yaml"))
     with pytest.raises(ValueError, match="extra views"):
         CovoReward("self_harmony")
+
+
+def test_an_experiments_reward_keys_apply():
+    overrides = experiment_reward_overrides("smollm2_arithmetic")
+    assert overrides == ['reward.extractor="boxed_or_last_number"']
+    assert CovoReward("covo", overrides).reward.extract("3 + 4 = 7.") == "7"
+    assert CovoReward("covo").reward.extract("3 + 4 = 7.") is None  # the released last box
+    with pytest.raises(ValueError, match="no conf/experiment/nope.yaml"):
+        experiment_reward_overrides("nope")
 
 
 def test_an_unbound_reward_says_so():

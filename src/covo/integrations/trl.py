@@ -86,9 +86,8 @@ def experiment_reward_overrides(name: str) -> list[str]:
     path = CONF_DIR / "experiment" / f"{name}.yaml"
     if not path.is_file():
         raise ValueError(f"unknown experiment '{name}': no {path.relative_to(CONF_DIR.parent)}")
-    reward = OmegaConf.load(path).get("reward", {})
-    flat = OmegaConf.to_container(reward)
-    return [f"reward.{key}={json.dumps(value)}" for key, value in flatten(flat).items()]
+    reward = OmegaConf.to_container(OmegaConf.load(path)).get("reward", {})
+    return [f"reward.{key}={json.dumps(value)}" for key, value in flatten(reward).items()]
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
