@@ -238,6 +238,8 @@ def child_trl(
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "completions/mean_length" in logs and rows:
                 rows[-1]["tokens"] = float(logs["completions/mean_length"]) * PROMPTS * SAMPLES
+            if logs and "time/reward_s" in logs and rows:  # logged by the covo reward
+                rows[-1]["reward_s"] = float(logs["time/reward_s"])
 
     setup = dict(
         model=loaded.model,
