@@ -69,17 +69,26 @@ def read_records(path: Path) -> Iterator[dict]:
 
 @torch.no_grad()
 def token_stats(
-    model, prompt_ids: list[int], response_ids: list[int], keep_cache: bool = False
+    model,
+    prompt_ids: list[int],
+    response_ids: list[int],
+    keep_cache: bool = False,
+    temperature: float = 1.0,
 ) -> tuple[dict[str, torch.Tensor], ContextCache | None]:
-    """Per response token: log-prob, entropy, self-certainty under the model ([G] each, CPU);
-    with `keep_cache`, also the keys and values of prompt + response from that forward (None
-    for models whose cache layers are not plain full attention)."""
+    """Per response token: log-prob, entropy, self-certainty under the model at `temperature`
+    ([G] each, CPU); with `keep_cache`, also the keys and values of prompt + response from that
+    forward (None for models whose cache layers are not plain full attention)."""
     if not response_ids:
         return {name: torch.zeros(0) for name in STAT_FIELDS.values()}, None
     ids = prompt_ids + response_ids
     sequence = torch.tensor([ids], device=model.device)
     stats = response_token_stats(
-        model, sequence, torch.ones_like(sequence), len(response_ids), keep_cache=keep_cache
+        model,
+        sequence,
+        torch.ones_like(sequence),
+        len(response_ids),
+        temperature,
+        keep_cache=keep_cache,
     )
     contexts = split_cache(stats.pop("cache"), [(ids, 0)]) if keep_cache else None
     stats = {name: values[0].float().cpu() for name, values in stats.items()}
@@ -107,16 +116,33 @@ def make_group(
     prompt_ids = encode(tokenizer, chat)
     if response_ids is None:
         response_ids = [encode(tokenizer, text) for text in responses]
+    return group_from_ids(loaded.model, prompt_ids, response_ids, responses, truth, keep_cache)
+
+
+def group_from_ids(
+    model,
+    prompt_ids: list[int],
+    response_ids: list[list[int]],
+    texts: list[str],
+    truth: str | Withheld | None,
+    keep_cache: bool = False,
+    temperature: float = 1.0,
+    **where,
+) -> Group:
+    """The group of responses `response_ids` (no EOS) to the prompt `prompt_ids`, with the
+    model's per-token statistics at `temperature` from one no-grad forward per response;
+    `truth` as in `make_group`; `where` sets the group's `step`, `rank` and `index`."""
     stats, caches = zip(
-        *(token_stats(loaded.model, prompt_ids, ids, keep_cache) for ids in response_ids)
+        *(token_stats(model, prompt_ids, ids, keep_cache, temperature) for ids in response_ids)
     )
     return Group(
-        prompt_ids=prompt_ids,
+        prompt_ids=list(prompt_ids),
         response_ids=[list(ids) for ids in response_ids],
-        texts=list(responses),
+        texts=list(texts),
         truth=truth,
         context_caches=list(caches) if keep_cache else None,
         **{field: [s[name] for s in stats] for field, name in STAT_FIELDS.items()},
+        **where,
     )
 
 
