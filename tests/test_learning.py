@@ -18,7 +18,7 @@ from conftest import compose_config
 from covo.models import toy_reasoner
 from covo.train import train
 
-STEPS = 30
+STEPS = 40
 RISE = 0.10  # ground truth: at least this much above the base accuracy
 FALL = 0.10  # negated: at least this much below it
 SHORT_RUN = [
