@@ -2,10 +2,10 @@
 
     taskset -c 0 python scripts/toy_learning_spread.py --seeds 0 1 2 3 4 [Hydra overrides]
 
-Runs exactly what tests/test_learning.py runs (its `SHORT_RUN`, through `covo.train.train`)
-with `seed=<s>` for reward=ground_truth and reward=negated_ground_truth, and prints the base
-and every run's T=1 accuracy over the 64 held-out problems (8 samples each), then the mean,
-min and max change per reward.
+Runs what tests/test_learning.py runs (`covo.train.train` on `experiment=toy_reasoner_learns`,
+40 steps, no validation, logger or checkpoints) with `seed=<s>` for reward=ground_truth and
+reward=negated_ground_truth, and prints the base and every run's T=1 accuracy over the 64
+held-out problems (8 samples each), then the mean, min and max change per reward.
 """
 
 from __future__ import annotations
@@ -13,14 +13,34 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
 import hydra
 import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
 
-TESTS = Path(__file__).resolve().parents[1] / "tests"
+from covo.models import toy_reasoner
+from covo.train import train
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+SHORT_RUN = [  # tests/test_learning.py's
+    "experiment=toy_reasoner_learns",
+    "trainer.max_steps=40",
+    "+trainer.limit_val_batches=0",
+    "+trainer.enable_progress_bar=false",
+    "logger=none",
+    "callbacks=none",
+]
+
+
+def compose_config(overrides: list[str], output_dir: Path):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+    return cfg
 
 
 def main() -> None:
@@ -29,16 +49,9 @@ def main() -> None:
     parser.add_argument("--rewards", nargs="+", default=["ground_truth", "negated_ground_truth"])
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    sys.path.insert(0, str(TESTS))  # the tests' own composition, not a copy of it
-    from conftest import compose_config
-    from test_learning import SHORT_RUN
-
-    from covo.models import toy_reasoner
-    from covo.train import train
-
     torch.set_num_threads(1)
     root = Path(tempfile.mkdtemp(prefix="toy-spread-"))
-    cfg = compose_config("train", [*SHORT_RUN, *args.overrides], root / "val")
+    cfg = compose_config([*SHORT_RUN, *args.overrides], root / "val")
     items = hydra.utils.instantiate(cfg.data).val_items
     base = toy_reasoner.heldout(toy_reasoner.load(), items)["sampled"]
     print(json.dumps({"base": base}), flush=True)
@@ -46,7 +59,7 @@ def main() -> None:
     for seed in args.seeds:
         for reward in args.rewards:
             overrides = [*SHORT_RUN, f"reward={reward}", f"seed={seed}", *args.overrides]
-            out = train(compose_config("train", overrides, root / f"{reward}_{seed}"))
+            out = train(compose_config(overrides, root / f"{reward}_{seed}"))
             after = toy_reasoner.heldout(toy_reasoner.load(out["export_dir"]), items)["sampled"]
             changes[reward].append(after - base)
             print(json.dumps({"reward": reward, "seed": seed, "after": after}), flush=True)

@@ -19,7 +19,7 @@ from covo.models import toy_reasoner
 from covo.train import train
 
 STEPS = 40
-RISE = 0.10  # ground truth: at least this much above the base accuracy
+RISE = 0.05  # ground truth: at least this much above the base accuracy
 FALL = 0.10  # negated: at least this much below it
 SHORT_RUN = [
     "experiment=toy_reasoner_learns",
