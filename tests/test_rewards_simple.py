@@ -161,7 +161,8 @@ def test_only_rewards_that_need_labels_are_given_them(name, tiny_model, tmp_path
     truth = label_for(reward, "7")
     if getattr(reward, "needs_labels", False):
         assert truth == "7"
-        assert score_with(reward, tiny_model, truth).rewards == [1.0, 0.0, 1.0, 0.0]
+        expected = {"ground_truth": [1.0, 0.0, 1.0, 0.0], "negated_ground_truth": [-1.0, 0, -1, 0]}
+        assert score_with(reward, tiny_model, truth).rewards == expected[name]
         return
     assert truth == Withheld(type(reward).__name__)
     withheld = score_with(reward, tiny_model, truth)
@@ -175,3 +176,11 @@ def test_a_label_free_reward_that_reads_the_label_fails_naming_itself():
     group = make_group(boxed("7", "8"), label=label_for(reward, "7"))
     with pytest.raises(LabelWithheldError, match="PeekingMajority read Group.label"):
         reward(group, None)
+
+
+def test_negated_ground_truth_gives_correct_answers_minus_one():
+    group = make_group(boxed("3", "4", None), label="3")
+    out = GroundTruthReward(extractor="boxed", scale=-1.0)(group, None)
+    assert out.rewards == [-1.0, 0.0, 0.0]
+    assert out.components["correct"] == [1.0, 0.0, 0.0]
+    assert out.verdicts == [True, False]
