@@ -20,7 +20,7 @@ from torch.utils.tensorboard import SummaryWriter
 import covo.analysis.outcomes as outcomes_module
 import covo.callbacks.heldout_eval as heldout_module
 from covo.analysis.outcome_metrics import aggregate, fall_step, run_numbers
-from covo.analysis.outcomes import outcomes
+from covo.analysis.outcomes import first_alarm, outcomes, policy_steps
 from covo.answers import AnswerEquivalence, get_extractor
 from covo.callbacks.heldout_eval import HeldoutEval, heldout_metrics, read_records
 from covo.errors import exit_on_user_error
@@ -131,6 +131,7 @@ def fake_run(directory: Path, alarm_at: int | None, steps: int = 2) -> None:
     for step in range(steps):
         writer.add_scalar("collapse/alarm", float(alarm_at is not None and step >= alarm_at), step)
         writer.add_scalar("collapse/kl", 0.1 * step, step)
+        writer.add_scalar("train/optimizer_steps", 1.0, step)
     writer.close()
 
 
@@ -197,6 +198,15 @@ def test_a_resumed_study_trains_only_unfinished_runs(tmp_path, stub_training, ca
     launched.clear()
     outcomes(study_cfg(tmp_path))
     assert launched == []
+
+
+def test_the_alarm_step_counts_optimizer_steps_not_rollouts():
+    # rollouts 0-4; rollout 1 took no step (every group filtered), rollout 3 took two
+    stepped = [(0, 1.0), (2, 1.0), (3, 2.0), (4, 1.0)]
+    assert policy_steps(stepped, [0, 1, 2, 3, 4]) == [0, 1, 1, 2, 4]
+    alarm = [(0, 0.0), (1, 0.0), (2, 0.0), (3, 1.0), (4, 1.0)]
+    assert first_alarm(alarm, stepped) == 2  # raised by the rollout of the policy after 2 steps
+    assert first_alarm([(b, 0.0) for b in range(5)], stepped) is None
 
 
 @pytest.mark.parametrize(
@@ -296,7 +306,8 @@ def test_a_tiny_study_end_to_end(tmp_path):
             sys.executable, "-m", "covo.analysis.outcomes", "train.model=tiny",
             "rewards=[ground_truth,majority]", "seeds=2", "train.steps=2", "eval_every=1",
             'train.extra=["data.val.num_problems=4","rollout.max_new_tokens=16",'
-            '"callbacks.heldout_eval.num_samples=4","rollout.num_samples=3"]',
+            '"callbacks.heldout_eval.num_samples=4","rollout.num_samples=3",'
+            '"algorithm.filter.drop_all_zero=false"]',
             f"hydra.run.dir={tmp_path}",
         ],
         capture_output=True, text=True, cwd=ROOT, timeout=600,

@@ -117,23 +117,34 @@ def run_dir(study_dir: Path, reward: str, seed: int) -> Path:
     return study_dir / "runs" / reward / f"seed_{seed}"
 
 
-def first_alarm(alarm: list[tuple[int, float]]) -> int | None:
-    """The step of the first raised alarm. The guard logs at the step of the rollout that
-    raised it: the policy after that many optimizer steps (the axis of the held-out curve)."""
-    return next((step for step, value in alarm if value >= 0.5), None)
+def policy_steps(optimizer_steps: list[tuple[int, float]], batches: list[int]) -> list[int]:
+    """The optimizer steps taken before each rollout `batches[i]` (the guard logs per rollout;
+    a rollout whose groups were all filtered takes no step and logs no `train/optimizer_steps`)."""
+    return [int(sum(n for b, n in optimizer_steps if b < batch)) for batch in batches]
+
+
+def first_alarm(alarm: list[tuple[int, float]], optimizer_steps: list[tuple[int, float]]):
+    """The first raised alarm, in optimizer steps: those of the policy whose rollout raised it
+    (the axis of the held-out curve); None when the alarm never went up."""
+    batch = next((step for step, value in alarm if value >= 0.5), None)
+    return None if batch is None else policy_steps(optimizer_steps, [batch])[0]
 
 
 def collect(directory: Path, reward: str, seed: int) -> dict:
-    """A finished run's held-out curve, first alarm and collapse signals."""
+    """A finished run's held-out curve, first alarm and collapse signals (per rollout, with
+    the optimizer step of the policy that sampled it under `signals.step`)."""
     scalars = read_scalars(directory)
+    stepped = scalars.get("train/optimizer_steps", [])
+    signals = {
+        name: scalars[f"collapse/{name}"] for name in SIGNALS if f"collapse/{name}" in scalars
+    }
+    batches = [b for b, _ in signals.get("alarm", [])]
     return {
         "reward": reward,
         "seed": seed,
         "curve": read_records(directory / HELDOUT_FILE),
-        "alarm_step": first_alarm(scalars.get("collapse/alarm", [])),
-        "signals": {
-            name: scalars[f"collapse/{name}"] for name in SIGNALS if f"collapse/{name}" in scalars
-        },
+        "alarm_step": first_alarm(scalars.get("collapse/alarm", []), stepped),
+        "signals": signals | {"step": list(zip(batches, policy_steps(stepped, batches)))},
     }
 
 
