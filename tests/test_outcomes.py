@@ -19,7 +19,13 @@ from torch.utils.tensorboard import SummaryWriter
 
 import covo.analysis.outcomes as outcomes_module
 import covo.callbacks.heldout_eval as heldout_module
-from covo.analysis.outcome_metrics import aggregate, fall_step, run_numbers
+from covo.analysis.outcome_metrics import (
+    aggregate,
+    fall_step,
+    replay_alarm,
+    replayed_guards,
+    run_numbers,
+)
 from covo.analysis.outcomes import first_alarm, outcomes, policy_steps
 from covo.answers import AnswerEquivalence, get_extractor
 from covo.callbacks.heldout_eval import HeldoutEval, heldout_metrics, read_records
@@ -207,6 +213,32 @@ def test_the_alarm_step_counts_optimizer_steps_not_rollouts():
     alarm = [(0, 0.0), (1, 0.0), (2, 0.0), (3, 1.0), (4, 1.0)]
     assert first_alarm(alarm, stepped) == 2  # raised by the rollout of the policy after 2 steps
     assert first_alarm([(b, 0.0) for b in range(5)], stepped) is None
+
+
+def test_a_guard_replayed_on_logged_signals():
+    # rollouts 0-5, rollout 2 took no step; KL per rollout; entropy from 6.0
+    signals = {
+        "step": [[0, 0], [1, 1], [2, 2], [3, 2], [4, 3], [5, 4]],
+        "kl": [[0, 0.0], [1, 0.5], [2, 1.2], [3, 0.9], [4, 1.5], [5, 2.0]],
+        "token_entropy": [[b, 6.0] for b in range(6)],
+        "alarm": [[b, 0.0] for b in range(6)],
+    }
+    drift = {"rules": {"kl": {"above": 1.0}}, "min_rules": 1, "window": 2, "baseline_steps": 3}
+    # KL >= 1 at rollouts 2, 4, 5: two in a row first at rollout 5, the policy after 4 steps
+    assert replay_alarm(signals, drift) == 4
+    assert replay_alarm(signals, {**drift, "window": 1}) == 2
+    both = {
+        **drift,
+        "rules": {"kl": {"above": 1.0}, "token_entropy": {"drop": 0.5}},
+        "min_rules": 2,
+    }
+    assert replay_alarm(signals, both) is None
+    runs = [{**RUNS[3], "signals": signals}, {**RUNS[0], "signals": signals}]
+    replay = replayed_guards(runs, {"drift": drift}, ["majority", GT], 0.05, 0.95)["drift"]
+    # majority seed 0 falls at step 10: an alarm at 4 leads by 6; ground truth never falls
+    assert replay["rewards"]["majority"]["guard"]["caught"] == 1
+    assert replay["rewards"]["majority"]["lead"]["value"] == 6
+    assert replay["rewards"][GT]["guard"]["false_alarm"] == 1
 
 
 @pytest.mark.parametrize(

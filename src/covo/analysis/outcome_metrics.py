@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
+from covo.collapse import CollapseDetector
 from covo.intervals import seed_interval
 
 ACCURACIES = ("sampled_accuracy", "greedy_accuracy", "maj_accuracy")
@@ -153,6 +154,56 @@ def aggregate(
     return {"per_run": per_run, "rewards": summary, "paired": differences}
 
 
+def replay_alarm(signals: dict, guard: dict) -> int | None:
+    """The first alarm a detector with settings `guard` (`rules`, `min_rules`, `window`,
+    `baseline_steps`) raises on a run's logged collapse signals, fed one rollout at a time as
+    the callback fed them; in optimizer steps (`signals["step"]`: [rollout, step] pairs)."""
+    detector = CollapseDetector(**guard)
+    series = {
+        name: dict(map(tuple, points))
+        for name, points in signals.items()
+        if name not in ("step", "alarm", "rules_met")
+    }
+    for batch, step in signals["step"]:
+        values = {name: points[batch] for name, points in series.items() if batch in points}
+        if detector.update(values).alarm:
+            return step
+    return None
+
+
+def replayed_guards(
+    runs: list[dict], guards: dict, rewards: list[str], fall: float, confidence: float
+) -> dict:
+    """Per guard in `guards` (name -> detector settings): each run's replayed alarm and its
+    verdict against the fall, and per reward the verdict counts and the lead interval."""
+    out = {}
+    for name, guard in guards.items():
+        per_run = [
+            run_numbers({**run, "alarm_step": replay_alarm(run["signals"], guard)}, fall)
+            for run in runs
+        ]
+        out[name] = {
+            "guard": guard,
+            "per_run": [
+                {k: n[k] for k in ("reward", "seed", "alarm_step", "fall_step", "lead", "guard")}
+                for n in per_run
+            ],
+            "rewards": {},
+        }
+        for reward in rewards:
+            numbers = [n for n in per_run if n["reward"] == reward]
+            out[name]["rewards"][reward] = {
+                "runs": len(numbers),
+                "alarmed": sum(n["alarm_step"] is not None for n in numbers),
+                "guard": {o: sum(n["guard"] == o for n in numbers) for o in GUARD_OUTCOMES},
+                "lead": interval([n["lead"] for n in numbers if n["lead"] is not None], confidence),
+                "alarm_step": interval(
+                    [n["alarm_step"] for n in numbers if n["alarm_step"] is not None], confidence
+                ),
+            }
+    return out
+
+
 def cell(c: dict, digits: int = 3, runs: int | None = None) -> str:
     """`mean [low, high]`; `(n=k)` when fewer than `runs` runs have the number."""
     if c.get("value") is None:
@@ -179,11 +230,16 @@ def markdown(results: dict, baselines: list[str]) -> str:
         row += [cell(s["peak_step"], 1), cell(s["alarm_step"], 1, s["runs"])]
         row += [cell(diffs[b][name]["gain_end"]) if name in diffs[b] else "-" for b in against]
         lines.append("| " + " | ".join(row) + " |")
-    lines += [
-        "",
-        "| reward | runs | fell | alarm before the fall | lead (steps) | missed | late |"
-        " false alarms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    return "\n".join(lines) + "\n\n" + guard_markdown(rewards)
+
+
+def guard_markdown(rewards: dict) -> str:
+    """Per reward: runs with an alarm, runs that fell, caught (alarm at or before the fall),
+    lead, missed, late, false alarms (an alarm in a run that never fell)."""
+    lines = [
+        "| reward | runs | alarmed | fell | alarm before the fall | lead (steps) | missed | late"
+        " | false alarms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, s in rewards.items():
         if not s["runs"]:
@@ -191,7 +247,7 @@ def markdown(results: dict, baselines: list[str]) -> str:
         g = s["guard"]
         fell = g["caught"] + g["late"] + g["missed"]
         lines.append(
-            f"| {name} | {s['runs']} | {fell} | {g['caught']} | {cell(s['lead'], 1)} "
-            f"| {g['missed']} | {g['late']} | {g['false_alarm']} |"
+            f"| {name} | {s['runs']} | {s['alarmed']} | {fell} | {g['caught']} "
+            f"| {cell(s['lead'], 1)} | {g['missed']} | {g['late']} | {g['false_alarm']} |"
         )
     return "\n".join(lines)

@@ -30,7 +30,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
-from covo.analysis.outcome_metrics import aggregate, markdown
+from covo.analysis.outcome_metrics import aggregate, guard_markdown, markdown, replayed_guards
 from covo.callbacks.heldout_eval import read_records
 from covo.errors import exit_on_user_error
 from covo.plots import learning_curves_figure, save_figure
@@ -47,7 +47,18 @@ HELDOUT_FILE = "heldout.jsonl"
 RESULTS_FILE = "outcomes.json"
 PLOT_FILE = "learning_curves.png"
 # the collapse signals kept in each run's result (to replay other guard rules on them)
-SIGNALS = ("alarm", "rules_met", "top_answer_share", "token_entropy", "kl", "answer_entropy")
+SIGNALS = (
+    "alarm",
+    "rules_met",
+    "top_answer_share",
+    "answer_entropy",
+    "distinct_answers",
+    "token_entropy",
+    "self_certainty",
+    "zero_var_frac",
+    "len_mean",
+    "kl",
+)
 
 
 def seed_list(seeds) -> list[int]:
@@ -214,7 +225,10 @@ def outcomes(cfg: DictConfig) -> dict:
         raise RuntimeError(f"no run finished; see the train.log files under {study_dir}/runs")
     baselines = list(cfg.baselines)
     results = aggregate(runs, names, baselines, cfg.fall, cfg.confidence)
+    guards = OmegaConf.to_container(cfg.guards, resolve=True)
+    replayed = replayed_guards(runs, guards, names, cfg.fall, cfg.confidence)
     results |= {
+        "replayed_guards": replayed,
         "runs": runs,
         "failed": failed,
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -230,6 +244,9 @@ def outcomes(cfg: DictConfig) -> dict:
         f"from step 0, 95% t-intervals over seeds; a fall is {cfg.fall:g} below the running "
         f"peak\n\n{markdown(results, baselines)}"
     )
+    for name, replay in replayed.items():
+        print(f"\nthe guard replayed with `{name}` {replay['guard']}:\n")
+        print(guard_markdown(replay["rewards"]))
     for line in failed:
         print(f"failed: {line}")
     print(f"\nresults: {study_dir / RESULTS_FILE}\nplot: {study_dir / PLOT_FILE}")
