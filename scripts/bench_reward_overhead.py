@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import lightning.pytorch as L
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
+from covo.callbacks.step_timer import StepTimer
 from covo.train import build
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -38,20 +38,6 @@ VARIANTS = {
     "covo_refeed": ["reward=covo", "reuse_rollout_cache=false"],
     "ground_truth": ["reward=ground_truth"],
 }
-
-
-class StepTimer(L.Callback):
-    def __init__(self) -> None:
-        self.steps: list[dict[str, float]] = []
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        self.start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        row = {"step_s": time.perf_counter() - self.start, **module.timings}
-        row["scoring_tokens"] = module.scoring_counts["perf/scoring_tokens"]
-        row["reused_tokens"] = module.scoring_counts["perf/scoring_reused_tokens"]
-        self.steps.append(row)
 
 
 def run(variant: list[str], steps: int, overrides: list[str]) -> list[dict[str, float]]:

@@ -139,3 +139,11 @@ def test_reward_configs_instantiate(name, cls):
     reward = instantiate(OmegaConf.load(REWARD_CONF / f"{name}.yaml"), equivalence=shared)
     assert type(reward) is cls
     assert reward.equivalence is shared
+
+
+def test_negated_ground_truth_gives_correct_answers_minus_one():
+    group = make_group(boxed("3", "4", None), label="3")
+    out = GroundTruthReward(extractor="boxed", scale=-1.0)(group, None)
+    assert out.rewards == [-1.0, 0.0, 0.0]
+    assert out.components["correct"] == [1.0, 0.0, 0.0]
+    assert out.verdicts == [True, False]

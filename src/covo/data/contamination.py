@@ -67,6 +67,12 @@ def overlap(problems: list[str], benchmark_dir: str | Path | None) -> dict[str, 
     return found
 
 
+def shared_problems(problems: list[str], others: list[str]) -> int:
+    """How many of `problems` are also among `others` (as fingerprints: texts evened out)."""
+    prints = {fingerprint(p) for p in others}
+    return sum(fingerprint(p) in prints for p in problems)
+
+
 def check_overlap(
     problems: list[str], benchmark_dir: str | Path | None, allowed: bool
 ) -> dict[str, int]:

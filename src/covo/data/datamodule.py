@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 import lightning.pytorch as L
 import torch
 from torch.utils.data import DataLoader
 
-from covo.data.contamination import check_overlap
+from covo.data.contamination import check_overlap, shared_problems
 from covo.data.sampler import EpochBatches, PositionedItems, ResumableLoader
 
 MATH_PROMPT = (
@@ -19,6 +21,9 @@ def collate(items: list[dict]) -> dict[str, list]:
     return {key: [item[key] for item in items] for key in items[0]}
 
 
+log = logging.getLogger(__name__)
+
+
 class PromptDataModule(L.LightningDataModule):
     """Batches of prompts (the problem put through `prompt_template`) with their answers.
 
@@ -28,7 +33,8 @@ class PromptDataModule(L.LightningDataModule):
     (`covo.data.sampler`); under DDP/FSDP each rank takes its own share of every epoch.
     Before fitting, the training problems are checked against every benchmark (the shipped
     ones and those under `benchmark_dir`): any shared item stops the run unless
-    `allow_benchmark_overlap`.
+    `allow_benchmark_overlap`; training items that are also validation problems are counted
+    in a warning.
     """
 
     def __init__(
@@ -73,6 +79,14 @@ class PromptDataModule(L.LightningDataModule):
         if stage == "fit":
             problems = [item["problem"] for item in self.train_items]
             check_overlap(problems, self.benchmark_dir, self.allow_benchmark_overlap)
+            held_out = [item["problem"] for item in self.val_items]
+            if shared := shared_problems(problems, held_out):
+                log.warning(
+                    "%d of the %d training items are also validation problems: val/accuracy "
+                    "is then not held out",
+                    shared,
+                    len(problems),
+                )
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer

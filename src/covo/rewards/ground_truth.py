@@ -2,24 +2,39 @@
 
 from __future__ import annotations
 
+from covo.answers import AnswerEquivalence
 from covo.rewards.answered import AnswerClustering
 from covo.rewards.base import Group, GroupReward, Scorer
 
 
 class GroundTruthReward(AnswerClustering):
-    """1.0 for a response whose answer matches `group.label`, else 0.0 (no answer: 0.0)."""
+    """`scale` for a response whose answer matches `group.label`, else 0.0 (no answer: 0.0).
+
+    `scale: -1` (`reward=negated_ground_truth`) punishes correct answers: a control under which
+    a learning policy must get worse.
+    """
+
+    def __init__(
+        self,
+        extractor: str = "boxed_or_last_number",
+        timeout_s: float = 2.0,
+        equivalence: AnswerEquivalence | None = None,
+        scale: float = 1.0,
+    ):
+        super().__init__(extractor, timeout_s, equivalence)
+        self.scale = scale
 
     def __call__(self, group: Group, scorer: Scorer | None = None) -> GroupReward:
         if group.label is None:
             raise ValueError("GroundTruthReward needs group.label; this group has none")
         answers, clusters, representatives = self.answers_and_clusters(group)
-        rewards = [float(self.equivalence.is_correct(a, group.label)) for a in answers]
+        correct = [float(self.equivalence.is_correct(a, group.label)) for a in answers]
         verdicts = [self.equivalence.is_correct(rep, group.label) for rep in representatives]
         return GroupReward(
-            rewards=rewards,
+            rewards=[self.scale * c for c in correct],
             answers=answers,
             clusters=clusters,
-            scores=list(rewards),
+            scores=list(correct),
             verdicts=verdicts,
-            components={"correct": list(rewards)},
+            components={"correct": correct},
         )

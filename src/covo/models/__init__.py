@@ -1,0 +1,1 @@
+"""Models of the project's own: loaders and the weights they ship (the toy reasoner)."""
