@@ -59,7 +59,7 @@ def test_a_collapsing_stream_alarms_when_saturation_has_lasted_the_window():
 
 
 def test_absolute_rules_act_before_the_start_is_known_and_knobs_are_checked():
-    detector = CollapseDetector(RULES, window=2)
+    detector = CollapseDetector(RULES, window_rollouts=2)
     verdicts = stream(detector, top_answer_share=[1.0, 1.0], kl=[2.0, 3.0], token_entropy=[1, 1])
     assert [v.alarm for v in verdicts] == [False, True]
     assert detector.start("token_entropy") is None  # 2 of the 3 baseline steps seen

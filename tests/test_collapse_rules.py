@@ -29,7 +29,7 @@ def test_a_signal_may_hold_several_rules_and_one_may_stand_alone():
 
 
 def test_a_drift_alone_raises_the_alarm_while_the_answers_disagree():
-    detector = CollapseDetector(RULES, min_rules=2, window=3)
+    detector = CollapseDetector(RULES, min_rules=2, window_rollouts=3)
     # a run that drifts: entropy 5.9 -> 3.2 (a 46% drop, under the 50% rule), KL 0 -> 2.5,
     # answers never agree; KL >= 2 at steps 4-7 (alone), >= 1 from step 2 (one counted rule)
     kl = [0.0, 0.5, 1.1, 1.6, 2.1, 2.3, 2.4, 2.5]

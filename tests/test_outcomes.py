@@ -223,10 +223,15 @@ def test_a_guard_replayed_on_logged_signals():
         "token_entropy": [[b, 6.0] for b in range(6)],
         "alarm": [[b, 0.0] for b in range(6)],
     }
-    drift = {"rules": {"kl": {"above": 1.0}}, "min_rules": 1, "window": 2, "baseline_steps": 3}
+    drift = {
+        "rules": {"kl": {"above": 1.0}},
+        "min_rules": 1,
+        "window_rollouts": 2,
+        "baseline_rollouts": 3,
+    }
     # KL >= 1 at rollouts 2, 4, 5: two in a row first at rollout 5, the policy after 4 steps
     assert replay_alarm(signals, drift) == 4
-    assert replay_alarm(signals, {**drift, "window": 1}) == 2
+    assert replay_alarm(signals, {**drift, "window_rollouts": 1}) == 2
     both = {
         **drift,
         "rules": {"kl": {"above": 1.0}, "token_entropy": {"drop": 0.5}},

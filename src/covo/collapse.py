@@ -21,7 +21,7 @@ KINDS = ("above", "below", "drop", "rise")
 @dataclass(frozen=True)
 class Rule:
     """`signal` above / below `value`, or dropped / risen by more than `value` (a fraction) of
-    its start, the mean of its first `baseline_steps` values; `alone`: it saturates a step on
+    its start, the mean of its first `baseline_rollouts` values; `alone`: it saturates a step on
     its own instead of counting towards `min_rules`."""
 
     signal: str
@@ -87,7 +87,9 @@ class Verdict:
 class CollapseDetector:
     """Feed one step's signals at a time (`update`); keeps what a resumed run needs."""
 
-    def __init__(self, rules: dict, min_rules: int = 2, window: int = 3, baseline_steps: int = 3):
+    def __init__(
+        self, rules: dict, min_rules: int = 2, window_rollouts: int = 3, baseline_rollouts: int = 3
+    ):
         self.rules = parse_rules(rules)
         counted = sum(not rule.alone for rule in self.rules)
         if not 1 <= min_rules <= max(counted, 1):
@@ -95,11 +97,12 @@ class CollapseDetector:
                 f"callbacks.collapse_guard.min_rules must be in [1, {max(counted, 1)}], "
                 f"got {min_rules}"
             )
-        if window < 1 or baseline_steps < 1:
+        if window_rollouts < 1 or baseline_rollouts < 1:
             raise ValueError(
                 "callbacks.collapse_guard.window_rollouts and baseline_rollouts must be >= 1"
             )
-        self.min_rules, self.window, self.baseline_steps = min_rules, window, baseline_steps
+        self.min_rules = min_rules
+        self.window, self.baseline_steps = window_rollouts, baseline_rollouts
         self.history: list[dict[str, float]] = []
         self.saturated: list[bool] = []
 

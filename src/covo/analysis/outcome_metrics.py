@@ -155,8 +155,8 @@ def aggregate(
 
 
 def replay_alarm(signals: dict, guard: dict) -> int | None:
-    """The first alarm a detector with settings `guard` (`rules`, `min_rules`, `window`,
-    `baseline_steps`) raises on a run's logged collapse signals, fed one rollout at a time as
+    """The first alarm a detector with settings `guard` (`rules`, `min_rules`, `window_rollouts`,
+    `baseline_rollouts`) raises on a run's logged collapse signals, fed one rollout at a time as
     the callback fed them; in optimizer steps (`signals["step"]`: [rollout, step] pairs)."""
     detector = CollapseDetector(**guard)
     series = {
