@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from covo.analysis.outcome_metrics import aggregate, guard_markdown, markdown, replayed_guards
 from covo.callbacks.heldout_eval import read_records
-from covo.errors import exit_on_user_error
+from covo.errors import SettingError, exit_on_user_error
 from covo.plots import learning_curves_figure, save_figure
 from covo.report import read_scalars
 from covo.score import finite
@@ -65,11 +65,13 @@ def seed_list(seeds) -> list[int]:
     """`seeds: n` -> 0..n-1; a list stays itself."""
     if isinstance(seeds, int):
         if seeds < 1:
-            raise ValueError(f"seeds must be >= 1 (or a list of seeds), got {seeds}")
+            raise SettingError(f"seeds must be >= 1 (or a list of seeds), got {seeds}")
         return list(range(seeds))
     values = list(seeds)
     if not values or len(set(values)) != len(values) or not all(isinstance(s, int) for s in values):
-        raise ValueError(f"seeds must be a count >= 1 or a list of distinct integers, got {values}")
+        raise SettingError(
+            f"seeds must be a count >= 1 or a list of distinct integers, got {values}"
+        )
     return values
 
 
@@ -97,27 +99,29 @@ def compose_train(overrides: list[str]) -> DictConfig:
 def check(cfg: DictConfig) -> tuple[list[str], list[int]]:
     """The rewards and seeds; rejects, before any run starts, what no run could use."""
     if OmegaConf.is_missing(cfg.train, "model"):
-        raise ValueError("train.model is missing: name a conf/model option, e.g. train.model=tiny")
+        raise SettingError(
+            "train.model is missing: name a conf/model option, e.g. train.model=tiny"
+        )
     names = list(cfg.rewards)
     if not names or len(set(names)) != len(names):
-        raise ValueError(f"rewards must name distinct reward configs, got {names}")
+        raise SettingError(f"rewards must name distinct reward configs, got {names}")
     for name in names:
         if not (CONF_DIR / "reward" / f"{name}.yaml").is_file():
-            raise ValueError(f"rewards: unknown reward '{name}' (no conf/reward/{name}.yaml)")
+            raise SettingError(f"rewards: unknown reward '{name}' (no conf/reward/{name}.yaml)")
     seeds = seed_list(OmegaConf.to_object(cfg.seeds) if OmegaConf.is_list(cfg.seeds) else cfg.seeds)
     for key in ("eval_every", "train.steps", "jobs"):
         value = OmegaConf.select(cfg, key)
         if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{key} must be an integer >= 1, got {value}")
+            raise SettingError(f"{key} must be an integer >= 1, got {value}")
     for key in ("fall", "confidence"):
         if not 0 < cfg[key] < 1:
-            raise ValueError(f"{key} must be in (0, 1), got {cfg[key]}")
+            raise SettingError(f"{key} must be in (0, 1), got {cfg[key]}")
     for name in names:  # the whole run config, as train.py would compose and check it
         try:
             train_cfg = compose_train(run_overrides(cfg, name, seeds[0]))
         except HydraException as err:
             first = str(err).strip().splitlines()[0]
-            raise ValueError(f"train (model, data, overrides, extra): {first}") from None
+            raise SettingError(f"train (model, data, overrides, extra): {first}") from None
         train_cfg.paths.output_dir = str(Path(cfg.paths.output_dir) / "check")
         resolve_auto(train_cfg)
         check_train(train_cfg)

@@ -115,7 +115,10 @@ class HeldoutEval(Callback):
         step = trainer.global_step
         policy = pl_module.policy
         training = policy.training
-        loaded = LoadedModel(policy, pl_module.tokenizer, pl_module.chat_template, "policy")
+        # sampling only: the update's hold_graphs plays no part here
+        loaded = LoadedModel(
+            policy, pl_module.tokenizer, pl_module.chat_template, "policy", hold_graphs=False
+        )
         policy.eval()
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(self.seed + step)
