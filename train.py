@@ -6,13 +6,17 @@ import hydra
 from omegaconf import DictConfig
 
 from covo.errors import exit_on_missing_launcher, exit_on_user_error
-from covo.train import train
+from covo.train import optimized_value, train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 @exit_on_user_error
-def main(cfg: DictConfig) -> None:
-    train(cfg)
+def main(cfg: DictConfig) -> float | None:
+    """The run's `optimized_metric` when one is set: what a sweeper (hparams_search) maximises."""
+    result = train(cfg)
+    if cfg.optimized_metric is not None:
+        return optimized_value(result, cfg.optimized_metric)
+    return None
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Peak memory of a short run of the default config: default, LoRA, and FSDP2 on two processes.
 
 taskset -c 0 python scripts/bench_memory.py [--steps 2] [--variants default,lora,fsdp2]
-    [Hydra overrides, e.g. trainer=gpu]
+    [--json rows.json] [Hydra overrides, e.g. trainer=gpu]
+python scripts/bench_memory.py --scale rows.json   # the first row's peak scaled to Qwen2.5-7B
 
 Each variant runs in a process of its own (FSDP2: two), so no variant's peak hides in another's.
 Per process it prints the peak resident set (CPU; the peak allocated memory on a GPU), the
@@ -9,7 +10,7 @@ resident set after the imports (before any model), and what the run holds: the p
 parameters (trained and frozen; the local shard under FSDP2), the reference's own copy of the
 weights (bytes the reference holds that the policy does not), the rollout replica, gradients
 and optimizer state at an optimizer step, and what the training forwards save for the backward
-pass at once (the largest micro-batch's, or all of a step's when `algorithm.hold_graphs` holds
+pass at once (the largest micro-batch's, or all of a step's when `model.hold_graphs` holds
 them, as the default run does): activations, and autocast's low-precision copies of the
 weights. Every group
 keeps its update (`algorithm.filter.drop_all_zero=false`), so every variant trains every step.
@@ -42,13 +43,15 @@ SHORT_RUN = [
     "logger=none",
     "callbacks=none",
     "export_dir=null",
-    "val_every=1000",
+    "val_every_n_rollouts=1000",
     "rollout.max_new_tokens=16",
     "algorithm.filter.drop_all_zero=false",
     "threads=1",
 ]
 MB = 2**20
+GB = 1e9
 RESULT = "RESULT "
+QWEN25_7B_PARAMS = 7.62e9  # Qwen2.5-7B(-Instruct), embeddings included
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -66,7 +69,7 @@ def storages(tensors) -> set[int]:
 class MemoryProbe(L.Callback):
     """Gradient and optimizer-state bytes before each optimizer step, and what the training
     forwards save for the backward pass at once (the largest micro-batch's; every micro-batch's
-    of the step where the module holds their graphs, `algorithm.hold_graphs`): activations,
+    of the step where the module holds their graphs, `model.hold_graphs`): activations,
     and the low-precision copies of weights that autocast makes for each matmul (parameters
     themselves excluded)."""
 
@@ -200,12 +203,39 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def scaled_to_7b(rows: list[dict]) -> str:
+    """The first row's peak times (Qwen2.5-7B's parameters / this model's): the recipe's
+    settings on one unsharded process; activations grow with width and depth, not with the
+    parameter count, so this is a first estimate, not a measurement."""
+    row = rows[0]
+    params = (row["params_trained"] + row["params_frozen"]) / 4  # fp32 master weights
+    ratio = QWEN25_7B_PARAMS / params
+    keys = ("params_trained", "params_frozen", "reference_copy", "replica", "grads")
+    held = sum(row[key] for key in (*keys, "optimizer_state"))
+    return "\n".join(
+        [
+            f"## 7B estimate ({row['variant']}, {row['device']})",
+            "",
+            f"- measured peak: {row['peak'] / MB:.0f} MiB with {params / 1e6:.1f} M parameters",
+            f"- scaled by {QWEN25_7B_PARAMS / 1e9:.2f} B / {params / 1e6:.1f} M = {ratio:.1f}:"
+            f" {row['peak'] * ratio / GB:.0f} GB on one unsharded process",
+            "- of which weights, gradients and optimizer state (FSDP over 8 GPUs divides these"
+            f" by 8): {held * ratio / GB:.0f} GB",
+        ]
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--variants", default="default,lora,fsdp2", help=",".join(VARIANTS))
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # a child process's own variant
+    parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--scale", help="print the 7B estimate from a --json file; run nothing")
     args, overrides = parser.parse_known_args()
+    if args.scale:
+        print(scaled_to_7b(json.loads(Path(args.scale).read_text())))
+        return
     if args.variant:
         child(args.variant, args.steps, overrides)
         return
@@ -224,6 +254,8 @@ def main() -> None:
     peak = "peak allocated (GPU)" if rows[0]["device"] == "cuda" else "peak resident set"
     print(f"MiB per process; {peak}; {args.steps} optimizer steps")
     print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,10 @@ variants alternate, and each round rotates their order.
   covo_gc         ours, group filter off, gradient checkpointing on (as TRL's defaults)
   trl             TRL GRPOTrainer, its defaults but fp32 (gradient checkpointing on)
   trl_no_gc       TRL, gradient checkpointing off
+  covo_rewarded   ours with reward=covo_last_number (the default run's CoVo), group filter off
+  trl_covo        TRL, gradient checkpointing off, rewarded by CoVo through
+                  covo.integrations.trl (scripts/trl_covo.py's wiring): the same work as
+                  covo_rewarded
   floor           one `generate` call plus one forward and backward of the same tokens
   covo_before     ours from another source tree (--before-src), group filter off
 
@@ -21,6 +25,9 @@ With --work default, ours (and covo_before) run the default training config inst
 Per variant: median s/step over steps 2..N, completion tokens per second, mean completion
 length, peak RSS, the phases (generate, statistics, reward, update) where known, and the
 ratios to TRL and to the floor. TRL is the optional `bench` extra (`pip install -e .[bench]`).
+The covo_rewarded and trl_covo variants run only when named:
+
+python scripts/bench_vs_trl.py --variants covo_rewarded trl_covo --steps 2
 
 python scripts/bench_vs_trl.py --steps 6 --rounds 1 [--before-src OLD/src]
 python scripts/bench_vs_trl.py --work default --steps 4 --before-src OLD/src
@@ -47,7 +54,7 @@ QUIET = [
     "callbacks=none",
     "export_dir=null",
     "+trainer.limit_val_batches=0",
-    "+trainer.enable_progress_bar=false",
+    "trainer.enable_progress_bar=false",
 ]
 OURS = [
     *QUIET,
@@ -168,7 +175,10 @@ def time_generation(rollout_module, timed: dict) -> None:
         rollout_module.generate = timer(rollout_module.generate, "generate_s")
 
 
-def child_trl(data: Path, steps: int, checkpointing: bool | None, out_dir: Path) -> dict:
+def child_trl(
+    data: Path, steps: int, checkpointing: bool | None, out_dir: Path, covo_reward: bool = False
+) -> dict:
+    """TRL's GRPOTrainer rewarded by answer correctness, or (`covo_reward`) by CoVo."""
     try:
         from datasets import Dataset
         from transformers import TrainerCallback
@@ -176,6 +186,7 @@ def child_trl(data: Path, steps: int, checkpointing: bool | None, out_dir: Path)
     except ImportError:
         sys.exit("TRL is not installed: pip install -e .[bench]")
     from covo.answers import AnswerEquivalence, get_extractor
+    from covo.integrations.trl import CovoReward, grpo_trainer
     from covo.model import load_smollm2
 
     loaded = load_smollm2(cache_dir=str(Path("~/.cache/covo").expanduser()))
@@ -227,15 +238,21 @@ def child_trl(data: Path, steps: int, checkpointing: bool | None, out_dir: Path)
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "completions/mean_length" in logs and rows:
                 rows[-1]["tokens"] = float(logs["completions/mean_length"]) * PROMPTS * SAMPLES
+            if logs and "time/reward_s" in logs and rows:  # logged by the covo reward
+                rows[-1]["reward_s"] = float(logs["time/reward_s"])
 
-    trainer = GRPOTrainer(
+    setup = dict(
         model=loaded.model,
         processing_class=loaded.tokenizer,
-        reward_funcs=correct,
         args=config,
         train_dataset=dataset,
         callbacks=[Timer()],
     )
+    if covo_reward:  # judged as ours judges in the default run
+        reward = CovoReward("covo_last_number")
+        trainer = grpo_trainer(reward, **setup)
+    else:
+        trainer = GRPOTrainer(reward_funcs=correct, **setup)
     trainer.train()
     return {"steps": rows, "gradient_checkpointing": bool(trainer.args.gradient_checkpointing)}
 
@@ -311,12 +328,16 @@ def child(args) -> None:
 
     torch.set_num_threads(1)
     out_dir = Path(tempfile.mkdtemp(prefix=f"covo-bench-{args.child}-"))
-    if args.child in ("covo", "covo_filter", "covo_gc", "covo_before"):
+    if args.child in ("covo", "covo_filter", "covo_gc", "covo_rewarded", "covo_before"):
         data = args.data if args.work == "trl" else None
-        extra = ("model.gradient_checkpointing=true",) if args.child == "covo_gc" else ()
+        extra = {
+            "covo_gc": ("model.gradient_checkpointing=true",),
+            "covo_rewarded": ("reward=covo_last_number",),
+        }.get(args.child, ())
         result = child_ours(data, args.steps, args.child != "covo_filter", out_dir, extra)
-    elif args.child in ("trl", "trl_no_gc"):
-        result = child_trl(args.data, args.steps, None if args.child == "trl" else False, out_dir)
+    elif args.child in ("trl", "trl_no_gc", "trl_covo"):
+        checkpointing = None if args.child == "trl" else False
+        result = child_trl(args.data, args.steps, checkpointing, out_dir, args.child == "trl_covo")
     else:
         result = child_floor(args.data, args.steps)
     result["peak_rss_gb"] = peak_rss_gb()
@@ -405,9 +426,8 @@ def main() -> None:
         )
     print()
     for ours in [v for v in variants if v.startswith("covo")]:
-        for peer in [
-            v for v in ("trl", "trl_no_gc", "floor", "covo_before") if v in table and v != ours
-        ]:
+        peers = ("trl", "trl_no_gc", "trl_covo", "floor", "covo_before")
+        for peer in [v for v in peers if v in table and v != ours]:
             ratio = table[ours]["s_per_step"] / table[peer]["s_per_step"]
             rss = table[ours]["peak_rss_gb"] / table[peer]["peak_rss_gb"]
             print(f"{ours} / {peer}: step {ratio:.3f}, peak RSS {rss:.3f}")

@@ -29,7 +29,7 @@ SHORT_RUN = [  # tests/test_learning.py's
     "experiment=toy_reasoner_learns",
     "trainer.max_steps=40",
     "+trainer.limit_val_batches=0",
-    "+trainer.enable_progress_bar=false",
+    "trainer.enable_progress_bar=false",
     "logger=none",
     "callbacks=none",
 ]

@@ -8,6 +8,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
+from covo.rewards.majority import MajorityReward
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
 SHARED_DATA = Path(os.environ.get("COVO_BENCHMARK_DIR", ROOT.parent / "shared" / "data"))
@@ -22,6 +24,15 @@ def compose_config(name: str, overrides: list[str], output_dir: Path) -> DictCon
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
     return cfg
+
+
+class PeekingMajority(MajorityReward):
+    """A label-free reward with a bug: it looks at the label."""
+
+    def __call__(self, group, scorer=None):
+        out = super().__call__(group, scorer)
+        out.rewards = [float(a == group.label) for a in out.answers]
+        return out
 
 
 TINY_RUN = [
@@ -42,3 +53,21 @@ def tiny_cfg(tmp_path):
         return compose_config(name, [*TINY_RUN, *overrides], tmp_path)
 
     return make
+
+
+class ConstantOnRollouts:
+    """The wrapped reward, with every reward of the rollouts (`Group.step`) in `rollouts` set
+    to `value`: each of their groups is all-equal (all-zero ones are filtered by
+    `algorithm.filter.drop_all_zero`)."""
+
+    def __init__(self, inner, rollouts: set[int], value: float):
+        self.inner, self.rollouts, self.value = inner, rollouts, value
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, group, scorer):
+        result = self.inner(group, scorer)
+        if group.step in self.rollouts:
+            result.rewards = [self.value] * len(result.rewards)
+        return result

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ConstantOnRollouts
+from omegaconf import open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from covo.callbacks.collapse_guard import CollapseGuard
@@ -57,7 +59,7 @@ def test_a_collapsing_stream_alarms_when_saturation_has_lasted_the_window():
 
 
 def test_absolute_rules_act_before_the_start_is_known_and_knobs_are_checked():
-    detector = CollapseDetector(RULES, window=2)
+    detector = CollapseDetector(RULES, window_rollouts=2)
     verdicts = stream(detector, top_answer_share=[1.0, 1.0], kl=[2.0, 3.0], token_entropy=[1, 1])
     assert [v.alarm for v in verdicts] == [False, True]
     assert detector.start("token_entropy") is None  # 2 of the 3 baseline steps seen
@@ -85,7 +87,12 @@ def test_answer_metrics_measure_agreement_without_labels():
     assert metrics["reward/zero_var_frac"] == pytest.approx(0.5)
 
 
-QUICK = ["reward=self_certainty", "rollout.max_new_tokens=12", "val_every=100", "export_dir=null"]
+QUICK = [
+    "reward=self_certainty",
+    "rollout.max_new_tokens=12",
+    "val_every_n_rollouts=100",
+    "export_dir=null",
+]
 
 
 def scalars(tensorboard_dir: str) -> dict[str, list[tuple[int, float]]]:
@@ -143,14 +150,75 @@ def test_a_huge_learning_rate_collapses_the_tiny_model_and_the_guard_stops_it(ti
     expected = next(s for s in sorted(met) if s >= 2 and all(met[s - k] >= 2 for k in range(3)))
     assert first == expected
     assert entropy[first] < 0.5 * start  # the policy did collapse
-    # the checkpoint is the one after the last step before the 3-step window
+    # the guard writes after an unsaturated rollout at least 3 rollouts after its last write;
+    # the window's rollouts are saturated, so the weights kept precede the window
+    written = None
+    for s in range(first + 1):
+        if met[s] < 2 and (written is None or s - written >= 3):
+            written = s
+    assert written is not None and written + 1 <= first - 2
     ckpts = Path(trainer.default_root_dir) / "checkpoints"
-    # ... the policy's weights, which the evaluation harness loads; later steps changed them
+    # ... the policy's weights after that rollout's step, which the evaluation harness loads
     model = build_tiny().model
-    assert load_policy_checkpoint(model, ckpts / "pre_collapse.ckpt") == first - 2
+    assert load_policy_checkpoint(model, ckpts / "pre_collapse.ckpt") == written + 1
     name = "model.layers.0.mlp.up_proj.weight"
     final = trainer.lightning_module.policy.state_dict()[name]
     assert not torch.equal(model.state_dict()[name], final)
     assert not (ckpts / "last_healthy.ckpt").exists()
     (line,) = [r.getMessage() for r in caplog.records if "collapse alarm" in r.getMessage()]
     assert f"collapse alarm at step {first}:" in line and "pre_collapse.ckpt" in line
+
+
+def guarded_run(tiny_cfg, monkeypatch, rollouts, *overrides, saturated_from=None):
+    """A run of `rollouts` rollouts (one optimizer step each); from rollout `saturated_from`
+    on, every group's rewards are equal, so `reward/zero_var_frac` = 1 (0 before: self-certainty
+    gives every response its own reward). Returns the trainer and the guard's writes (step,
+    bytes)."""
+    cfg = tiny_cfg(
+        *QUICK,
+        f"trainer.max_steps={rollouts}",
+        "callbacks.model_checkpoint.every_n_steps=1",
+        "~callbacks.collapse_guard.rules",
+        "+callbacks.collapse_guard.rules={zero_var_frac: {above: 0.5}}",
+        "callbacks.collapse_guard.min_rules=1",
+        *overrides,
+    )
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(Path(cfg.paths.output_dir) / f"run_{rollouts}")
+    module, datamodule, trainer = build(cfg)
+    if saturated_from is not None:
+        module.reward = ConstantOnRollouts(module.reward, set(range(saturated_from, rollouts)), 1.0)
+    writes, save = [], trainer.save_checkpoint
+
+    def recording(path, weights_only=False, storage_options=None):
+        save(path, weights_only, storage_options)
+        if Path(path).name == "last_healthy.ckpt":
+            writes.append((trainer.global_step, Path(path).stat().st_size))
+
+    monkeypatch.setattr(trainer, "save_checkpoint", recording)
+    trainer.fit(module, datamodule=datamodule)
+    return trainer, writes
+
+
+def test_the_guard_writes_once_per_window_and_keeps_weights_before_the_alarm(tiny_cfg, monkeypatch):
+    # no alarm, window 3: writes after rollouts 0, 3, 6 (the weights of steps 1, 4, 7)
+    trainer, writes = guarded_run(
+        tiny_cfg, monkeypatch, 7, "callbacks.collapse_guard.window_rollouts=3"
+    )
+    assert [step for step, _ in writes] == [1, 4, 7]
+    # window 2, saturated from rollout 3: writes after 0 and 2; the alarm at rollout 4 (3 and
+    # 4 saturated) keeps rollout 2's weights (step 3), the last before the window
+    trainer, writes = guarded_run(
+        tiny_cfg, monkeypatch, 6, "callbacks.collapse_guard.window_rollouts=2", saturated_from=3
+    )
+    assert [step for step, _ in writes] == [1, 3]
+    assert trainer.global_step == 6  # no stop_on_alarm: the run went on, writing nothing more
+    ckpts = Path(trainer.default_root_dir) / "checkpoints"
+    kept = torch.load(ckpts / "pre_collapse.ckpt", weights_only=False)
+    step3 = torch.load(ckpts / "step_000003.ckpt", weights_only=False)
+    step2 = torch.load(ckpts / "step_000002.ckpt", weights_only=False)
+    assert kept["global_step"] == 3
+    name = "policy.model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(kept["state_dict"][name], step3["state_dict"][name])
+    assert not torch.equal(kept["state_dict"][name], step2["state_dict"][name])
+    assert "optimizer_states" not in kept  # the weights only

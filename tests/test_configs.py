@@ -38,7 +38,7 @@ def options(group: str) -> list[str]:
 
 
 def test_groups_are_not_empty():
-    for group in GROUPS + ["experiment", "debug"]:
+    for group in GROUPS + ["experiment", "debug", "hparams_search"]:
         assert options(group), group
 
 
@@ -159,3 +159,100 @@ def test_eval_and_score_configs_compose(tmp_path):
     for name in [p.stem for p in CONF_DIR.glob("*.yaml")]:
         cfg = compose_config(name, ["model=tiny"], tmp_path)
         assert "model" in cfg, name
+
+
+def own_values(group: str, option: str) -> dict:
+    """`conf/<group>/<option>.yaml` as written, with the options its own defaults list names
+    (in the same group) merged in their listed order around `_self_`."""
+    raw = OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{option}.yaml"))
+    parts = [
+        raw if entry == "_self_" else own_values(group, entry)
+        for entry in raw.pop("defaults", ["_self_"])
+    ]
+    return OmegaConf.to_container(OmegaConf.merge(*parts))
+
+
+def leaves(node: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict) and value:
+            out.update(leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def package_of(group: str, option: str) -> str | None:
+    """Where the option's values go: its group's node, or the root (`# @package _global_`)."""
+    first = (CONF_DIR / group / f"{option}.yaml").read_text().splitlines()[0]
+    return None if first == "# @package _global_" else group
+
+
+@pytest.mark.parametrize(
+    "group,option", [(g, o) for g in GROUPS for o in options(g)], ids=lambda x: str(x)
+)
+def test_a_picked_option_keeps_its_own_values(group, option, tmp_path):
+    """`python train.py <group>=<option>` over the default run: every key the option's YAML
+    sets has that YAML's value (no default experiment or other group overrides it)."""
+    cfg = compose_config("train", [f"{group}={option}"], tmp_path)
+    package = package_of(group, option)
+    composed = leaves(OmegaConf.to_container(cfg if package is None else cfg[package]))
+    for key, value in leaves(own_values(group, option)).items():
+        assert composed[key] == value, f"{group}={option}: {key}"
+
+
+def test_the_default_run_and_the_choices_that_follow_the_model(tmp_path):
+    default = compose_config("train", [], tmp_path)
+    assert default.model._target_ == "covo.model.load_smollm2"
+    assert default.reward._target_ == "covo.rewards.covo.CoVoReward"
+    assert default.reward.extractor == "boxed_or_last_number"  # SmolLM2 rarely boxes
+    assert default.model.hold_graphs is True
+    assert default.val_extractor == "boxed_or_last_number"
+    large = compose_config("train", ["model=hf", "model.name_or_path=x"], tmp_path)
+    assert large.model.hold_graphs is False
+    paper = compose_config("train", ["reward=covo_paper"], tmp_path)
+    assert paper.reward.extractor == paper.val_extractor == "boxed"
+    released = compose_config("train", ["reward=covo"], tmp_path)
+    assert released.reward.extractor == "released_boxed"
+    # an experiment's pick gives way to the command line's
+    ttrl = compose_config("train", ["experiment=ttrl_majority", "reward=vote_share"], tmp_path)
+    assert ttrl.reward._target_ == "covo.rewards.majority.VoteShareReward"
+
+
+# keys the code reads (once with a second default in code): every option of these groups has them
+READ_KEYS = [
+    "algorithm.max_idle_rollouts",
+    "model.hold_graphs",
+    "model.dtype",
+    "model.master_dtype",
+    "model.lora.r",
+    "trainer.enable_progress_bar",
+    "callbacks",
+    "logger",
+    "ckpt_path",
+    "export_dir",
+    "export_adapters",
+    "reference_dtype",
+    "val_extractor",
+]
+
+
+@pytest.mark.parametrize(
+    "group,option",
+    [(g, o) for g in ("model", "algorithm", "trainer") for o in options(g)],
+    ids=lambda x: str(x),
+)
+def test_every_key_the_code_reads_is_in_the_yaml(group, option, tmp_path):
+    cfg = compose_config("train", [f"{group}={option}"], tmp_path)
+    missing = [key for key in READ_KEYS if OmegaConf.select(cfg, key, default=KeyError) is KeyError]
+    assert not missing, f"{group}={option}: {missing}"
+
+
+def test_every_key_the_code_reads_is_in_the_other_yamls(tmp_path):
+    assert "reward_extractor" in compose_config("study", [], tmp_path)
+    for path in (CONF_DIR / "benchmark").glob("*.yaml"):
+        assert "problem_key" in OmegaConf.load(path), path.stem
+    for option in options("reward"):
+        values = own_values("reward", option)
+        if values["_target_"] == "covo.rewards.covo.CoVoReward":
+            assert set(values["curiosity"]) == {"form", "weight"}, option

@@ -62,3 +62,40 @@ def test_unknown_reward_name(tmp_path):
     proc = run_train("reward=no_such_reward", tmp_path=tmp_path)
     assert proc.returncode != 0
     assert "Could not find 'reward/no_such_reward'" in proc.stderr
+
+
+def test_a_bad_setting_is_one_line_and_exit_2(tmp_path):
+    proc = run_train("rollout.temperature=-1", tmp_path=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr == "error: rollout.temperature=-1: expected a number >= 0 (0 = greedy)\n"
+
+
+BROKEN_METRIC = """
+import runpy, sys
+import covo.module
+
+def reward_metrics(*args, **kwargs):
+    raise KeyError("diag/accuracy")
+
+covo.module.reward_metrics = reward_metrics
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def test_a_bug_inside_fit_keeps_its_traceback_on_screen_and_in_the_run_log(tmp_path):
+    """A KeyError raised by a metric during `trainer.fit` is a bug, not a config error."""
+    base = [o for o in TINY_RUN if not o.startswith("trainer.max_steps")]
+    proc = subprocess.run(
+        [sys.executable, "-c", BROKEN_METRIC, *base, "trainer.max_steps=1", "callbacks=none",
+         "logger=none", "threads=1", f"paths.log_dir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode not in (0, 2)
+    assert "Traceback" in proc.stderr
+    assert "KeyError: 'diag/accuracy'" in proc.stderr
+    assert "error: 'diag/accuracy'" not in proc.stderr
+    (log_file,) = tmp_path.glob("train/runs/*/train.log")
+    logged = log_file.read_text()
+    assert "Traceback (most recent call last)" in logged
+    assert "in reward_metrics" in logged and "KeyError: 'diag/accuracy'" in logged

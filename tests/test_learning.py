@@ -25,7 +25,7 @@ SHORT_RUN = [
     "experiment=toy_reasoner_learns",
     f"trainer.max_steps={STEPS}",
     "+trainer.limit_val_batches=0",
-    "+trainer.enable_progress_bar=false",
+    "trainer.enable_progress_bar=false",
     "logger=none",
     "callbacks=none",
 ]

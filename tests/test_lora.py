@@ -156,10 +156,10 @@ def tiny_lora(tmp_path: Path, *overrides: str):
         "optimizer.lr=1e-2",  # adapters move well past the tolerances below
         "trainer.precision=32-true",
         "threads=1",
-        "val_every=100",
+        "val_every_n_rollouts=100",
         "logger=none",
         "callbacks.collapse_guard=null",
-        "callbacks.model_checkpoint.every_n_train_steps=1",
+        "callbacks.model_checkpoint.every_n_steps=1",
         *overrides,
     )
 
@@ -265,9 +265,9 @@ TWO_PROCESS_RUN = [
     "optimizer.lr=1e-2",
     "trainer.precision=32-true",
     "threads=1",
-    "val_every=100",
+    "val_every_n_rollouts=100",
     "callbacks.collapse_guard=null",
-    "callbacks.model_checkpoint.every_n_train_steps=1",
+    "callbacks.model_checkpoint.every_n_steps=1",
 ]
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from covo.losses import kl_estimate, kl_loss, masked_mean, policy_loss
+from covo.losses import kl_estimate, kl_loss, loss_count, loss_weights, masked_mean, policy_loss
 
 torch.set_num_threads(1)
 
@@ -157,3 +157,77 @@ def test_k3_stays_finite_on_padding_with_minus_infinite_logprobs():
     # a real token beyond the clamp: d = 30 counts as d = 10
     far = kl_estimate(torch.tensor([0.0]), torch.tensor([-30.0]), "k3")
     torch.testing.assert_close(far, torch.tensor([math.exp(-10) + 10 - 1]))
+
+
+# row 0: A = 1 on 2 tokens (its third is padding); row 1: A = 2 on 3 tokens. At ratio 1 the
+# per-token loss is -A and its gradient d/dlogp is -A, times each token's aggregate weight
+AGG_ADV = torch.tensor([[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]])
+AGG_MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+
+
+@pytest.mark.parametrize(
+    ("loss_agg", "value", "grad_rows"),
+    [
+        # (-1 - 1 - 2 - 2 - 2) / 5 tokens
+        ("token_mean", -8 / 5, [-1 / 5, -2 / 5]),
+        # (mean(-1, -1) + mean(-2, -2, -2)) / 2 sequences
+        ("seq_mean_token_mean", -1.5, [-1 / (2 * 2), -2 / (3 * 2)]),
+        # (sum(-1, -1) / 4 + sum(-2, -2, -2) / 4) / 2 sequences, L = max_new_tokens = 4
+        ("seq_mean_token_sum_norm", -1.0, [-1 / (4 * 2), -2 / (4 * 2)]),
+    ],
+)
+def test_loss_aggregations_hand_values_and_gradients(loss_agg, value, grad_rows):
+    logprobs = torch.full((2, 3), -1.0, requires_grad=True)
+    weights = loss_weights(AGG_MASK, loss_agg, max_len=4)
+    n = loss_count(AGG_MASK, loss_agg)
+    loss, _ = policy_loss(logprobs, logprobs.detach(), AGG_ADV, AGG_MASK, 0.2, n, weights)
+    torch.testing.assert_close(loss, torch.tensor(value))
+    loss.backward()
+    expected = torch.tensor(grad_rows)[:, None] * AGG_MASK
+    torch.testing.assert_close(logprobs.grad, expected)
+
+
+def naive_aggregate(per_token, mask, loss_agg, max_len):
+    """The aggregates written out row by row, over the whole batch at once."""
+    rows = [
+        [per_token[i, t] for t in range(mask.shape[1]) if mask[i, t]] for i in range(mask.shape[0])
+    ]
+    rows = [r for r in rows if r]  # sequences with tokens in the loss
+    if loss_agg == "token_mean":
+        return sum(sum(r) for r in rows) / sum(len(r) for r in rows)
+    if loss_agg == "seq_mean_token_mean":
+        return sum(sum(r) / len(r) for r in rows) / len(rows)
+    return sum(sum(r) / max_len for r in rows) / len(rows)
+
+
+@pytest.mark.parametrize(
+    "loss_agg", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
+)
+def test_micro_batch_aggregates_sum_to_the_full_batch_one(loss_agg):
+    g = torch.Generator().manual_seed(1)
+    logprobs = (-torch.rand(5, 6, generator=g) - 0.1).requires_grad_()
+    old = logprobs.detach() + 0.05 * torch.randn(5, 6, generator=g)
+    advantages = torch.randn(5, 1, generator=g).expand(5, 6)
+    lengths = [6, 2, 0, 4, 1]  # row 2: nothing in the loss (a truncated row under the mask)
+    mask = (torch.arange(6)[None] < torch.tensor(lengths)[:, None]).float()
+    ratio = (logprobs - old).exp()
+    per_token = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(0.8, 1.2))
+    want = naive_aggregate(per_token, mask, loss_agg, max_len=6)
+    n = loss_count(mask, loss_agg)
+    total = sum(
+        policy_loss(
+            logprobs[rows],
+            old[rows],
+            advantages[rows],
+            mask[rows],
+            0.2,
+            n,
+            loss_weights(mask[rows], loss_agg, 6),
+        )[0]
+        for rows in (slice(0, 2), slice(2, 5))
+    )
+    torch.testing.assert_close(total, want)
+    (grad,) = torch.autograd.grad(total, logprobs)
+    (want_grad,) = torch.autograd.grad(want, logprobs)
+    torch.testing.assert_close(grad, want_grad)
+    assert grad[2].abs().sum() == 0 and grad[0].abs().sum() > 0

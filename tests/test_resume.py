@@ -123,9 +123,9 @@ RUN = [
     "optimizer.lr=1e-3",  # steps that move weights far beyond the 1e-6 tolerance
     "trainer.precision=32-true",
     "threads=1",
-    "val_every=100",
-    "samples_every=1",
-    "callbacks.model_checkpoint.every_n_train_steps=1",
+    "val_every_n_rollouts=100",
+    "samples_every_n_steps=1",
+    "callbacks.model_checkpoint.every_n_steps=1",
 ]
 
 

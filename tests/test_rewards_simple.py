@@ -5,40 +5,36 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import PeekingMajority, compose_config
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from covo import score
 from covo.answers import AnswerEquivalence
-from covo.rewards.base import Group
+from covo.model import build_tiny
+from covo.rewards.base import Group, LabelWithheldError, Withheld, label_for
 from covo.rewards.certainty import EntropyReward, SelfCertaintyReward
 from covo.rewards.ground_truth import GroundTruthReward
 from covo.rewards.majority import MajorityReward
+from covo.scoring import PrefixSharedScorer
+from covo.views import declared_views, view_prompts
 
 torch.set_num_threads(1)
 REWARD_CONF = Path(__file__).resolve().parents[1] / "conf" / "reward"
 
 
-class LabelGuardGroup(Group):
-    """A group whose label raises when read: self-rewards must never look at it."""
-
-    def __getattribute__(self, name):
-        if name == "label":
-            raise AssertionError("a self-reward read group.label")
-        return super().__getattribute__(name)
-
-
-def make_group(texts, label=None, certainty=None, entropy=None, group_cls=Group):
+def make_group(texts, label=None, certainty=None, entropy=None):
     """Fake tokens: one id per value; per-token values default to 1.0 per response token."""
     certainty = certainty or [[1.0, 1.0] for _ in texts]
     entropy = entropy or certainty
-    return group_cls(
+    return Group(
         prompt_ids=[1, 2],
         response_ids=[list(range(len(v))) for v in certainty],
         texts=list(texts),
         token_logprobs=[torch.zeros(len(v)) for v in certainty],
         token_entropy=[torch.tensor(v, dtype=torch.float32) for v in entropy],
         token_self_certainty=[torch.tensor(v, dtype=torch.float32) for v in certainty],
-        label=label,
+        truth=label,
     )
 
 
@@ -71,17 +67,6 @@ def test_majority_without_answers_gives_zero():
     assert out.scores == [0.0, 0.0]
     assert out.clusters == [-1, -1]
     assert out.verdicts == []
-
-
-@pytest.mark.parametrize("reward_cls", [MajorityReward, SelfCertaintyReward, EntropyReward])
-def test_self_rewards_never_read_the_label(reward_cls):
-    texts = boxed("1", "2", "2")
-    plain = reward_cls()(make_group(texts, label="1"), None)
-    guarded = reward_cls()(make_group(texts, label="1", group_cls=LabelGuardGroup), None)
-    assert guarded.rewards == plain.rewards
-    assert guarded.verdicts == plain.verdicts
-    with pytest.raises(AssertionError, match="label"):
-        GroundTruthReward()(make_group(texts, label="1", group_cls=LabelGuardGroup), None)
 
 
 def test_ground_truth_reward():
@@ -139,6 +124,58 @@ def test_reward_configs_instantiate(name, cls):
     reward = instantiate(OmegaConf.load(REWARD_CONF / f"{name}.yaml"), equivalence=shared)
     assert type(reward) is cls
     assert reward.equivalence is shared
+
+
+PROMPT = (
+    "Question: What is 3 + 4?\n"
+    "Please reason step by step, and put your final answer within \\boxed{}\n"
+)
+RESPONSES = [
+    "3 + 4 = 7.\nThe answer is: \\boxed{7}",
+    "3 + 4 = 8.\nSo it is 8.\nThe answer is: \\boxed{8}",
+    "Adding gives 7.\n\\boxed{7}",
+    "I think it is 9",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return build_tiny()
+
+
+def score_with(reward, loaded, truth):
+    """`reward` on RESPONSES as the tiny model reads them; each declared view gets them too."""
+    group = score.make_group(loaded, PROMPT, RESPONSES, truth)
+    group.views = {
+        name: score.make_group(loaded, view_prompts([PROMPT], template)[0], RESPONSES, truth)
+        for name, template in declared_views(reward).items()
+    }
+    return reward(group, PrefixSharedScorer(loaded.model, loaded.tokenizer))
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in REWARD_CONF.glob("*.yaml")))
+def test_only_rewards_that_need_labels_are_given_them(name, tiny_model, tmp_path):
+    """Every reward config: a label-free reward scores the same with the label withheld; one
+    that declares `needs_labels` is given it."""
+    reward = instantiate(compose_config("train", [f"reward={name}"], tmp_path).reward)
+    truth = label_for(reward, "7")
+    if getattr(reward, "needs_labels", False):
+        assert truth == "7"
+        expected = {"ground_truth": [1.0, 0.0, 1.0, 0.0], "negated_ground_truth": [-1.0, 0, -1, 0]}
+        assert score_with(reward, tiny_model, truth).rewards == expected[name]
+        return
+    assert truth == Withheld(type(reward).__name__)
+    withheld = score_with(reward, tiny_model, truth)
+    given = score_with(reward, tiny_model, "7")
+    assert repr(withheld) == repr(given)  # NaN components compare equal as text
+    assert len(withheld.rewards) == len(RESPONSES)
+
+
+def test_a_label_free_reward_that_reads_the_label_fails_naming_itself():
+    reward = PeekingMajority()
+    group = make_group(boxed("7", "8"), label=label_for(reward, "7"))
+    with pytest.raises(LabelWithheldError, match="PeekingMajority read Group.label"):
+        reward(group, None)
 
 
 def test_negated_ground_truth_gives_correct_answers_minus_one():

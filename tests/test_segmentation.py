@@ -162,8 +162,8 @@ def test_states_released_and_paper():
 
 
 def naive_steps(text: str, max_steps: int = 15) -> list[list[str]]:
-    """COVO_SPEC section 3 on plain text, written without the token-level code: the stripped
-    non-empty lines of each step."""
+    """docs/covo.md, Steps and states, on plain text, written without the token-level code: the
+    stripped non-empty lines of each step."""
     lines = [line.strip() for line in text.split("\n") if line.strip()]
     opens = ["\\[" in line and "\\]" not in line for line in lines]
     closes = ["\\]" in line and "\\[" not in line for line in lines]

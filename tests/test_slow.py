@@ -55,7 +55,7 @@ def test_compare_a_tiny_seed_sweep(tmp_path):
         return proc.stdout
 
     sweep = ["-m", "debug=default", "reward=covo,majority", "seed=0,1,2", "trainer.max_steps=2"]
-    python("train.py", *sweep, "val_every=1", "threads=1", f"paths.log_dir={tmp_path}")
+    python("train.py", *sweep, "val_every_n_rollouts=1", "threads=1", f"paths.log_dir={tmp_path}")
     (sweep,) = (tmp_path / "debug" / "multiruns").iterdir()
     lines = python("-m", "covo.report", "--compare", str(sweep)).splitlines()
     assert lines[3] == "| metric | reward=covo (3 seeds) | reward=majority (3 seeds) |"

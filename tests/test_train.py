@@ -7,11 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import PeekingMajority
 from omegaconf import open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM
 
-from covo.train import build, train
+from covo.rewards.base import LabelWithheldError
+from covo.train import build, train, write_config
 
 STEP_TAGS = [
     "reward/mean",
@@ -56,7 +58,9 @@ def test_one_step_changes_policy_not_reference(tiny_cfg):
 
 def test_train_logs_checkpoints_and_exports(tiny_cfg, tmp_path):
     cfg = tiny_cfg(
-        "reward=self_certainty", "callbacks.model_checkpoint.every_n_train_steps=1", "val_every=1"
+        "reward=self_certainty",
+        "callbacks.model_checkpoint.every_n_steps=1",
+        "val_every_n_rollouts=1",
     )
     out = train(cfg)
     values = scalars(out["tensorboard_dir"])
@@ -147,14 +151,15 @@ COVO_TAGS = [
 
 
 def covo_scalars(tiny_cfg, output_dir: Path, *overrides: str) -> dict[str, list[float]]:
-    """TensorBoard scalars of a tiny CoVo run (4 samples, no validation) into `output_dir`."""
+    """TensorBoard scalars of a tiny CoVo run (4 samples, no validation) into `output_dir`; the
+    random tiny model writes digits, seldom a box: its answers are the last numbers."""
     cfg = tiny_cfg(
-        "reward=covo",
+        "reward=covo_last_number",
         "rollout.num_samples=4",
         "rollout.max_new_tokens=32",
         "callbacks=none",
         "export_dir=null",
-        "val_every=100",
+        "val_every_n_rollouts=100",
         *overrides,
     )
     with open_dict(cfg):
@@ -197,10 +202,10 @@ def test_rollout_keeps_caches_only_for_a_scorer_on_the_same_weights(tiny_cfg, ov
 def test_covo_run_logs_reward_components_and_diagnostics(tiny_cfg):
     # the random tiny model writes digits, so groups have several answers (K >= 2)
     cfg = tiny_cfg(
-        "reward=covo",
+        "reward=covo_last_number",
         "rollout.num_samples=4",
         "rollout.max_new_tokens=32",
-        "plots_every=1",
+        "plots_every_n_steps=1",
         "callbacks=none",
         "export_dir=null",
     )
@@ -242,3 +247,92 @@ def test_curiosity_is_logged_only_when_on(tiny_cfg, tmp_path):
     # the same rollout (same seed, same weights): the bonus moves the mean reward
     assert logged[0.1]["reward/consistency"] == logged[0.0]["reward/consistency"]
     assert logged[0.1]["reward/mean"] != logged[0.0]["reward/mean"]
+
+
+def test_validation_accuracy_is_pooled_over_batches_and_its_best_kept(tiny_cfg, monkeypatch):
+    # 3 validation prompts in batches of 2 and 1, checked after each of the 2 steps
+    cfg = tiny_cfg(
+        "reward=self_certainty",
+        "val_every_n_rollouts=1",
+        "data.val.num_problems=3",
+        "data.val_batch_size=2",
+        "callbacks=none",
+        "logger=none",
+        "export_dir=null",
+    )
+    module, datamodule, trainer = build(cfg)
+    for item in datamodule.val_items:
+        item["answer"] = "1"
+    answers = iter(["1", "0", "1", "0", "0", "0"])
+    monkeypatch.setattr(module, "val_extract", lambda text: next(answers))
+    logged = []
+    monkeypatch.setattr(
+        module,
+        "on_validation_end",
+        lambda: logged.append({k: float(v) for k, v in trainer.callback_metrics.items()}),
+    )
+    trainer.fit(module, datamodule=datamodule)
+    # first check: 2 of 3 right (the mean of the batch means would be 0.75); second: none
+    assert [m["val/accuracy"] for m in logged] == pytest.approx([2 / 3, 0.0])
+    assert [m["val/accuracy_best"] for m in logged] == pytest.approx([2 / 3, 2 / 3])
+
+
+def test_fp16_clips_and_logs_the_unscaled_gradient_norm(tiny_cfg, tmp_path):
+    # the same seed samples the same responses in fp32 and fp16 on the tiny model; a norm
+    # read before the GradScaler unscales would be ~65,536 times the fp32 one
+    norms = {}
+    for precision in ("32-true", "16-mixed"):
+        cfg = tiny_cfg(
+            "reward=self_certainty",
+            "callbacks=none",
+            "export_dir=null",
+            f"trainer.precision={precision}",
+        )
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / precision)
+        out = train(cfg)
+        norms[precision] = scalars(out["tensorboard_dir"])["train/grad_norm"]
+    assert norms["32-true"][0] > 0.5
+    assert norms["16-mixed"] == pytest.approx(norms["32-true"], rel=0.01)
+
+
+VAL_RESPONSES = [
+    ("3 + 4 = 7, so the answer is 7.", "7"),  # no box: only a last-number reader finds 7
+    (r"First \boxed{5}, or rather 6", "5"),  # the box says 5, the last number 6
+    (r"\boxed{} it is 9", "9"),  # an empty box: the released reader's answer is ""
+]
+
+
+@pytest.mark.parametrize(
+    "overrides, extractor, correct",
+    [
+        (["reward=covo"], "released_boxed", [0.0, 1.0, 0.0]),
+        (["reward=covo_last_number"], "boxed_or_last_number", [1.0, 1.0, 1.0]),
+        (["reward=covo", "val_extractor=last_number"], "last_number", [1.0, 0.0, 1.0]),
+    ],
+)
+def test_validation_reads_answers_with_the_configured_extractor(
+    tiny_cfg, overrides, extractor, correct, caplog
+):
+    cfg = tiny_cfg(*overrides, "callbacks=none", "logger=none")
+    module, _, _ = build(cfg)
+    texts, labels = zip(*VAL_RESPONSES)
+    assert module.grade(list(texts), list(labels)) == correct
+    with caplog.at_level("INFO", logger="covo.module"):
+        module.on_fit_start()
+    assert f"val_extractor={extractor}" in caplog.text
+    assert f"val_extractor: {extractor}\n" in write_config(cfg).read_text()
+
+
+def test_training_withholds_labels_from_a_label_free_reward(tiny_cfg):
+    """The module gives a label-free reward no label (reading it raises), while ground truth
+    gets it; the diagnostics keep theirs (`diag/accuracy` is logged by the other runs here)."""
+    cfg = tiny_cfg("reward=majority", "trainer.max_steps=1", "callbacks=none", "logger=none")
+    module, datamodule, trainer = build(cfg)
+    module.reward = PeekingMajority()
+    with pytest.raises(LabelWithheldError, match="PeekingMajority read Group.label"):
+        trainer.fit(module, datamodule=datamodule)
+    cfg = tiny_cfg("reward=ground_truth", "trainer.max_steps=1", "callbacks=none", "logger=none")
+    module, datamodule, trainer = build(cfg)
+    trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == 1

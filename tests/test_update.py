@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from test_train import scalars
 
 import covo.module
 from covo.train import build, train
-from covo.update import plan_epochs
+from covo.update import UpdatePlan, plan_epochs
 
 
 def test_plan_epochs_cuts_rows_into_steps_and_stops_at_the_budget():
@@ -162,7 +163,7 @@ def test_held_forward_gives_the_same_step_with_one_forward_fewer(tiny_cfg, monke
                 "algorithm=reinforce_pp",
                 "algorithm.kl_coef=0.01",
                 "algorithm.micro_batch_size=3",  # 8 rows: micro-batches of 3, 3 and 2
-                f"algorithm.hold_graphs={hold}",
+                f"model.hold_graphs={hold}",
                 "trainer.precision=32-true",
             )
         runs[hold] = (module, optimizer, seen, initial)
@@ -208,7 +209,7 @@ def test_held_forward_saves_one_policy_forward_per_micro_batch(tiny_cfg, monkeyp
                 "trainer.max_steps=1",
                 "algorithm=reinforce_pp",
                 "algorithm.micro_batch_size=3",
-                f"algorithm.hold_graphs={hold}",
+                f"model.hold_graphs={hold}",
             )
         counts[hold] = (sum(calls), len(calls) - sum(calls))  # (policy, reference) forwards
     assert counts == {"true": (3, 3), "false": (6, 3)}
@@ -410,3 +411,32 @@ def test_held_forwards_share_one_cast_of_each_weight_under_autocast():
         model.lm_head.weight.mul_(2.0)
     _, losses_after, _ = two_forwards(shared=True)
     assert losses_after != losses_shared
+
+
+@pytest.mark.parametrize("mask_truncated", [True, False])
+def test_mask_truncated_takes_cut_responses_out_of_the_loss(tiny_cfg, mask_truncated):
+    cfg = tiny_cfg(
+        f"algorithm.mask_truncated={str(mask_truncated).lower()}",
+        "algorithm.kl_coef=0",
+        "callbacks=none",
+        "logger=none",
+    )
+    module, _, _ = build(cfg)
+    # row 0 stopped with an EOS, row 1 was cut at max_new_tokens; both 3 tokens, advantage 1
+    rollout = SimpleNamespace(
+        response_mask=torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]),
+        truncated=torch.tensor([False, True]),
+    )
+    logprobs = torch.full((2, 3), -1.0, requires_grad=True)
+    mask = module.loss_mask(rollout)
+    plan = UpdatePlan(keep=torch.ones(2, dtype=torch.bool))
+    normalizer = float(mask.sum())  # reinforce_pp: a token mean
+    loss, _, tokens = module.micro_batch_loss(
+        rollout, mask, torch.ones(2, 3), torch.arange(2), normalizer, plan, logprobs
+    )
+    loss.backward()
+    # the gradient of -A * ratio at ratio 1 is -1 / (tokens in the loss) per token
+    cut = [0.0] * 3 if mask_truncated else [-1 / 6] * 3
+    stopped = [-1 / 3] * 3 if mask_truncated else [-1 / 6] * 3
+    torch.testing.assert_close(logprobs.grad, torch.tensor([stopped, cut]))
+    assert tokens == (3.0 if mask_truncated else 6.0)

@@ -9,6 +9,8 @@ from collections.abc import Callable
 
 import math_verify
 
+from covo.errors import SettingError
+
 _NUMBER = re.compile(
     r"(?:(?<![\w)\]}])-)?(?<![\w.])"
     r"(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?(?:/\d+)?|\.\d+)"
@@ -112,7 +114,7 @@ EXTRACTORS: dict[str, Callable[[str], str | None]] = {
 
 def get_extractor(name: str) -> Callable[[str], str | None]:
     if name not in EXTRACTORS:
-        raise ValueError(f"unknown answer extractor {name!r}; valid: {', '.join(EXTRACTORS)}")
+        raise SettingError(f"unknown answer extractor {name!r}; valid: {', '.join(EXTRACTORS)}")
     return EXTRACTORS[name]
 
 

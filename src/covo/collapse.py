@@ -4,12 +4,15 @@ Label-free rewards share a failure: accuracy rises, then falls as the policy col
 confident, agreeing (often shorter) answers. Without labels that shows as saturation of the
 signals: the answers of a group agree, token entropy falls far below where it started, the
 policy drifts far from the reference. A step is *saturated* when at least `min_rules` of the
-rules hold; the alarm goes up once `window` consecutive steps are saturated.
+rules hold, or one rule marked `alone` holds (a drift large enough to be a collapse by itself,
+while the answers may still disagree); the alarm goes up once `window` consecutive steps are
+saturated.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 KINDS = ("above", "below", "drop", "rise")
@@ -18,11 +21,13 @@ KINDS = ("above", "below", "drop", "rise")
 @dataclass(frozen=True)
 class Rule:
     """`signal` above / below `value`, or dropped / risen by more than `value` (a fraction) of
-    its start, the mean of its first `baseline_steps` values."""
+    its start, the mean of its first `baseline_rollouts` values; `alone`: it saturates a step on
+    its own instead of counting towards `min_rules`."""
 
     signal: str
     kind: str
     value: float
+    alone: bool = False
 
     def holds(self, current: float, start: float | None) -> bool:
         if self.kind == "above":
@@ -43,17 +48,21 @@ class Rule:
 
 
 def parse_rules(rules: dict) -> list[Rule]:
-    """`{signal: {kind: value}}` -> rules; ValueError naming the bad entry."""
+    """`{signal: {kind: value}}` -> rules; a signal may hold a list of such specs, and a spec
+    may add `alone: true`; ValueError naming the bad entry."""
     parsed = []
-    for signal, spec in dict(rules).items():
-        spec = dict(spec or {})
-        if len(spec) != 1 or next(iter(spec)) not in KINDS:
-            raise ValueError(
-                f"callbacks.collapse_guard.rules.{signal} must be one of "
-                f"{{{', '.join(f'{k}: x' for k in KINDS)}}}, got {spec}"
-            )
-        ((kind, value),) = spec.items()
-        parsed.append(Rule(str(signal), kind, float(value)))
+    for signal, specs in dict(rules).items():
+        for spec in specs if isinstance(specs, Sequence) else [specs]:
+            spec = dict(spec or {})
+            alone = spec.pop("alone", False)
+            if len(spec) != 1 or next(iter(spec)) not in KINDS or not isinstance(alone, bool):
+                raise ValueError(
+                    f"callbacks.collapse_guard.rules.{signal} must be one of "
+                    f"{{{', '.join(f'{k}: x' for k in KINDS)}}} (optionally with alone: true), "
+                    f"or a list of them, got {specs}"
+                )
+            ((kind, value),) = spec.items()
+            parsed.append(Rule(str(signal), kind, float(value), alone))
     return parsed
 
 
@@ -78,16 +87,22 @@ class Verdict:
 class CollapseDetector:
     """Feed one step's signals at a time (`update`); keeps what a resumed run needs."""
 
-    def __init__(self, rules: dict, min_rules: int = 2, window: int = 3, baseline_steps: int = 3):
+    def __init__(
+        self, rules: dict, min_rules: int = 2, window_rollouts: int = 3, baseline_rollouts: int = 3
+    ):
         self.rules = parse_rules(rules)
-        if not 1 <= min_rules <= len(self.rules):
+        counted = sum(not rule.alone for rule in self.rules)
+        if not 1 <= min_rules <= max(counted, 1):
             raise ValueError(
-                f"callbacks.collapse_guard.min_rules must be in [1, {len(self.rules)}], "
+                f"callbacks.collapse_guard.min_rules must be in [1, {max(counted, 1)}], "
                 f"got {min_rules}"
             )
-        if window < 1 or baseline_steps < 1:
-            raise ValueError("callbacks.collapse_guard.window and baseline_steps must be >= 1")
-        self.min_rules, self.window, self.baseline_steps = min_rules, window, baseline_steps
+        if window_rollouts < 1 or baseline_rollouts < 1:
+            raise ValueError(
+                "callbacks.collapse_guard.window_rollouts and baseline_rollouts must be >= 1"
+            )
+        self.min_rules = min_rules
+        self.window, self.baseline_steps = window_rollouts, baseline_rollouts
         self.history: list[dict[str, float]] = []
         self.saturated: list[bool] = []
 
@@ -104,7 +119,8 @@ class CollapseDetector:
             for rule in self.rules
             if rule.signal in values and rule.holds(values[rule.signal], self.start(rule.signal))
         ]
-        self.saturated.append(len(met) >= self.min_rules)
+        counted = sum(not rule.alone for rule in met)
+        self.saturated.append(counted >= self.min_rules or any(rule.alone for rule in met))
         recent = self.saturated[-self.window :]
         alarm = len(recent) == self.window and all(recent)
         trends = {}

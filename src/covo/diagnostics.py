@@ -1,4 +1,4 @@
-"""Self-reward diagnostics against ground-truth labels (COVO_SPEC section 9).
+"""Self-reward diagnostics against ground-truth labels (docs/covo.md, Diagnostics).
 
 Labels are read here only, never by a reward. Every function takes one `GroupReward` and one
 label per prompt; prompts whose label is None are left out. A response is correct when its own
@@ -8,17 +8,19 @@ the answer of its first member, matches.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import torch
+from torchmetrics.functional.classification import binary_auroc
 
 from covo.answers import AnswerEquivalence
 from covo.rewards.base import GroupReward
 
 
 def auroc(scores: Sequence[float], positives: Sequence[bool]) -> float:
-    """Area under the ROC curve via the rank-sum formula; tied scores share their mean rank.
+    """Area under the ROC curve (torchmetrics' `binary_auroc`) in float64.
 
     Equals P(score of a random positive > score of a random negative), ties counting 1/2.
     NaN when either class is empty.
@@ -27,19 +29,10 @@ def auroc(scores: Sequence[float], positives: Sequence[bool]) -> float:
     0.875
     """
     n_pos = sum(bool(p) for p in positives)
-    n_neg = len(positives) - n_pos
-    if n_pos == 0 or n_neg == 0:
+    if n_pos == 0 or n_pos == len(positives):
         return math.nan
-    order = sorted(range(len(scores)), key=lambda i: scores[i])
-    ranks = [0.0] * len(scores)
-    start = 0
-    for _, tied in itertools.groupby(order, key=lambda i: scores[i]):
-        tied = list(tied)
-        for i in tied:
-            ranks[i] = start + (len(tied) + 1) / 2
-        start += len(tied)
-    rank_sum = math.fsum(r for r, p in zip(ranks, positives) if p)
-    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    target = torch.tensor([bool(p) for p in positives], dtype=torch.long)
+    return binary_auroc(torch.tensor(scores, dtype=torch.float64), target).item()
 
 
 def _labelled(results: list[GroupReward], labels: list[str | None]):

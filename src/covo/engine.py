@@ -4,7 +4,7 @@ statistics and, on request, the model cache out.
 An engine is any callable with `HFGenerate.__call__`'s signature that returns a `Generation`.
 `HFGenerate` runs transformers' `generate` and reduces each decoding step's distribution to
 the three numbers the rollout keeps (log-prob of the sampled token, entropy, self-certainty),
-so no second forward over the sampled sequences is needed. The README (Rollout engines) says
+so no second forward over the sampled sequences is needed. docs/training.md (Rollout engines) says
 how an external engine such as vLLM plugs in.
 """
 

@@ -14,16 +14,18 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from covo.errors import UserError
+
 MISSING = "LoRA needs peft: pip install -e '.[lora]' (or `bash scripts/setup.sh lora`)"
 
 
-class MissingExtraError(RuntimeError):
+class MissingExtraError(UserError, RuntimeError):
     """An optional dependency is not installed; the message names the extra that brings it."""
 
 
 def wants_lora(lora) -> bool:
     """`model.lora` turns adapters on when it is set and its rank `r` is above 0."""
-    return lora is not None and lora.get("r", 0) > 0
+    return lora is not None and lora["r"] > 0
 
 
 def add_adapters(

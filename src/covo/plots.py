@@ -87,3 +87,26 @@ def save_figure(fig: Figure, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
+
+
+def _values(cells: list) -> np.ndarray:
+    return np.array([np.nan if v is None else v for v in cells], dtype=float)
+
+
+def learning_curves_figure(curves: dict[str, dict], ylabel: str, figsize=(8.0, 4.5)) -> Figure:
+    """One line per reward: the mean over seeds at each step with its interval as a band.
+    `curves[reward]` holds lists `steps`, `value`, `low`, `high` (None where undefined)."""
+    fig = Figure(figsize=figsize, dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for name, curve in curves.items():
+        steps = np.asarray(curve["steps"], dtype=float)
+        (line,) = ax.plot(steps, _values(curve["value"]), marker=".", label=name)
+        low, high = _values(curve["low"]), _values(curve["high"])
+        ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", ncol=2)
+    fig.tight_layout()
+    return fig

@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from covo.errors import exit_on_user_error
+from covo.errors import DataError, exit_on_user_error
 from covo.eval.results import collect_totals, markdown_table
 from covo.intervals import seed_interval
 
@@ -50,7 +50,7 @@ def read_scalars(run_dir: Path) -> dict[str, Series]:
     twice (a resumed run) the later event wins."""
     event_dirs = sorted({p.parent for p in run_dir.rglob("events.out.tfevents.*")})
     if not event_dirs:
-        raise FileNotFoundError(f"no TensorBoard event files under {run_dir}")
+        raise DataError(f"no TensorBoard event files under {run_dir}")
     by_step: dict[str, dict[int, float]] = {}
     for directory in event_dirs:
         events = EventAccumulator(str(directory), size_guidance={"scalars": 0})
@@ -153,7 +153,7 @@ def job_overrides(multirun_dir: Path) -> dict[Path, list[str]]:
         for path in sorted(multirun_dir.rglob(".hydra/overrides.yaml"))
     }
     if not jobs:
-        raise FileNotFoundError(f"no Hydra jobs (.hydra/overrides.yaml) under {multirun_dir}")
+        raise DataError(f"no Hydra jobs (.hydra/overrides.yaml) under {multirun_dir}")
     return jobs
 
 
@@ -219,7 +219,7 @@ def compare_table(groups: dict[tuple, dict[str, list]]) -> str:
 def report_compare(multirun_dir: Path) -> str:
     groups, skipped = seed_groups(multirun_dir)
     if not groups:
-        raise FileNotFoundError(f"no job with TensorBoard events under {multirun_dir}")
+        raise DataError(f"no job with TensorBoard events under {multirun_dir}")
     notes = "".join(f"\nskipped (no TensorBoard events): {job}" for job in skipped)
     return f"{multirun_dir}\n{compare_table(dict(groups))}{notes}"
 
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     if not args.run_dir.is_dir():
-        raise FileNotFoundError(f"run directory not found: {args.run_dir}")
+        raise DataError(f"run directory not found: {args.run_dir}")
     if args.eval:
         print(markdown_table(collect_totals(args.run_dir)))
     elif args.compare:

@@ -15,7 +15,7 @@ from covo.engine import (
     eos_token_ids,
     position_ids_from,
 )
-from covo.rewards.base import Group
+from covo.rewards.base import Group, Withheld
 
 
 @dataclass
@@ -49,10 +49,13 @@ class Rollout:
     def prompt_len(self) -> int:
         return self.sequences.shape[1] - self.response_mask.shape[1]
 
-    def groups(self, labels: list[str | None], step: int = 0, rank: int = 0) -> list[Group]:
-        """One `Group` per prompt: what a reward sees."""
+    def groups(
+        self, truths: list[str | Withheld | None], step: int = 0, rank: int = 0
+    ) -> list[Group]:
+        """One `Group` per prompt: what a reward sees; `truths[b]` what it is given of prompt
+        b's label (`label_for`)."""
         n, out = self.group_size, []
-        views = {name: view.groups(labels, step, rank) for name, view in self.views.items()}
+        views = {name: view.groups(truths, step, rank) for name, view in self.views.items()}
         lengths = [len(ids) for ids in self.response_ids]
         for b, prompt_ids in enumerate(self.prompt_ids):
             rows = range(b * n, (b + 1) * n)
@@ -68,7 +71,7 @@ class Rollout:
                     token_logprobs=cut(self.logprobs),
                     token_entropy=cut(self.entropy),
                     token_self_certainty=cut(self.self_certainty),
-                    label=labels[b],
+                    truth=truths[b],
                     context_caches=[self.context_caches[r] for r in rows]
                     if self.context_caches
                     else None,

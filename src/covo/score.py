@@ -26,11 +26,11 @@ from covo.answers import AnswerEquivalence
 from covo.context_cache import ContextCache, split_cache
 from covo.data.jsonl import DataError, json_objects
 from covo.diagnostics import distance_curves, reward_diagnostics
-from covo.errors import exit_on_user_error
+from covo.errors import SettingError, exit_on_user_error
 from covo.eval.harness import resolve_device
 from covo.model import LoadedModel
 from covo.plots import distance_curve_figure, save_figure
-from covo.rewards.base import Group, GroupReward
+from covo.rewards.base import Group, GroupReward, Withheld, label_for
 from covo.rewards.covo import CoVoReward, encode
 from covo.rollout import format_prompts, response_token_stats
 from covo.scoring import PrefixSharedScorer
@@ -69,17 +69,26 @@ def read_records(path: Path) -> Iterator[dict]:
 
 @torch.no_grad()
 def token_stats(
-    model, prompt_ids: list[int], response_ids: list[int], keep_cache: bool = False
+    model,
+    prompt_ids: list[int],
+    response_ids: list[int],
+    keep_cache: bool = False,
+    temperature: float = 1.0,
 ) -> tuple[dict[str, torch.Tensor], ContextCache | None]:
-    """Per response token: log-prob, entropy, self-certainty under the model ([G] each, CPU);
-    with `keep_cache`, also the keys and values of prompt + response from that forward (None
-    for models whose cache layers are not plain full attention)."""
+    """Per response token: log-prob, entropy, self-certainty under the model at `temperature`
+    ([G] each, CPU); with `keep_cache`, also the keys and values of prompt + response from that
+    forward (None for models whose cache layers are not plain full attention)."""
     if not response_ids:
         return {name: torch.zeros(0) for name in STAT_FIELDS.values()}, None
     ids = prompt_ids + response_ids
     sequence = torch.tensor([ids], device=model.device)
     stats = response_token_stats(
-        model, sequence, torch.ones_like(sequence), len(response_ids), keep_cache=keep_cache
+        model,
+        sequence,
+        torch.ones_like(sequence),
+        len(response_ids),
+        temperature,
+        keep_cache=keep_cache,
     )
     contexts = split_cache(stats.pop("cache"), [(ids, 0)]) if keep_cache else None
     stats = {name: values[0].float().cpu() for name, values in stats.items()}
@@ -90,12 +99,13 @@ def make_group(
     loaded: LoadedModel,
     prompt: str,
     responses: list[str],
-    label: str | None,
+    truth: str | Withheld | None,
     response_ids: list[list[int]] | None = None,
     keep_cache: bool = False,
 ) -> Group:
     """The group a reward sees: `prompt` as the policy reads it, and each response's ids
-    (`response_ids` as sampled, or each text tokenised on its own).
+    (`response_ids` as sampled, or each text tokenised on its own); `truth` is what the reward
+    is given of the label (`covo.rewards.base.label_for`).
 
     `keep_cache` keeps every trajectory's keys and values from the statistics forward
     (`Group.context_caches`; None for an empty response), so a scorer does not feed the
@@ -106,16 +116,33 @@ def make_group(
     prompt_ids = encode(tokenizer, chat)
     if response_ids is None:
         response_ids = [encode(tokenizer, text) for text in responses]
+    return group_from_ids(loaded.model, prompt_ids, response_ids, responses, truth, keep_cache)
+
+
+def group_from_ids(
+    model,
+    prompt_ids: list[int],
+    response_ids: list[list[int]],
+    texts: list[str],
+    truth: str | Withheld | None,
+    keep_cache: bool = False,
+    temperature: float = 1.0,
+    **where,
+) -> Group:
+    """The group of responses `response_ids` (no EOS) to the prompt `prompt_ids`, with the
+    model's per-token statistics at `temperature` from one no-grad forward per response;
+    `truth` as in `make_group`; `where` sets the group's `step`, `rank` and `index`."""
     stats, caches = zip(
-        *(token_stats(loaded.model, prompt_ids, ids, keep_cache) for ids in response_ids)
+        *(token_stats(model, prompt_ids, ids, keep_cache, temperature) for ids in response_ids)
     )
     return Group(
-        prompt_ids=prompt_ids,
+        prompt_ids=list(prompt_ids),
         response_ids=[list(ids) for ids in response_ids],
-        texts=list(responses),
-        label=label,
+        texts=list(texts),
+        truth=truth,
         context_caches=list(caches) if keep_cache else None,
         **{field: [s[name] for s in stats] for field, name in STAT_FIELDS.items()},
+        **where,
     )
 
 
@@ -147,16 +174,20 @@ def per_response(source: dict[str, list], name: str, i: int):
 
 
 def explain(
-    prompt: str, group: Group, res: GroupReward, tokenizer, equivalence: AnswerEquivalence
+    prompt: str,
+    group: Group,
+    res: GroupReward,
+    tokenizer,
+    equivalence: AnswerEquivalence,
+    label: str | None,
 ) -> dict:
-    """The output record of one group (`prompt` as given): its answer clusters and
-    per-response details.
+    """The output record of one group (`prompt` as given, `label` the data's answer): its
+    answer clusters and per-response details.
 
     A cluster's `value` is the mean of its members' scores (CoVo: the aggregated Con / Vol
     value); `verdict` is None for a reward that passes none. `correct` (from the label) is
-    there only when the group has one.
+    there only when the item has a label.
     """
-    label = group.label
     k = max(res.clusters, default=-1) + 1
     clusters = []
     for c in range(k):
@@ -267,10 +298,10 @@ def score(cfg: DictConfig) -> dict[str, float]:
     check_score(cfg)
     torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
     if "{problem}" not in cfg.prompt_template:
-        raise ValueError(f"prompt_template must contain '{{problem}}': {cfg.prompt_template!r}")
+        raise SettingError(f"prompt_template must contain '{{problem}}': {cfg.prompt_template!r}")
     source, target = Path(cfg.input).expanduser(), Path(cfg.output).expanduser()
     if target.resolve() == source.resolve():
-        raise ValueError(f"output would overwrite the input: {target}")
+        raise SettingError(f"output would overwrite the input: {target}")
     loaded = hydra.utils.instantiate(cfg.model)
     loaded.model.to(resolve_device(cfg.device)).eval()
     reward = hydra.utils.instantiate(cfg.reward)
@@ -283,9 +314,10 @@ def score(cfg: DictConfig) -> dict[str, float]:
         for item in read_records(source):
             label = None if item.get("answer") is None else str(item["answer"])
             prompt = cfg.prompt_template.format(problem=item["prompt"])
-            group = make_group(loaded, prompt, item["responses"], label, item.get("response_ids"))
+            truth = label_for(reward, label)
+            group = make_group(loaded, prompt, item["responses"], truth, item.get("response_ids"))
             res = reward(group, scorer)
-            record = explain(item["prompt"], group, res, tokenizer, equivalence)
+            record = explain(item["prompt"], group, res, tokenizer, equivalence, label)
             if cfg.dump_ids:
                 branch_ids = None
                 if isinstance(reward, CoVoReward):

@@ -2,10 +2,10 @@
 
 A step boundary sits right after a token whose decoded text holds a newline, so a state is
 exactly a prefix the policy saw (a token such as `.\\n` is never cut). The rules are those of the
-released code's `process_thoughts` (COVO_SPEC section 3): whitespace-only lines carry no step of
-their own (their tokens join the following step; trailing ones join the last step), a display-math
-block is one step, and with `max_steps` or more steps colon-ended lines take the next line in,
-then the lines are regrouped into exactly `max_steps` chunks.
+released code's `process_thoughts` (docs/covo.md, Steps and states): whitespace-only lines
+carry no step of their own (their tokens join the following step; trailing ones join the last
+step), a display-math block is one step, and with `max_steps` or more steps colon-ended lines
+take the next line in, then the lines are regrouped into exactly `max_steps` chunks.
 """
 
 from __future__ import annotations

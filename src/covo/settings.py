@@ -14,7 +14,10 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from covo.answers import EXTRACTORS
+from covo.errors import SettingError
 from covo.lora import MISSING, wants_lora
+from covo.losses import LOSS_AGGREGATIONS
 
 Rule = tuple[str, Callable[[Any], bool], str]
 DTYPES = ("float32", "bfloat16", "float16")
@@ -79,7 +82,9 @@ SAMPLING_RULES: list[Rule] = [
     ("temperature", at_least(0.0), "a number >= 0 (0 = greedy)"),
     ("top_p", between(0.0, 1.0, low_open=True), "a number in (0, 1]"),
 ]
+EXTRACTOR = (one_of(*EXTRACTORS), f"one of {', '.join(EXTRACTORS)}")
 REWARD_RULES: list[Rule] = [
+    ("extractor", *EXTRACTOR),
     ("max_steps", *INT_GE1),
     # cluster values: RiV, Con and 1 - Vol lie in [0, 1], RiL in [-1, 1]
     ("threshold", between(-1.0, 1.0), "a number in [-1, 1]"),
@@ -115,7 +120,13 @@ TRAIN_RULES: list[Rule] = [
     *[(f"rollout.{key}", test, allowed) for key, test, allowed in SAMPLING_RULES],
     ("rollout.stats_chunk", *INT_GE1),
     ("rollout.one_pass", *BOOL),
-    ("algorithm.hold_graphs", *BOOL),
+    ("model.hold_graphs", *BOOL),
+    ("algorithm.mask_truncated", *BOOL),
+    (
+        "algorithm.loss_agg",
+        one_of(*LOSS_AGGREGATIONS),
+        f"one of {', '.join(LOSS_AGGREGATIONS)}",
+    ),
     ("algorithm.max_idle_rollouts", optional(at_least(1, integer=True)), "null or an integer >= 1"),
     ("rollout.engine.cache", one_of("dynamic", "static"), "dynamic or static"),
     ("rollout.engine.compile", *BOOL),
@@ -145,11 +156,13 @@ TRAIN_RULES: list[Rule] = [
     ("data.batch_size", *INT_GE1),
     ("data.val_batch_size", *INT_GE1),
     ("data.val_size", at_least(0, integer=True), "an integer >= 0"),
-    ("val_every", *INT_GE1),
-    ("samples_every", *INT_GE1),
-    ("plots_every", *INT_GE1),
+    ("val_every_n_rollouts", *INT_GE1),
+    ("samples_every_n_steps", *INT_GE1),
+    ("plots_every_n_steps", *INT_GE1),
+    ("callbacks.model_checkpoint.every_n_steps", *INT_GE1),
     ("max_grad_norm", above(0.0), "a number > 0"),
     *[(f"reward.{key}", test, allowed) for key, test, allowed in REWARD_RULES],
+    ("val_extractor", *EXTRACTOR),
 ]
 EVAL_RULES: list[Rule] = [
     ("seed", _integer, "an integer"),
@@ -166,10 +179,6 @@ SCORE_RULES: list[Rule] = [
     ("scoring_dtype", one_of(None, "float32", "bfloat16"), "null, float32 or bfloat16"),
     *[(f"reward.{key}", test, allowed) for key, test, allowed in REWARD_RULES],
 ]
-
-
-class SettingError(ValueError):
-    pass
 
 
 def fail(key: str, value, allowed: str) -> None:
@@ -219,7 +228,7 @@ def check_train(cfg: DictConfig) -> None:
             "k2 or k3 with algorithm.kl_in_reward=false (k1 in the loss has zero expected"
             " gradient: it regularises nothing)",
         )
-    target = OmegaConf.select(cfg, "algorithm.advantage._target_")
+    target = cfg.algorithm.advantage._target_
     if target in GROUP_BASELINES and cfg.rollout.num_samples < 2:
         fail(
             "rollout.num_samples",
@@ -233,16 +242,16 @@ def check_train(cfg: DictConfig) -> None:
 def check_lora(cfg: DictConfig) -> None:
     """Adapters need peft installed; they share the policy's weights with the reference, and
     only a run with adapters can export them."""
-    on = wants_lora(OmegaConf.select(cfg, "model.lora"))
+    on = wants_lora(cfg.model.lora)
     if on and importlib.util.find_spec("peft") is None:
         raise SettingError(f"model.lora.r={cfg.model.lora.r}: {MISSING}")
-    if on and cfg.get("reference_dtype") is not None:
+    if on and cfg.reference_dtype is not None:
         fail(
             "reference_dtype",
             cfg.reference_dtype,
             "null with model.lora (the reference is the policy's own weights, adapters off)",
         )
-    if not on and cfg.get("export_adapters"):
+    if not on and cfg.export_adapters:
         fail("export_adapters", "true", "false without model.lora.r > 0 (no adapters to write)")
 
 
@@ -252,14 +261,14 @@ def check_precision(cfg: DictConfig) -> None:
     precision = str(cfg.trainer.precision)
     if precision not in PRECISION_COMPUTE:
         fail("trainer.precision", precision, f"auto or one of {list(PRECISION_COMPUTE)}")
-    compute = OmegaConf.select(cfg, "model.dtype")
+    compute = cfg.model.dtype
     if compute is not None and PRECISION_COMPUTE[precision] != compute:
         fail(
             "trainer.precision",
             precision,
             f"a precision computing in model.dtype={compute} (or auto)",
         )
-    master = OmegaConf.select(cfg, "model.master_dtype", default="float32")
+    master = cfg.model.master_dtype
     if precision in LOW_PRECISION_WEIGHTS and master == "float32":
         fail(
             "trainer.precision",

@@ -1,4 +1,4 @@
-"""Per-step metrics from a rollout and its rewards (names as listed in the README)."""
+"""Per-step metrics from a rollout and its rewards (names as listed in docs/metrics.md)."""
 
 from __future__ import annotations
 

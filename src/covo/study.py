@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import hydra
@@ -29,9 +30,10 @@ from omegaconf import DictConfig, OmegaConf
 from covo.answers import AnswerEquivalence, get_extractor
 from covo.data.jsonl import DataError
 from covo.diagnostics import prompt_outcome, verdict_counts
-from covo.errors import exit_on_user_error
+from covo.errors import SettingError, exit_on_user_error
 from covo.eval.harness import resolve_device
 from covo.plots import accuracy_bins_figure, save_figure
+from covo.rewards.base import label_for
 from covo.score import SCORING_DTYPES, finite, make_group
 from covo.scoring import PrefixSharedScorer
 from covo.states_diagnostics import labelled_counts
@@ -47,7 +49,7 @@ PLOT_FILE = "reward_accuracy_by_bin.png"
 def reward_config(name: str) -> DictConfig:
     """`conf/reward/<name>.yaml` as `reward=<name>` composes it (its defaults list resolved)."""
     if not (CONF_DIR / "reward" / f"{name}.yaml").is_file():
-        raise ValueError(f"unknown reward '{name}' in rewards: no conf/reward/{name}.yaml")
+        raise SettingError(f"unknown reward '{name}' in rewards: no conf/reward/{name}.yaml")
     if GlobalHydra.instance().is_initialized():
         return compose(overrides=[f"+reward={name}"]).reward
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
@@ -58,19 +60,19 @@ def check(cfg: DictConfig) -> list[str]:
     """The reward names; rejects settings the study cannot use."""
     names = list(cfg.rewards)
     if not names or len(set(names)) != len(names):
-        raise ValueError(f"rewards must name distinct reward configs, got {names}")
+        raise SettingError(f"rewards must name distinct reward configs, got {names}")
     if cfg.baseline is not None and cfg.baseline not in names:
-        raise ValueError(f"baseline '{cfg.baseline}' is not one of rewards {names}")
+        raise SettingError(f"baseline '{cfg.baseline}' is not one of rewards {names}")
     if cfg.scoring_dtype not in SCORING_DTYPES:
-        raise ValueError(f"scoring_dtype must be null, float32 or bfloat16: {cfg.scoring_dtype}")
+        raise SettingError(f"scoring_dtype must be null, float32 or bfloat16: {cfg.scoring_dtype}")
     if "{problem}" not in cfg.prompt_template:
-        raise ValueError(f"prompt_template must contain '{{problem}}': {cfg.prompt_template!r}")
+        raise SettingError(f"prompt_template must contain '{{problem}}': {cfg.prompt_template!r}")
     edges = list(cfg.accuracy_bins)
     if len(edges) < 2 or edges != sorted(set(edges)) or edges[0] > 0 or edges[-1] < 1:
-        raise ValueError(f"accuracy_bins must rise from <= 0 to >= 1, got {edges}")
+        raise SettingError(f"accuracy_bins must rise from <= 0 to >= 1, got {edges}")
     s = cfg.sampling
     if s.num_samples < 2 or s.batch_size < 1 or s.max_new_tokens < 1 or s.temperature <= 0:
-        raise ValueError(
+        raise SettingError(
             "sampling needs num_samples >= 2, batch_size >= 1, max_new_tokens >= 1 and "
             f"temperature > 0, got {OmegaConf.to_container(s)}"
         )
@@ -133,7 +135,7 @@ def score_prompts(loaded, rewards: dict, records: list[dict], cfg: DictConfig) -
             loaded,
             cfg.prompt_template.format(problem=record["prompt"]),
             record["responses"],
-            label,
+            None,  # each reward is given what `label_for` allows it below
             record.get("response_ids"),
             keep_cache,
         )
@@ -148,7 +150,7 @@ def score_prompts(loaded, rewards: dict, records: list[dict], cfg: DictConfig) -
         for name, reward in rewards.items():
             scorer.reset_counters()
             started = time.perf_counter()
-            res = reward(group, scorer)
+            res = reward(replace(group, truth=label_for(reward, label)), scorer)
             seconds = time.perf_counter() - started
             o = prompt_outcome(res, label, equivalence)
             entry["rewards"][name] = {
@@ -181,7 +183,7 @@ def study(cfg: DictConfig) -> dict:
     """Sample (or read the samples), score with every reward, summarise; returns the results."""
     names = check(cfg)
     torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
-    rewards = {name: build_reward(name, cfg.get("reward_extractor")) for name in names}
+    rewards = {name: build_reward(name, cfg.reward_extractor) for name in names}
     items = load_problems(cfg)
     loaded = hydra.utils.instantiate(cfg.model)
     loaded.model.to(resolve_device(cfg.device)).eval()

@@ -9,8 +9,10 @@ from pathlib import Path
 import hydra
 import lightning.pytorch as L
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.plugins.precision import MixedPrecision
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from covo.errors import SettingError
 from covo.export import export_policy
 from covo.hardware import auto_precision
 from covo.module import SelfRewardRL
@@ -40,7 +42,7 @@ def instantiate_dict(cfg: DictConfig | None) -> list:
 def resolve_auto(cfg: DictConfig) -> None:
     """`trainer.precision: auto` follows `model.dtype` (the compute dtype) when set, else what
     this hardware runs fast; `rollout.dtype: auto` decodes in the resolved compute dtype."""
-    compute = OmegaConf.select(cfg, "model.dtype")
+    compute = cfg.model.dtype
     with open_dict(cfg):
         if cfg.trainer.precision == "auto":
             cfg.trainer.precision = PRECISION_OF_DTYPE.get(compute) or auto_precision(
@@ -49,6 +51,15 @@ def resolve_auto(cfg: DictConfig) -> None:
         if cfg.rollout.dtype == "auto":
             dtype = PRECISION_COMPUTE.get(str(cfg.trainer.precision))
             cfg.rollout.dtype = dtype if dtype != "float32" else None
+
+
+def precision_plugin(trainer: DictConfig) -> MixedPrecision | None:
+    """A precision plugin to use instead of `trainer.precision`. On a CPU Lightning runs
+    `16-mixed` as bf16-mixed, while the rollout replica follows the configured fp16: the fp16
+    autocast and its GradScaler are built here instead (torch runs both on CPUs)."""
+    if str(trainer.precision) == "16-mixed" and trainer.accelerator == "cpu":
+        return MixedPrecision("16-mixed", "cpu")
+    return None
 
 
 def build(cfg: DictConfig) -> tuple[SelfRewardRL, L.LightningDataModule, L.Trainer]:
@@ -65,24 +76,30 @@ def build(cfg: DictConfig) -> tuple[SelfRewardRL, L.LightningDataModule, L.Train
         optimizer=hydra.utils.instantiate(cfg.optimizer),
         scheduler=hydra.utils.instantiate(cfg.scheduler),
         rollout=cfg.rollout,
+        val_extractor=cfg.val_extractor,
         max_grad_norm=cfg.max_grad_norm,
         scoring_dtype=cfg.scoring_dtype,
         reuse_rollout_cache=cfg.reuse_rollout_cache,
-        samples_every=cfg.samples_every,
-        plots_every=cfg.plots_every,
+        samples_every_n_steps=cfg.samples_every_n_steps,
+        plots_every_n_steps=cfg.plots_every_n_steps,
         threads=cfg.threads,
         reference_dtype=cfg.reference_dtype,
     )
-    callbacks = instantiate_dict(cfg.get("callbacks"))
-    if cfg.trainer.get("enable_progress_bar", True):
+    callbacks = instantiate_dict(cfg.callbacks)
+    if cfg.trainer.enable_progress_bar:
         callbacks.append(StepProgressBar())
+    plugins = [AtomicCheckpointIO()]
+    precision = precision_plugin(cfg.trainer)
+    if precision is not None:
+        plugins.append(precision)
     trainer = hydra.utils.instantiate(
         cfg.trainer,
+        **({"precision": None} if precision is not None else {}),
         strategy=hydra.utils.instantiate(cfg.strategy),
-        logger=instantiate_dict(cfg.get("logger")) or False,
+        logger=instantiate_dict(cfg.logger) or False,
         callbacks=callbacks,
-        enable_checkpointing=bool(cfg.get("callbacks")),
-        plugins=[AtomicCheckpointIO()],
+        enable_checkpointing=bool(cfg.callbacks),
+        plugins=plugins,
     )
     # weights are built: from here on each rank samples with its own seed
     seed_rank(cfg.seed, trainer.global_rank)
@@ -108,11 +125,11 @@ def train(cfg: DictConfig) -> dict:
     module, datamodule, trainer = build(cfg)
     if trainer.global_rank == 0:
         write_config(cfg)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     outputs = {"output_dir": str(cfg.paths.output_dir)}
     if trainer.logger is not None:
         outputs["tensorboard_dir"] = trainer.logger.log_dir
-    if cfg.get("export_dir"):
+    if cfg.export_dir:
         export_policy(module, Path(cfg.export_dir), trainer, cfg.export_adapters)
         outputs["export_dir"] = str(cfg.export_dir)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -120,3 +137,14 @@ def train(cfg: DictConfig) -> dict:
         for name, path in outputs.items():
             log.info("%s: %s", name, path)
     return {"metrics": metrics, **outputs}
+
+
+def optimized_value(result: dict, name: str) -> float:
+    """The value of the metric `optimized_metric` names, from what `train` returned."""
+    metrics = result["metrics"]
+    if name not in metrics:
+        raise SettingError(
+            f"optimized_metric: {name!r} was not logged by this run"
+            f" (logged: {', '.join(sorted(metrics)) or 'nothing'})"
+        )
+    return metrics[name]

@@ -11,7 +11,7 @@ on-policy step is not 1. With a single optimizer step per rollout (one epoch, on
 they are the detached log-probs of the training forward itself; otherwise one no-grad pass
 through the training path, over the first epoch's very micro-batches, computes them before the
 first step. KL in the reward needs them before the advantages, so it asks for that pass too;
-with one optimizer step and `algorithm.hold_graphs`, the step's training forward runs ahead
+with one optimizer step and `model.hold_graphs`, the step's training forward runs ahead
 instead and its graphs are held until the backward (one forward fewer, the activations of
 every micro-batch held at once).
 """
@@ -80,6 +80,13 @@ def plan_epochs(
         if steps_left <= 0:
             break
     return epochs
+
+
+def crossed(before: int, after: int, every: int) -> bool:
+    """Whether a step counter that went from `before` to `after` passed a multiple of `every`
+    (one in (before, after]): several optimizer steps a rollout, or none, skip or repeat
+    values, so landing on a multiple is not enough."""
+    return after // every > before // every
 
 
 def old_logprobs_source(

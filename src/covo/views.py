@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
+from covo.errors import SettingError
 from covo.rewards.base import GroupReward
 from covo.rollout import Rollout
 
@@ -107,7 +108,9 @@ def training_rows(
     extra = []
     for name in declared_views(reward):
         if any(name not in res.view_rewards for res in results):
-            raise ValueError(f"reward.train_views is on but the reward gave no rewards for {name}")
+            raise SettingError(
+                f"reward.train_views is on but the reward gave no rewards for {name}"
+            )
         extra.extend(r for res in results for r in res.view_rewards[name])
     merged = concat_rollouts([rollout, *trained_views(rollout, reward)], pad_id)
     view_rewards = torch.tensor(extra, dtype=rewards.dtype, device=rewards.device)

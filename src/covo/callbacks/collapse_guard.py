@@ -1,11 +1,13 @@
-"""The collapse guard: label-free signals per step under `collapse/`, and an alarm on collapse.
+"""The collapse guard: label-free signals per rollout under `collapse/`, and an alarm on collapse.
 
-It reads what the module logged for the step (`trainer.callback_metrics`), logs each signal
+It reads what the module logged for the rollout (`trainer.callback_metrics`), logs each signal
 as `collapse/<name>` with its least-squares slope over the window (`collapse/<name>_trend`),
-the number of rules met (`collapse/rules_met`) and `collapse/alarm` (0/1). After every step
-that is not saturated it keeps a checkpoint of that step; when the alarm first goes up, that
-checkpoint (the last step before the alarm window) becomes `pre_collapse.ckpt`, one warning
-line names the rules that held, and with `stop_on_alarm` the run stops after this step.
+the number of rules met (`collapse/rules_met`) and `collapse/alarm` (0/1), at the optimizer
+step the rollout began at, like every logged value. It keeps the weights after an unsaturated
+rollout, at most once every `window_rollouts` rollouts (at 7B each write is 15-30 GB): the
+window's rollouts are saturated, so the kept weights always precede the window. When the alarm
+first goes up they become `pre_collapse.ckpt`, one warning line names the rules that held, and
+with `stop_on_alarm` the run stops after this rollout.
 """
 
 from __future__ import annotations
@@ -46,15 +48,16 @@ def _remove(path: Path) -> None:
 
 class CollapseGuard(Callback):
     """`rules` maps a signal to `{above|below|drop|rise: value}` (`covo.collapse.Rule`); a
-    step is saturated when `min_rules` of them hold, the alarm needs `window` saturated steps
-    in a row; relative rules compare with the mean of a signal's first `baseline_steps`."""
+    rollout is saturated when `min_rules` of them hold, the alarm needs `window_rollouts`
+    saturated rollouts in a row; relative rules compare with the mean of a signal's first
+    `baseline_rollouts` values."""
 
     def __init__(
         self,
         rules: dict,
         min_rules: int = 2,
-        window: int = 3,
-        baseline_steps: int = 3,
+        window_rollouts: int = 3,
+        baseline_rollouts: int = 3,
         stop_on_alarm: bool = False,
         save_pre_collapse: bool = True,
         save_weights_only: bool = True,
@@ -68,19 +71,26 @@ class CollapseGuard(Callback):
                 f"callbacks.collapse_guard.rules.{unknown[0]}: unknown signal; "
                 f"known: {', '.join(self.signals)}"
             )
-        self.detector = CollapseDetector(rules, min_rules, window, baseline_steps)
+        self.detector = CollapseDetector(rules, min_rules, window_rollouts, baseline_rollouts)
         self.stop_on_alarm = stop_on_alarm
         self.save_pre_collapse = save_pre_collapse
         self.save_weights_only = save_weights_only
         self.dirpath = dirpath
         self.alarm_step: int | None = None
-        self.healthy_step: int | None = None
+        self.healthy_step: int | None = None  # the optimizer step of the kept weights
+        self.rollouts = 0  # rollouts seen
+        self.healthy_rollout: int | None = None  # the rollout whose weights were kept
+        self.rollout_step = 0
 
     def checkpoint_dir(self, trainer: L.Trainer) -> Path:
         return Path(self.dirpath or Path(trainer.default_root_dir) / "checkpoints")
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.rollout_step = trainer.global_step  # the step the module logs this rollout at
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.fit_loop.epoch_loop.total_batch_idx  # the step the module logged at
+        step, rollout = self.rollout_step, self.rollouts
+        self.rollouts += 1
         metrics = trainer.callback_metrics
         values = {name: float(metrics[src]) for name, src in self.signals.items() if src in metrics}
         verdict = self.detector.update(values)
@@ -88,16 +98,19 @@ class CollapseGuard(Callback):
         logged |= {f"collapse/{name}_trend": value for name, value in verdict.trends.items()}
         logged["collapse/rules_met"] = float(len(verdict.met))
         logged["collapse/alarm"] = float(verdict.alarm)
-        for name, value in logged.items():
-            pl_module.log(name, value, on_step=True, on_epoch=False, batch_size=1)
+        pl_module.log_rollout(logged)
         if self.alarm_step is not None:
             return
         if verdict.alarm:
             self.raise_alarm(trainer, step, verdict)
-        elif not verdict.saturated and self.save_pre_collapse:
-            self.healthy_step = step
+        elif not verdict.saturated and self.save_pre_collapse and self.write_due(rollout):
+            self.healthy_step, self.healthy_rollout = trainer.global_step, rollout
             path = self.checkpoint_dir(trainer) / HEALTHY
             trainer.save_checkpoint(path, weights_only=self.save_weights_only)
+
+    def write_due(self, rollout: int) -> bool:
+        last = self.healthy_rollout
+        return last is None or rollout - last >= self.detector.window
 
     def raise_alarm(self, trainer: L.Trainer, step: int, verdict: Verdict) -> None:
         self.alarm_step = step
@@ -116,7 +129,7 @@ class CollapseGuard(Callback):
         )
         if trainer.is_global_zero:
             log.warning(
-                "collapse alarm at step %d: %s, for %d steps; pre-collapse checkpoint: %s%s",
+                "collapse alarm at step %d: %s, for %d rollouts; pre-collapse checkpoint: %s%s",
                 step,
                 held,
                 detector.window,
@@ -135,9 +148,13 @@ class CollapseGuard(Callback):
             **self.detector.state_dict(),
             "alarm_step": self.alarm_step,
             "healthy_step": self.healthy_step,
+            "rollouts": self.rollouts,
+            "healthy_rollout": self.healthy_rollout,
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.detector.load_state_dict(state_dict)
         self.alarm_step = state_dict["alarm_step"]
         self.healthy_step = state_dict["healthy_step"]
+        self.rollouts = state_dict["rollouts"]
+        self.healthy_rollout = state_dict["healthy_rollout"]

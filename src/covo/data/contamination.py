@@ -41,7 +41,7 @@ def benchmark_files(benchmark_dir: str | Path | None) -> dict[str, tuple[Path, s
             path = path.replace("${benchmark_dir}", str(benchmark_dir))
         if path.startswith("package:"):
             path = packaged_path(path[len("package:") :])
-        files[conf.stem] = (Path(path).expanduser(), node.get("problem_key", "problem"))
+        files[conf.stem] = (Path(path).expanduser(), node["problem_key"])
     return files
 
 

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 
 from covo.data.contamination import check_overlap, shared_problems
 from covo.data.sampler import EpochBatches, PositionedItems, ResumableLoader
+from covo.errors import SettingError
 
 MATH_PROMPT = (
     "Question: {problem}\n"
@@ -52,12 +53,12 @@ class PromptDataModule(L.LightningDataModule):
     ):
         super().__init__()
         if "{problem}" not in prompt_template:
-            raise ValueError(
+            raise SettingError(
                 f"data.prompt_template must contain '{{problem}}': {prompt_template!r}"
             )
         if val is None:
             if val_size >= len(train):
-                raise ValueError(
+                raise SettingError(
                     f"data.val_size={val_size} leaves no training items ({len(train)})"
                 )
             train, val = (train[:-val_size], train[-val_size:]) if val_size else (train, [])
@@ -95,7 +96,7 @@ class PromptDataModule(L.LightningDataModule):
             len(self.train_items), self.batch_size, self.seed, rank, world
         )
         if len(self.train_sampler) == 0:
-            raise ValueError(
+            raise SettingError(
                 f"data.batch_size={self.batch_size} exceeds the {len(self.train_items)} training"
                 f" items per process ({world} processes)"
             )

@@ -6,11 +6,9 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+from covo.errors import DataError
+
 PACKAGED = "package:"
-
-
-class DataError(ValueError):
-    pass
 
 
 def json_objects(path: Path, required: list[str], what: str = "file") -> Iterator[tuple[str, dict]]:

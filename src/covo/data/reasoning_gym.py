@@ -13,6 +13,7 @@ import zlib
 from collections.abc import Mapping
 
 from covo.data.datamodule import PromptDataModule
+from covo.lora import MissingExtraError
 
 log = logging.getLogger(__name__)
 GSM8K_TEMPLATES = {"gsm_symbolic"}
@@ -22,7 +23,7 @@ def _reasoning_gym():
     try:
         import reasoning_gym
     except ModuleNotFoundError:
-        raise ModuleNotFoundError(
+        raise MissingExtraError(
             "data=reasoning_gym needs the gym extra: pip install -e '.[gym]'"
         ) from None
     return reasoning_gym

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 from covo.answers import AnswerEquivalence, extract_boxed, get_extractor
+from covo.errors import DataError
 
 # A line `Answer: X` (also `Final answer:`, markdown bold, `(X)`, `X)`, `\boxed{X}`), X in A-J.
 # The letter must be upper case and stand alone, so "Answer: a dog" or "Answer: Because" do not
@@ -37,7 +38,7 @@ def choice_label(label: str) -> str:
     text = (boxed if boxed is not None else label).strip()
     match = _LABEL_LETTER.fullmatch(text)
     if match is None:
-        raise ValueError(f"multiple-choice label is not a letter A-J: {label!r}")
+        raise DataError(f"multiple-choice label is not a letter A-J: {label!r}")
     return match.group(1)
 
 

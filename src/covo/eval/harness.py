@@ -12,6 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from covo.errors import DataError, SettingError
 from covo.eval.grading import ChoiceGrader, MathGrader
 from covo.eval.metrics import item_metrics, mean_metrics
 from covo.eval.results import RESULTS_FILE, markdown_table, write_json, write_tensorboard
@@ -33,7 +34,7 @@ def load_policy_checkpoint(model: torch.nn.Module, ckpt_path: str) -> int:
     adapters: it holds nothing else, the other weights are the loaded model's."""
     path = Path(ckpt_path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise DataError(f"checkpoint not found: {path}")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     state = {
         key[len(POLICY_PREFIX) :]: value
@@ -41,18 +42,18 @@ def load_policy_checkpoint(model: torch.nn.Module, ckpt_path: str) -> int:
         if key.startswith(POLICY_PREFIX)
     }
     if not state:
-        raise ValueError(f"{path}: no '{POLICY_PREFIX}*' weights in its state_dict")
+        raise DataError(f"{path}: no '{POLICY_PREFIX}*' weights in its state_dict")
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatches, one per line after a header line
         lines = str(err).strip().splitlines()
-        raise ValueError(f"{path} does not fit the configured model: {lines[-1].strip()}") from None
+        raise DataError(f"{path} does not fit the configured model: {lines[-1].strip()}") from None
     if is_lora(model):
         missing = [k for k in missing if k in adapter_state(model, model.state_dict())]
     elif any(".lora_A." in k for k in unexpected):
-        raise ValueError(f"{path} holds LoRA adapters: set model.lora as in its training run")
+        raise DataError(f"{path} holds LoRA adapters: set model.lora as in its training run")
     if missing or unexpected:
-        raise ValueError(
+        raise DataError(
             f"{path} does not fit the configured model: missing {missing[:3]}, "
             f"unexpected {unexpected[:3]}"
         )
@@ -155,8 +156,10 @@ def evaluate(cfg: DictConfig) -> dict:
     Markdown table, and returns the results dict.
     """
     ks = check_eval(cfg)
-    if not cfg.get("benchmarks"):
-        raise ValueError("no benchmark selected: e.g. benchmark=gsm8k or benchmark=[gsm8k,math500]")
+    if "benchmarks" not in cfg:
+        raise SettingError(
+            "no benchmark selected: e.g. benchmark=gsm8k or benchmark=[gsm8k,math500]"
+        )
     torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
     benchmarks = {name: hydra.utils.instantiate(node) for name, node in cfg.benchmarks.items()}
     items = {name: b.load(cfg.max_samples) for name, b in benchmarks.items()}

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
 
+from covo.errors import DataError
+
 RESULTS_FILE = "eval_results.json"
 # fractions shown in percent; `items` is a count
 COUNT_COLUMNS = ("items",)
@@ -74,7 +76,7 @@ def collect_totals(root: Path) -> dict[str, dict[str, float]]:
     and job; a benchmark met twice is labelled with its job folder."""
     files = sorted(root.rglob(RESULTS_FILE))
     if not files:
-        raise FileNotFoundError(f"no {RESULTS_FILE} under {root}")
+        raise DataError(f"no {RESULTS_FILE} under {root}")
     found = [
         (name, path.parent.relative_to(root), row)
         for path in files

@@ -40,6 +40,7 @@ def load(
     attn_implementation: str = "sdpa",
     gradient_checkpointing: bool = False,
     lora: dict | None = None,
+    hold_graphs: bool = False,
 ) -> LoadedModel:
     """The packaged toy reasoner (or the folder `weights`); other arguments as `load_hf`'s."""
     loaded = load_hf(
@@ -50,6 +51,7 @@ def load(
         attn_implementation,
         gradient_checkpointing,
         lora,
+        hold_graphs,
     )
     loaded.name = "toy_reasoner"
     return loaded

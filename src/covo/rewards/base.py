@@ -8,17 +8,31 @@ from typing import Protocol
 import torch
 
 
+class LabelWithheldError(RuntimeError):
+    """A reward read `Group.label` without declaring `needs_labels`: a bug in that reward."""
+
+
+@dataclass(frozen=True)
+class Withheld:
+    """What a group holds in place of its label for a reward that does not need labels."""
+
+    reward: str  # the reward's class name
+
+
 @dataclass
 class Group:
     """One prompt and its N sampled responses, as the policy produced them.
 
     `response_ids[i]` holds the generated token ids of response i without the EOS token and
     without padding; the per-token tensors below have the same length. `label` is the data's
-    ground-truth answer: only `ground_truth` and diagnostics may read it. `context_caches[i]`,
+    ground-truth answer (None when the data has none), held in `truth` for a reward that
+    declares `needs_labels`; for any other reward `truth` is `Withheld` and reading `label`
+    raises `LabelWithheldError` (`label_for`). `context_caches[i]`,
     when present, holds the keys and values of prompt + response i from the rollout's forward,
     for a scorer to reuse. `views[name]` is the group sampled from the same prompt put through
     the view `name` that the reward declared (`Reward.views`); empty for rewards that declare
-    none. `step` (the rollout's index in the run, its TensorBoard step), `rank` (the process)
+    none. `step` (the rollout's index in the run: a seed, not the x axis, which counts optimizer
+    steps), `rank` (the process)
     and `index` (the group's place in that process's batch) let a reward seed its own draws.
     """
 
@@ -28,7 +42,7 @@ class Group:
     token_logprobs: list[torch.Tensor]
     token_entropy: list[torch.Tensor]
     token_self_certainty: list[torch.Tensor]
-    label: str | None = None
+    truth: str | Withheld | None = None
     context_caches: list | None = None
     views: dict[str, Group] = field(default_factory=dict)
     step: int = 0
@@ -38,6 +52,15 @@ class Group:
     @property
     def size(self) -> int:
         return len(self.response_ids)
+
+    @property
+    def label(self) -> str | None:
+        if isinstance(self.truth, Withheld):
+            raise LabelWithheldError(
+                f"{self.truth.reward} read Group.label: only a reward that sets"
+                " `needs_labels = True` is given the label"
+            )
+        return self.truth
 
 
 @dataclass
@@ -100,7 +123,8 @@ class Scorer(Protocol):
 
 class Reward(Protocol):
     """Rewards of one group. A reward that calls the scorer sets `uses_scorer = True`: the
-    rollout then keeps the trajectories' keys and values for it (`Group.context_caches`).
+    rollout then keeps the trajectories' keys and values for it (`Group.context_caches`). Only
+    a reward that sets `needs_labels = True` (a supervised baseline) is given `Group.label`.
 
     A reward that compares views of a prompt sets `views`, a mapping from a view's name to a
     prompt template holding `{prompt}`: the rollout samples each view as a group of its own
@@ -109,3 +133,9 @@ class Reward(Protocol):
     """
 
     def __call__(self, group: Group, scorer: Scorer | None) -> GroupReward: ...
+
+
+def label_for(reward, label: str | None) -> str | Withheld | None:
+    """What `reward` is given of a prompt's label (`Group.truth`): the label itself when the
+    reward declares `needs_labels`, else `Withheld` naming the reward."""
+    return label if getattr(reward, "needs_labels", False) else Withheld(type(reward).__name__)

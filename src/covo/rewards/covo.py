@@ -1,8 +1,9 @@
 """CoVo: reward answer clusters whose trajectories lean towards their own answer early and stay.
 
 Glue between answer clustering, step segmentation, the scorer (distance matrices) and the
-statistics in `covo_stats` (COVO_SPEC sections 2-7). Every paper / released-code difference is
-a constructor knob; `conf/reward/covo.yaml` and `covo_paper.yaml` set the two readings.
+statistics in `covo_stats` (docs/covo.md, Answers and clusters to Curiosity bonus). Every
+paper / released-code difference is a constructor knob; `conf/reward/covo.yaml` and
+`covo_paper.yaml` set the two readings.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from covo.rewards.covo_stats import (
     volatility,
 )
 from covo.segmentation import COLON_MERGES, states, step_ends
+
+CURIOSITY_OFF = {"form": "released", "weight": 0.0}  # `curiosity=None`
 
 # Below every aggregation's range (linear RiL >= -1, the others >= 0): answerless responses
 # rank last for AUROC.
@@ -106,7 +109,7 @@ def glued_newline(tokenizer, text: str, newline: list[int]) -> list[int] | None:
 class CoVoReward(AnswerClustering):
     """Consistency and volatility of intermediate states, aggregated per answer cluster.
 
-    Knobs (paper vs released code, COVO_SPEC section 11; the defaults are the released code's):
+    Knobs (docs/covo.md, Paper vs released code; the defaults are the released code's):
     `extractor` (a key of `covo.answers.EXTRACTORS`), `colon_merge` (`pairs` | `chains`, see
     `covo.segmentation`), `aggregation` (a key of `AGGREGATIONS`), `mode` (`binary`: 1 when
     the cluster passes, see `select`; `continuous`: the value), `include_prompt_state`,
@@ -167,8 +170,8 @@ class CoVoReward(AnswerClustering):
                 raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
         if isinstance(min_states, bool) or not isinstance(min_states, int) or min_states < 1:
             raise ValueError(f"min_states must be an integer >= 1, got {min_states!r}")
-        curiosity = dict(curiosity or {})
-        form = curiosity.get("form", "released")
+        curiosity = CURIOSITY_OFF if curiosity is None else curiosity
+        form = curiosity["form"]
         if form not in CURIOSITY_FORMS:
             raise ValueError(
                 f"unknown curiosity form {form!r}; valid: {', '.join(CURIOSITY_FORMS)}"
@@ -185,7 +188,7 @@ class CoVoReward(AnswerClustering):
         self.ties_consistent = ties_consistent
         self.volatility_index = volatility_index
         self.curiosity = CURIOSITY_FORMS[form]
-        self.curiosity_weight = float(curiosity.get("weight", 0.0))
+        self.curiosity_weight = float(curiosity["weight"])
         self.template = template
         self.min_states = min_states
         self.short_penalty = short_penalty

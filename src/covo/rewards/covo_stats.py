@@ -1,6 +1,7 @@
 """CoVo statistics: distance ratios, consistency, volatility, cluster aggregation, curiosity.
 
-Pure functions over tensors and floats (COVO_SPEC sections 5-7).
+Pure functions over tensors and floats (docs/covo.md, Consistency and volatility of one
+trajectory; Aggregation per answer cluster; Curiosity bonus).
 """
 
 from __future__ import annotations

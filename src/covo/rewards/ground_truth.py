@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from covo.answers import AnswerEquivalence
+from covo.errors import DataError
 from covo.rewards.answered import AnswerClustering
 from covo.rewards.base import Group, GroupReward, Scorer
 
@@ -13,6 +14,8 @@ class GroundTruthReward(AnswerClustering):
     `scale: -1` (`reward=negated_ground_truth`) punishes correct answers: a control under which
     a learning policy must get worse.
     """
+
+    needs_labels = True
 
     def __init__(
         self,
@@ -26,7 +29,7 @@ class GroundTruthReward(AnswerClustering):
 
     def __call__(self, group: Group, scorer: Scorer | None = None) -> GroupReward:
         if group.label is None:
-            raise ValueError("GroundTruthReward needs group.label; this group has none")
+            raise DataError("GroundTruthReward needs labels: this item has no answer")
         answers, clusters, representatives = self.answers_and_clusters(group)
         correct = [float(self.equivalence.is_correct(a, group.label)) for a in answers]
         verdicts = [self.equivalence.is_correct(rep, group.label) for rep in representatives]

@@ -1,0 +1,107 @@
+"""CoVo as the reward of TRL's GRPOTrainer: SmolLM2-135M-Instruct on covo's arithmetic problems.
+
+python scripts/trl_covo.py --steps 2 [--reward covo_paper] [--prompts 2 --generations 4]
+
+The reward judges as in the default run (`conf/experiment/smollm2_arithmetic.yaml`'s reward
+keys: SmolLM2 rarely writes \\boxed{}, so the last number counts as the answer). Each step
+samples `--prompts` problems x `--generations` completions (one optimizer step per
+generation, no KL, fp32, one torch thread) and prints TRL's reward next to CoVo's components
+and diagnostics (reward/..., diag/...), as logged through TRL's `log_metric`. Needs the `trl`
+extra (`pip install -e '.[trl]'`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from covo.data.arithmetic import generate
+from covo.integrations.trl import MISSING, CovoReward, grpo_trainer
+from covo.model import load_smollm2
+
+ROOT = Path(__file__).resolve().parents[1]
+SHOWN = ("reward", "reward/", "diag/accuracy", "time/reward_s", "step_time")
+
+
+def dataset(num_problems: int, seed: int):
+    from datasets import Dataset
+
+    template = OmegaConf.load(ROOT / "conf" / "data" / "arithmetic.yaml").prompt_template
+    return Dataset.from_list(
+        [
+            {"prompt": [{"role": "user", "content": template.format(problem=p["problem"])}], **p}
+            for p in generate(num_problems, seed=seed)
+        ]
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument(
+        "--reward",
+        default="covo_last_number",
+        help="conf/reward name or a reward YAML (default: the default run's CoVo)",
+    )
+    parser.add_argument("--prompts", type=int, default=2, help="prompts per step")
+    parser.add_argument("--generations", type=int, default=4, help="completions per prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    try:
+        from transformers import TrainerCallback
+        from trl import GRPOConfig
+    except ImportError:
+        sys.exit(f"error: {MISSING}")
+    reward = CovoReward(args.reward)
+    cache = os.environ.get("COVO_CACHE_DIR", str(Path("~/.cache/covo").expanduser()))
+    loaded = load_smollm2(cache_dir=cache)
+    rows = args.prompts * args.generations
+    config = GRPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="trl-covo-"),
+        use_cpu=True,
+        bf16=False,
+        per_device_train_batch_size=rows,
+        gradient_accumulation_steps=1,
+        num_generations=args.generations,
+        max_completion_length=args.max_new_tokens,
+        temperature=1.0,
+        beta=0.0,
+        learning_rate=1e-6,
+        gradient_checkpointing=False,
+        max_steps=args.steps,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=args.seed,
+    )
+
+    class PrintRewards(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "reward" in logs:
+                shown = {k: v for k, v in logs.items() if k.startswith(SHOWN)}
+                print(
+                    f"step {state.global_step}: " + ", ".join(f"{k} {v}" for k, v in shown.items())
+                )
+
+    trainer = grpo_trainer(
+        reward,
+        model=loaded.model,
+        processing_class=loaded.tokenizer,
+        args=config,
+        train_dataset=dataset(64, args.seed),
+        callbacks=[PrintRewards()],
+    )
+    trainer.train()
+
+
+if __name__ == "__main__":
+    main()

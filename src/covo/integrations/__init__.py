@@ -1,0 +1,1 @@
+"""Covo rewards inside other trainers (TRL's GRPOTrainer: `covo.integrations.trl`)."""
