@@ -49,21 +49,12 @@ def test_splits_share_no_problem(toy_data):
     assert shared_problems(train, val) == 0
     assert shared_problems(pretraining, train + val) == 0
     # another seed draws other training problems from the same part: still none held out
-    other = generate(500, seed=7, split="train", **_settings(toy_data))
+    settings = {**toy_reasoner.data_settings()[0], "split": "train"}
+    other = generate(500, seed=7, **settings)
     assert shared_problems([i["problem"] for i in other], val + pretraining) == 0
     # without the parts, the same generator repeats held-out problems
     unsplit = generate(2000, seed=0, min_operands=3, max_operands=4, max_value=9, operators="+-")
     assert shared_problems([i["problem"] for i in unsplit], val) > 0
-
-
-def _settings(toy_data) -> dict:
-    return {
-        "min_operands": 3,
-        "max_operands": 4,
-        "max_value": 9,
-        "operators": ["+", "-"],
-        "parts": {"pretrain": 8, "train": 1, "val": 1},
-    }
 
 
 def test_generate_rejects_an_unknown_part():

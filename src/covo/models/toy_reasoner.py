@@ -10,6 +10,7 @@ share of slipped steps so that RL has headroom; the shipped weights came from th
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import random
 import time
@@ -235,10 +236,11 @@ def heldout(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Pretrain the toy reasoner (one thread).")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=PACKAGED)
-    parser.add_argument("--steps", type=int, default=500)
-    parser.add_argument("--slip-rate", type=float, default=0.15)
+    defaults = inspect.signature(pretrain).parameters
+    parser.add_argument("--seed", type=int, default=defaults["seed"].default)
+    parser.add_argument("--out", type=Path, required=True, help="the folder to write")
+    parser.add_argument("--steps", type=int, default=defaults["steps"].default)
+    parser.add_argument("--slip-rate", type=float, default=defaults["slip_rate"].default)
     parser.add_argument("--save-every", type=int, default=0, help="also keep every N steps")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
