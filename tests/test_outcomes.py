@@ -200,10 +200,12 @@ def test_a_resumed_study_trains_only_unfinished_runs(tmp_path, stub_training, ca
     assert second["paired"]["ground_truth"]["majority"]["gain_end"]["value"] == pytest.approx(0)
     assert json.loads((tmp_path / "outcomes.json").read_text())["rewards"]["majority"]["runs"] == 2
     assert (tmp_path / "learning_curves.png").stat().st_size > 0
-    # a third call trains nothing
+    # a third call trains nothing; launch=false only aggregates, even with runs unfinished
     launched.clear()
     outcomes(study_cfg(tmp_path))
     assert launched == []
+    partial = outcomes(study_cfg(tmp_path, "seeds=3", "launch=false"))
+    assert launched == [] and len(partial["per_run"]) == 4
 
 
 def test_the_alarm_step_counts_optimizer_steps_not_rollouts():

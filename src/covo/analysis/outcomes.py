@@ -223,7 +223,7 @@ def outcomes(cfg: DictConfig) -> dict:
     """Train what is not finished, then aggregate, write and print the results."""
     names, seeds = check(cfg)
     study_dir = Path(cfg.paths.output_dir)
-    failed = run_all(cfg, names, seeds, study_dir)
+    failed = run_all(cfg, names, seeds, study_dir) if cfg.launch else []
     runs = finished_runs(names, seeds, study_dir)
     if not runs:
         raise RuntimeError(f"no run finished; see the train.log files under {study_dir}/runs")
