@@ -145,8 +145,8 @@ def held(module) -> dict[str, int]:
 
 
 def child(variant: str, steps: int, overrides: list[str]) -> None:
-    from covo import distributed as dist
-    from covo.train import build
+    from covo.infra import distributed as dist
+    from covo.infra.train import build
 
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose(

@@ -15,9 +15,9 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import Strategy
 from omegaconf import OmegaConf
 
-from covo.model import LoadedModel, build_tiny
-from covo.settings import check_train
-from covo.train import resolve_auto
+from covo.infra.settings import check_train
+from covo.infra.train import resolve_auto
+from covo.models.loading import LoadedModel, build_tiny
 
 GROUPS = [
     "model",
@@ -203,7 +203,7 @@ def test_a_picked_option_keeps_its_own_values(group, option, tmp_path):
 
 def test_the_default_run_and_the_choices_that_follow_the_model(tmp_path):
     default = compose_config("train", [], tmp_path)
-    assert default.model._target_ == "covo.model.load_smollm2"
+    assert default.model._target_ == "covo.models.loading.load_smollm2"
     assert default.reward._target_ == "covo.rewards.covo.CoVoReward"
     assert default.reward.extractor == "boxed_or_last_number"  # SmolLM2 rarely boxes
     assert default.model.hold_graphs is True

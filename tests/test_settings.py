@@ -9,8 +9,8 @@ import sys
 import pytest
 from conftest import ROOT, compose_config
 
-from covo.settings import check_eval, check_score, check_train
-from covo.train import resolve_auto
+from covo.infra.settings import check_eval, check_score, check_train
+from covo.infra.train import resolve_auto
 
 
 def train_cfg(tmp_path, *overrides):
@@ -135,7 +135,7 @@ def test_released_recipe_trains_fp32_master_weights_with_bf16_compute(tmp_path):
     assert cfg.model.master_dtype == "float32"
     assert cfg.model.dtype == "bfloat16"
     assert cfg.trainer.precision == "bf16-mixed"
-    assert cfg.strategy._target_ == "covo.strategies.fsdp"
+    assert cfg.strategy._target_ == "covo.infra.strategies.fsdp"
 
 
 def test_eval_and_score_settings(tmp_path):

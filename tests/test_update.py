@@ -12,8 +12,8 @@ import torch
 from test_train import scalars
 
 import covo.module
-from covo.train import build, train
-from covo.update import UpdatePlan, plan_epochs
+from covo.algorithms.update import UpdatePlan, plan_epochs
+from covo.infra.train import build, train
 
 
 def test_plan_epochs_cuts_rows_into_steps_and_stops_at_the_budget():
@@ -372,7 +372,7 @@ def test_held_forwards_share_one_cast_of_each_weight_under_autocast():
     """Lightning's autocast caches no casts: each held graph would keep a bf16 copy of every
     weight. Inside shared_weight_casts two forwards keep one copy, compute the same numbers,
     and a weight changed after the block is cast anew."""
-    from covo.model import build_tiny
+    from covo.models.loading import build_tiny
     from covo.module import shared_weight_casts
 
     model = build_tiny(seed=0).model

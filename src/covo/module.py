@@ -15,18 +15,29 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from omegaconf import DictConfig
 from torchmetrics import MaxMetric, MeanMetric
 
-from covo import distributed as dist
-from covo import lora
-from covo.advantages import filter_groups
+from covo.algorithms.advantages import filter_groups
+from covo.algorithms.losses import (
+    kl_estimate,
+    kl_loss,
+    loss_count,
+    loss_weights,
+    masked_mean,
+    policy_loss,
+)
+from covo.algorithms.update import UpdatePlan, crossed, old_logprobs_source, plan_epochs
+from covo.analysis.plots import distance_curve_figure, figure_to_array
 from covo.answers import AnswerEquivalence, get_extractor
-from covo.diagnostics import consistency_volatility_values, distance_curves
-from covo.errors import DataError
-from covo.losses import kl_estimate, kl_loss, loss_count, loss_weights, masked_mean, policy_loss
-from covo.model import LoadedModel, torch_dtype
-from covo.plots import distance_curve_figure, figure_to_array
-from covo.resume import all_rng_states, set_rng_state
+from covo.infra import distributed as dist
+from covo.infra.errors import DataError
+from covo.infra.resume import all_rng_states, set_rng_state
+from covo.infra.settings import PRECISION_COMPUTE
+from covo.metrics.diagnostics import consistency_volatility_values, distance_curves
+from covo.metrics.step import reward_metrics, rollout_metrics, sample_table
+from covo.models import lora
+from covo.models.loading import LoadedModel, torch_dtype
 from covo.rewards.base import GroupReward, Reward, label_for
-from covo.rollout import (
+from covo.rewards.covo.scorer import PrefixSharedScorer
+from covo.rollout.sampling import (
     Rollout,
     build_rollout,
     eos_token_ids,
@@ -35,11 +46,7 @@ from covo.rollout import (
     response_token_stats,
     sample,
 )
-from covo.scoring import PrefixSharedScorer
-from covo.settings import PRECISION_COMPUTE
-from covo.step_metrics import reward_metrics, rollout_metrics, sample_table
-from covo.update import UpdatePlan, crossed, old_logprobs_source, plan_epochs
-from covo.views import sample_views, training_rows
+from covo.rollout.views import sample_views, training_rows
 
 log = logging.getLogger(__name__)
 
@@ -371,8 +378,8 @@ class SelfRewardRL(L.LightningModule):
 
         Every rank runs the same number of backward passes (gradients are all-reduced in each);
         a rank with fewer kept responses runs zero-weighted passes. Each step's loss is
-        `algorithm.loss_agg` over its mini-batch (`covo.losses`); statistics are token means
-        over every micro-batch of every epoch.
+        `algorithm.loss_agg` over its mini-batch (`covo.algorithms.losses`); statistics are token
+        means over every micro-batch of every epoch.
         """
         if not plan.epochs:
             return {}

@@ -12,14 +12,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from covo.errors import DataError, SettingError
 from covo.eval.grading import ChoiceGrader, MathGrader
 from covo.eval.metrics import item_metrics, mean_metrics
 from covo.eval.results import RESULTS_FILE, markdown_table, write_json, write_tensorboard
-from covo.lora import adapter_state, is_lora
-from covo.model import LoadedModel
-from covo.rollout import eos_token_ids, format_prompts, response_mask_from, sample
-from covo.settings import check_eval
+from covo.infra.errors import DataError, SettingError
+from covo.infra.settings import check_eval
+from covo.models.loading import LoadedModel
+from covo.models.lora import adapter_state, is_lora
+from covo.rollout.sampling import eos_token_ids, format_prompts, response_mask_from, sample
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from covo import distributed as dist
+from covo.infra import distributed as dist
 
 
 def rng_state() -> dict:

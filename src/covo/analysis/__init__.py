@@ -1,0 +1,1 @@
+"""Analysis beside training: the score, study and report commands, intervals and plots."""

@@ -1,0 +1,1 @@
+"""Model loading (offline GGUF checkpoints, Hugging Face, tiny random), LoRA adapters and export."""
