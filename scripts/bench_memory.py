@@ -86,7 +86,7 @@ class MemoryProbe(L.Callback):
         """Wrap where the training forwards run: the micro-batch loss, and the forwards that
         run ahead of it with their graphs held."""
         for name in ("micro_batch_loss", "forward_ahead"):
-            setattr(module, name, self.counted(module, getattr(module, name)))
+            setattr(module.updater, name, self.counted(module, getattr(module.updater, name)))
 
     def counted(self, module, forward):
         """`forward`, with the bytes its saved tensors take recorded."""

@@ -204,7 +204,7 @@ def test_a_picked_option_keeps_its_own_values(group, option, tmp_path):
 def test_the_default_run_and_the_choices_that_follow_the_model(tmp_path):
     default = compose_config("train", [], tmp_path)
     assert default.model._target_ == "covo.models.loading.load_smollm2"
-    assert default.reward._target_ == "covo.rewards.covo.CoVoReward"
+    assert default.reward._target_ == "covo.rewards.covo.reward.CoVoReward"
     assert default.reward.extractor == "boxed_or_last_number"  # SmolLM2 rarely boxes
     assert default.model.hold_graphs is True
     assert default.val_extractor == "boxed_or_last_number"
@@ -254,5 +254,5 @@ def test_every_key_the_code_reads_is_in_the_other_yamls(tmp_path):
         assert "problem_key" in OmegaConf.load(path), path.stem
     for option in options("reward"):
         values = own_values("reward", option)
-        if values["_target_"] == "covo.rewards.covo.CoVoReward":
+        if values["_target_"] == "covo.rewards.covo.reward.CoVoReward":
             assert set(values["curiosity"]) == {"form", "weight"}, option

@@ -66,6 +66,19 @@ def resolve_device(name: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def greedy_responses(
+    model, tokenizer, prompts: list[str], chat_template: bool, max_new_tokens: int
+) -> tuple[list[str], torch.Tensor]:
+    """One greedy response per prompt (the validation pass@1 during training): the decoded
+    texts and each response's length in tokens [B]."""
+    chat = format_prompts(tokenizer, prompts, chat_template)
+    responses = sample(
+        model, tokenizer, chat, 1, max_new_tokens, temperature=0.0, with_stats=False
+    ).responses
+    lengths = response_mask_from(responses, eos_token_ids(model, tokenizer)).sum(1)
+    return tokenizer.batch_decode(responses, skip_special_tokens=True), lengths
+
+
 def sample_responses(
     loaded: LoadedModel, prompts: list[str], cfg: DictConfig, desc: str
 ) -> tuple[list[list[str]], list[list[bool]]]:
