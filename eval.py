@@ -3,8 +3,8 @@
 import hydra
 from omegaconf import DictConfig
 
-from covo.errors import exit_on_user_error
 from covo.eval import evaluate
+from covo.infra.errors import exit_on_user_error
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")

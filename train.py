@@ -5,8 +5,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from covo.errors import exit_on_missing_launcher, exit_on_user_error
-from covo.train import optimized_value, train
+from covo.infra.errors import exit_on_missing_launcher, exit_on_user_error
+from covo.infra.train import optimized_value, train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache, LogitsProcessorList, StaticCache
 
-from covo.engine import SamplingStatistics
-from covo.model import QWEN_CODER_05B, SMOLLM2, load_packaged
-from covo.rollout import encode_prompts, format_prompts
+from covo.models.loading import QWEN_CODER_05B, SMOLLM2, load_packaged
+from covo.rollout.engine import SamplingStatistics
+from covo.rollout.sampling import encode_prompts, format_prompts
 
 PACKAGED = {"smollm2": SMOLLM2, "qwen_coder_05b": QWEN_CODER_05B}
 

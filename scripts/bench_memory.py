@@ -86,7 +86,7 @@ class MemoryProbe(L.Callback):
         """Wrap where the training forwards run: the micro-batch loss, and the forwards that
         run ahead of it with their graphs held."""
         for name in ("micro_batch_loss", "forward_ahead"):
-            setattr(module, name, self.counted(module, getattr(module, name)))
+            setattr(module.updater, name, self.counted(module, getattr(module.updater, name)))
 
     def counted(self, module, forward):
         """`forward`, with the bytes its saved tensors take recorded."""
@@ -145,8 +145,8 @@ def held(module) -> dict[str, int]:
 
 
 def child(variant: str, steps: int, overrides: list[str]) -> None:
-    from covo import distributed as dist
-    from covo.train import build
+    from covo.infra import distributed as dist
+    from covo.infra.train import build
 
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose(

@@ -1,7 +1,7 @@
 """fp32 against bf16 on this machine: one forward of the default model, side by side.
 
 python scripts/bench_precision.py [--batch 4] [--tokens 128] [--threads N] [--repeats 2]
-Decides nothing by itself: `precision: auto` reads the CPU flags (covo.hardware); this prints
+Decides nothing by itself: `precision: auto` reads the CPU flags (covo.infra.hardware); this prints
 what those flags mean here.
 """
 
@@ -14,8 +14,8 @@ from contextlib import nullcontext
 
 import torch
 
-from covo.hardware import cpu_has_native_bf16
-from covo.model import load_smollm2
+from covo.infra.hardware import cpu_has_native_bf16
+from covo.models.loading import load_smollm2
 
 
 def timed_forward(model, x, autocast: bool) -> float:

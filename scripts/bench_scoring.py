@@ -21,9 +21,9 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from covo.context_cache import split_cache
-from covo.model import build_tiny
-from covo.scoring import NaiveScorer, PrefixSharedScorer
+from covo.models.loading import build_tiny
+from covo.rewards.covo.scorer import NaiveScorer, PrefixSharedScorer
+from covo.rollout.context_cache import split_cache
 
 TEMPLATE = "The answer is: \\boxed{"
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}

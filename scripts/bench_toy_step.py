@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from covo.callbacks.step_timer import StepTimer
-from covo.train import build
+from covo.infra.train import build
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 PHASES = ["time/rollout_s", "time/reward_s", "time/update_s"]

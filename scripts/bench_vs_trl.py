@@ -104,10 +104,10 @@ def child_ours(
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
-    import covo.rollout as rollout_module
-    from covo.train import build
+    import covo.rollout.sampling as rollout_module
+    from covo.infra.train import build
 
-    conf = Path(rollout_module.__file__).resolve().parents[2] / "conf"
+    conf = Path(rollout_module.__file__).resolve().parents[3] / "conf"
     if data is None:
         overrides = [*QUIET, "threads=1", f"trainer.max_steps={steps}"]
     else:
@@ -165,7 +165,7 @@ def time_generation(rollout_module, timed: dict) -> None:
         return wrapped
 
     try:
-        import covo.engine as engine
+        import covo.rollout.engine as engine
 
         engine.HFGenerate.__call__ = timer(engine.HFGenerate.__call__, "generate_s")
         stats = engine.SamplingStatistics
@@ -187,7 +187,7 @@ def child_trl(
         sys.exit("TRL is not installed: pip install -e .[bench]")
     from covo.answers import AnswerEquivalence, get_extractor
     from covo.integrations.trl import CovoReward, grpo_trainer
-    from covo.model import load_smollm2
+    from covo.models.loading import load_smollm2
 
     loaded = load_smollm2(cache_dir=str(Path("~/.cache/covo").expanduser()))
     items = [json.loads(line) for line in data.read_text().splitlines()]
@@ -262,7 +262,7 @@ def child_floor(data: Path, steps: int) -> dict:
     micro-batch of the same tokens (the log-probs of the sampled tokens), nothing else."""
     import torch
 
-    from covo.model import load_smollm2
+    from covo.models.loading import load_smollm2
 
     loaded = load_smollm2(cache_dir=str(Path("~/.cache/covo").expanduser()))
     model, tok = loaded.model, loaded.tokenizer

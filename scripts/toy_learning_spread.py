@@ -2,7 +2,7 @@
 
     taskset -c 0 python scripts/toy_learning_spread.py --seeds 0 1 2 3 4 [Hydra overrides]
 
-Runs what tests/test_learning.py runs (`covo.train.train` on `experiment=toy_reasoner_learns`,
+Runs what tests/test_learning.py runs (`covo.infra.train.train` on `experiment=toy_reasoner_learns`,
 40 steps, no validation, logger or checkpoints) with `seed=<s>` for reward=ground_truth and
 reward=negated_ground_truth, and prints the base and every run's T=1 accuracy over the 64
 held-out problems (8 samples each), then the mean, min and max change per reward.
@@ -21,8 +21,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
+from covo.infra.train import train
 from covo.models import toy_reasoner
-from covo.train import train
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 SHORT_RUN = [  # tests/test_learning.py's

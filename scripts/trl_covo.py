@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 
 from covo.data.arithmetic import generate
 from covo.integrations.trl import MISSING, CovoReward, grpo_trainer
-from covo.model import load_smollm2
+from covo.models.loading import load_smollm2
 
 ROOT = Path(__file__).resolve().parents[1]
 SHOWN = ("reward", "reward/", "diag/accuracy", "time/reward_s", "step_time")

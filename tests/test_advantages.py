@@ -7,7 +7,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from covo.advantages import (
+from covo.algorithms.advantages import (
     filter_groups,
     grpo,
     masked_whiten,
@@ -15,7 +15,7 @@ from covo.advantages import (
     reinforce_returns,
     rloo,
 )
-from covo.losses import KL_ESTIMATORS
+from covo.algorithms.losses import KL_ESTIMATORS
 
 torch.set_num_threads(1)
 

@@ -11,13 +11,13 @@ from conftest import ConstantOnRollouts
 from omegaconf import open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from covo.callbacks.collapse import CollapseDetector, slope
 from covo.callbacks.collapse_guard import CollapseGuard
-from covo.collapse import CollapseDetector, slope
 from covo.eval.harness import load_policy_checkpoint
-from covo.model import build_tiny
+from covo.infra.train import build
+from covo.metrics.step import answer_metrics
+from covo.models.loading import build_tiny
 from covo.rewards.base import GroupReward
-from covo.step_metrics import answer_metrics
-from covo.train import build
 
 RULES = {"top_answer_share": {"above": 0.95}, "token_entropy": {"drop": 0.5}, "kl": {"above": 1.0}}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from covo.collapse import CollapseDetector, Rule, parse_rules
+from covo.callbacks.collapse import CollapseDetector, Rule, parse_rules
 
 # the default rules plus KL far from the reference on its own
 RULES = {

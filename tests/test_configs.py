@@ -15,9 +15,9 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import Strategy
 from omegaconf import OmegaConf
 
-from covo.model import LoadedModel, build_tiny
-from covo.settings import check_train
-from covo.train import resolve_auto
+from covo.infra.settings import check_train
+from covo.infra.train import resolve_auto
+from covo.models.loading import LoadedModel, build_tiny
 
 GROUPS = [
     "model",
@@ -205,8 +205,8 @@ def test_a_picked_option_keeps_its_own_values(group, option, tmp_path):
 
 def test_the_default_run_and_the_choices_that_follow_the_model(tmp_path):
     default = compose_config("train", [], tmp_path)
-    assert default.model._target_ == "covo.model.load_smollm2"
-    assert default.reward._target_ == "covo.rewards.covo.CoVoReward"
+    assert default.model._target_ == "covo.models.loading.load_smollm2"
+    assert default.reward._target_ == "covo.rewards.covo.reward.CoVoReward"
     assert default.reward.extractor == "boxed_or_last_number"  # SmolLM2 rarely boxes
     assert default.model.hold_graphs is True
     assert default.val_extractor == "boxed_or_last_number"
@@ -256,5 +256,5 @@ def test_every_key_the_code_reads_is_in_the_other_yamls(tmp_path):
         assert "problem_key" in OmegaConf.load(path), path.stem
     for option in options("reward"):
         values = own_values("reward", option)
-        if values["_target_"] == "covo.rewards.covo.CoVoReward":
+        if values["_target_"] == "covo.rewards.covo.reward.CoVoReward":
             assert set(values["curiosity"]) == {"form", "weight"}, option

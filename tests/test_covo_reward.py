@@ -12,10 +12,10 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from covo.rewards.base import Group
-from covo.rewards.covo import NO_ANSWER_SCORE, CoVoReward, build_branches
-from covo.rewards.covo_select import pass_threshold, pass_top1
-from covo.rewards.covo_stats import CURIOSITY_FORMS
-from covo.scoring import NaiveScorer
+from covo.rewards.covo.reward import NO_ANSWER_SCORE, CoVoReward, build_branches
+from covo.rewards.covo.scorer import NaiveScorer
+from covo.rewards.covo.select import pass_threshold, pass_top1
+from covo.rewards.covo.stats import CURIOSITY_FORMS
 
 torch.set_num_threads(1)
 CONF = Path(__file__).resolve().parents[1] / "conf"

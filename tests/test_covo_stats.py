@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from covo.rewards.covo_stats import (
+from covo.rewards.covo.stats import (
     AGGREGATIONS,
     CURIOSITY_FORMS,
     aggregate_consistency,

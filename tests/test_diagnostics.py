@@ -7,7 +7,7 @@ import torch
 from torchmetrics.functional.classification import binary_auroc
 
 from covo.answers import AnswerEquivalence, cluster_answers
-from covo.diagnostics import (
+from covo.metrics.diagnostics import (
     auroc,
     consistency_volatility_values,
     distance_curves,

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
-from covo import distributed as dist
+from covo.infra import distributed as dist
 
 METRICS = [{"a": 1.0, "b": 2.0}, {"a": 3.0, "c": 5.0}]
 
@@ -50,7 +50,7 @@ def test_single_process_is_the_identity():
 
 
 def test_building_a_replica_draws_nothing_from_the_sampling_generator():
-    from covo.model import build_tiny
+    from covo.models.loading import build_tiny
 
     policy = build_tiny().model
     state = torch.get_rng_state()

@@ -13,10 +13,10 @@ import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
-from covo import distributed as dist
-from covo.losses import loss_count, loss_weights, policy_loss
-from covo.model import build_tiny
-from covo.rollout import response_token_stats
+from covo.algorithms.losses import loss_count, loss_weights, policy_loss
+from covo.infra import distributed as dist
+from covo.models.loading import build_tiny
+from covo.rollout.sampling import response_token_stats
 
 pytestmark = pytest.mark.slow
 RESPONSE = 6

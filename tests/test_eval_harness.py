@@ -13,8 +13,8 @@ from covo.eval import evaluate
 from covo.eval.grading import ChoiceGrader, MathGrader
 from covo.eval.harness import grade, load_policy_checkpoint, totals_of
 from covo.eval.results import RESULTS_FILE
-from covo.model import build_tiny
-from covo.settings import check_eval
+from covo.infra.settings import check_eval
+from covo.models.loading import build_tiny
 
 # problems of decreasing length, so batching by length reorders them
 MATH_ROWS = [

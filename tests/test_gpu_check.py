@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import ROOT, compose_config
 
-from covo.settings import check_train
-from covo.train import resolve_auto
+from covo.infra.settings import check_train
+from covo.infra.train import resolve_auto
 
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -59,7 +59,7 @@ def test_the_dry_run_commands_compose_valid_runs(tmp_path):
         resolve_auto(cfg)
         check_train(cfg)  # every setting valid, as the run would check it
         assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
-    assert cfg.strategy._target_ == "covo.strategies.fsdp" and cfg.trainer.devices == 1
+    assert cfg.strategy._target_ == "covo.infra.strategies.fsdp" and cfg.trainer.devices == 1
     # bench_memory composes the default variant's short run with the overrides after its own
     assert memory[1] == "scripts/bench_memory.py"
     overrides = memory[memory.index("--json") + 2 :]

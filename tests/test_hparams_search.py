@@ -12,8 +12,8 @@ from conftest import ROOT, TINY_RUN
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from covo.errors import exit_on_missing_launcher
-from covo.train import optimized_value
+from covo.infra.errors import exit_on_missing_launcher
+from covo.infra.train import optimized_value
 
 pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="the `optuna` extra")
 

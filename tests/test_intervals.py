@@ -7,8 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from covo.diagnostics import auroc
-from covo.intervals import (
+from covo.analysis.intervals import (
     difference,
     estimate,
     percentile_interval,
@@ -19,6 +18,7 @@ from covo.intervals import (
     seed_interval,
     t_quantile,
 )
+from covo.metrics.diagnostics import auroc
 
 
 def test_resample_counts_draw_m_items_per_row_reproducibly():

@@ -17,12 +17,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.distributed.checkpoint import FileSystemReader
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from covo import distributed as dist
 from covo.eval.harness import load_policy_checkpoint
-from covo.lora import MissingExtraError, add_adapters, base_of, is_lora, merged_state
-from covo.model import build_tiny
-from covo.settings import check_train
-from covo.train import build, resolve_auto, train
+from covo.infra import distributed as dist
+from covo.infra.settings import check_train
+from covo.infra.train import build, resolve_auto, train
+from covo.models.loading import build_tiny
+from covo.models.lora import MissingExtraError, add_adapters, base_of, is_lora, merged_state
 
 peft = pytest.importorskip("peft", reason="the `lora` extra")
 

@@ -5,7 +5,14 @@ import math
 import pytest
 import torch
 
-from covo.losses import kl_estimate, kl_loss, loss_count, loss_weights, masked_mean, policy_loss
+from covo.algorithms.losses import (
+    kl_estimate,
+    kl_loss,
+    loss_count,
+    loss_weights,
+    masked_mean,
+    policy_loss,
+)
 
 torch.set_num_threads(1)
 

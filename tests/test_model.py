@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from covo.model import (
+from covo.models.loading import (
     QWEN_CODER_05B,
     ModelLoadError,
     PackagedGGUF,
@@ -19,7 +19,7 @@ from covo.model import (
     load_qwen_coder_05b,
     packaged_parts,
 )
-from covo.rollout import format_prompts, sample
+from covo.rollout.sampling import format_prompts, sample
 
 FILES = Path(importlib.util.find_spec("covo").submodule_search_locations[0]) / "data" / "files"
 # two files of the covo package itself stand in for the parts of a split GGUF

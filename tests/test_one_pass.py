@@ -8,9 +8,14 @@ import logging
 import pytest
 import torch
 
-from covo.engine import HFGenerate
-from covo.model import build_tiny
-from covo.rollout import batched_token_stats, build_rollout, chosen_logprobs, format_prompts
+from covo.models.loading import build_tiny
+from covo.rollout.engine import HFGenerate
+from covo.rollout.sampling import (
+    batched_token_stats,
+    build_rollout,
+    chosen_logprobs,
+    format_prompts,
+)
 
 PROMPTS = ["What is 2 + 2?", "Compute 17 * 3 - 5 and give the result as a number."]
 STATS = ("logprobs", "entropy", "self_certainty")
@@ -130,7 +135,7 @@ def test_static_engine_falls_back_with_one_line(caplog, monkeypatch):
 
     monkeypatch.setattr(loaded.model, "generate", no_static)
     engine = HFGenerate(cache="static", compile=True)
-    with caplog.at_level(logging.WARNING, logger="covo.engine"):
+    with caplog.at_level(logging.WARNING, logger="covo.rollout.engine"):
         got = sample(loaded, 1.0, True, engine=engine, seed=2)
         again = sample(loaded, 1.0, True, engine=engine, seed=2)
     want = sample(loaded, 1.0, True, seed=2)

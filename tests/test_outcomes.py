@@ -29,7 +29,7 @@ from covo.analysis.outcome_metrics import (
 from covo.analysis.outcomes import first_alarm, outcomes, policy_steps
 from covo.answers import AnswerEquivalence, get_extractor
 from covo.callbacks.heldout_eval import HeldoutEval, heldout_metrics, read_records
-from covo.errors import exit_on_user_error
+from covo.infra.errors import exit_on_user_error
 
 
 def curve(*points: tuple[int, float, float, float]) -> list[dict]:

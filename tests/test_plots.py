@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 
-from covo.plots import distance_curve_figure, figure_to_array, save_figure
+from covo.analysis.plots import distance_curve_figure, figure_to_array, save_figure
 
 CURVES = {
     "bin_centers": [0.125, 0.375, 0.625, 0.875],

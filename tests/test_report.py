@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
+from covo.analysis.report import main, read_scalars, summary_table
 from covo.eval.results import markdown_table, write_json
-from covo.report import main, read_scalars, summary_table
 
 SCALARS = {
     "reward/mean": [0.1, 0.5, 0.3],

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from covo.data.sampler import EpochBatches
-from covo.resume import AtomicCheckpointIO, rng_state, seed_rank, set_rng_state
-from covo.train import build
+from covo.infra.resume import AtomicCheckpointIO, rng_state, seed_rank, set_rng_state
+from covo.infra.train import build
 
 
 def batches(sampler, n):
@@ -71,7 +71,7 @@ def test_rank_seeds_differ_and_generator_states_round_trip():
 
 SLOW_WRITER = """
 import sys, time, torch
-from covo.resume import AtomicCheckpointIO
+from covo.infra.resume import AtomicCheckpointIO
 
 real_save = torch.save
 

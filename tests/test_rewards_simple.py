@@ -9,15 +9,15 @@ from conftest import PeekingMajority, compose_config
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from covo import score
+from covo.analysis import score
 from covo.answers import AnswerEquivalence
-from covo.model import build_tiny
+from covo.models.loading import build_tiny
 from covo.rewards.base import Group, LabelWithheldError, Withheld, label_for
 from covo.rewards.certainty import EntropyReward, SelfCertaintyReward
+from covo.rewards.covo.scorer import PrefixSharedScorer
 from covo.rewards.ground_truth import GroundTruthReward
 from covo.rewards.majority import MajorityReward
-from covo.scoring import PrefixSharedScorer
-from covo.views import declared_views, view_prompts
+from covo.rollout.views import declared_views, view_prompts
 
 torch.set_num_threads(1)
 REWARD_CONF = Path(__file__).resolve().parents[1] / "conf" / "reward"

@@ -6,10 +6,10 @@ import random
 
 import torch
 
-from covo.engine import Generation
-from covo.model import build_tiny
-from covo.rollout import build_rollout, format_prompts
-from covo.scoring import NaiveScorer, PrefixSharedScorer
+from covo.models.loading import build_tiny
+from covo.rewards.covo.scorer import NaiveScorer, PrefixSharedScorer
+from covo.rollout.engine import Generation
+from covo.rollout.sampling import build_rollout, format_prompts
 
 
 def tiny_rollout(keep_cache: bool, attn: str = "sdpa"):

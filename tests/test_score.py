@@ -15,11 +15,11 @@ import torch
 from conftest import compose_config
 from hydra.utils import instantiate
 
+from covo.analysis.score import score
 from covo.data.jsonl import DataError
-from covo.errors import exit_on_user_error
+from covo.infra.errors import exit_on_user_error
 from covo.rewards.base import Group
-from covo.score import score
-from covo.scoring import NaiveScorer, PrefixSharedScorer
+from covo.rewards.covo.scorer import NaiveScorer, PrefixSharedScorer
 
 torch.set_num_threads(1)
 BASE = ["model=tiny", "device=cpu", "threads=1"]

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from covo.context_cache import ContextCache, split_cache
-from covo.scoring import NaiveScorer, PrefixSharedScorer, pack_trie, trie_size
+from covo.rewards.covo.scorer import NaiveScorer, PrefixSharedScorer, pack_trie, trie_size
+from covo.rollout.context_cache import ContextCache, split_cache
 
 torch.set_num_threads(1)
 VOCAB = 97

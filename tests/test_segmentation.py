@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import random
 
-from covo.segmentation import states, step_ends
+from covo.rewards.covo.segmentation import states, step_ends
 
 
 def _tokens(*lines: str) -> list[str]:

@@ -1,17 +1,17 @@
-"""Self-Harmony's pseudo-label, and the prompt views a reward declares (covo.views)."""
+"""Self-Harmony's pseudo-label, and the prompt views a reward declares (covo.rollout.views)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from covo.model import build_tiny
+from covo.infra.train import build
+from covo.models.loading import build_tiny
 from covo.rewards.base import Group, GroupReward
 from covo.rewards.harmony import SelfHarmonyReward, harmonic_pseudo_label
 from covo.rewards.majority import MajorityReward
-from covo.rollout import build_rollout, format_prompts, response_token_stats
-from covo.train import build
-from covo.views import check_views, concat_rollouts, training_rows, view_prompts
+from covo.rollout.sampling import build_rollout, format_prompts, response_token_stats
+from covo.rollout.views import check_views, concat_rollouts, training_rows, view_prompts
 
 torch.set_num_threads(1)
 

@@ -8,9 +8,18 @@ import sys
 
 import pytest
 from conftest import ROOT, compose_config
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
-from covo.settings import check_eval, check_score, check_train
-from covo.train import resolve_auto
+from covo.infra.settings import (
+    EVAL_RULES,
+    SCORE_RULES,
+    TRAIN_RULES,
+    check_eval,
+    check_score,
+    check_train,
+)
+from covo.infra.train import resolve_auto
 
 
 def train_cfg(tmp_path, *overrides):
@@ -135,7 +144,7 @@ def test_released_recipe_trains_fp32_master_weights_with_bf16_compute(tmp_path):
     assert cfg.model.master_dtype == "float32"
     assert cfg.model.dtype == "bfloat16"
     assert cfg.trainer.precision == "bf16-mixed"
-    assert cfg.strategy._target_ == "covo.strategies.fsdp"
+    assert cfg.strategy._target_ == "covo.infra.strategies.fsdp"
 
 
 def test_eval_and_score_settings(tmp_path):
@@ -165,3 +174,48 @@ def test_the_command_line_prints_one_line_and_exits_2_before_loading(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: rollout.top_p=1.5: expected a number in (0, 1]"
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def config_keys(node, prefix: str = "") -> set[str]:
+    """Every dotted key of a config (a plain container), interior nodes included."""
+    keys = set()
+    for key, value in node.items():
+        keys.add(f"{prefix}{key}")
+        if isinstance(value, dict):
+            keys |= config_keys(value, f"{prefix}{key}.")
+    return keys
+
+
+def option_keys(name: str, groups: tuple[str, ...]) -> set[str]:
+    """The keys of `name`.yaml composed with its defaults and with every option of `groups`
+    (a rule may name a knob only some options have: the reward's `threshold`)."""
+    overrides = [[]] + [
+        [f"{group}={option.stem}"]
+        for group in groups
+        for option in sorted((ROOT / "conf" / group).glob("*.yaml"))
+    ]
+    keys = set()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        for override in overrides:
+            cfg = compose(name, overrides=override)
+            keys |= config_keys(OmegaConf.to_container(cfg, resolve=False))
+    return keys
+
+
+# knobs no YAML holds: a `+key=value` override adds them (the default is the function's)
+ADDED_ONLY = {"algorithm.advantage.eps"}
+
+
+@pytest.mark.parametrize(
+    ("name", "rules", "groups"),
+    [
+        ("train", TRAIN_RULES, ("reward", "algorithm", "optimizer", "scheduler", "model", "data")),
+        ("eval", EVAL_RULES, ("model",)),
+        ("score", SCORE_RULES, ("reward",)),
+    ],
+)
+def test_every_rule_names_a_key_the_configs_have(name, rules, groups):
+    """A rule whose key no config has is skipped silently: renaming a YAML key would drop
+    its check. Each rule's key is in the composed config or in one option of its group."""
+    keys = option_keys(name, groups) | ADDED_ONLY
+    assert [key for key, _, _ in rules if key not in keys] == []

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from covo.answers import AnswerEquivalence
-from covo.rewards.base import GroupReward
-from covo.states_diagnostics import (
+from covo.metrics.states import (
     bucket_of,
     labelled_counts,
     pool,
@@ -17,7 +16,8 @@ from covo.states_diagnostics import (
     state_metrics,
     states_table,
 )
-from covo.step_metrics import reward_metrics
+from covo.metrics.step import reward_metrics
+from covo.rewards.base import GroupReward
 
 EQ = AnswerEquivalence()
 NAN = math.nan

@@ -12,10 +12,10 @@ from conftest import compose_config
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-import covo.study_samples
+import covo.analysis.study_samples
+from covo.analysis.study import PLOT_FILE, RESULTS_FILE, study
+from covo.analysis.study_samples import load_or_sample
 from covo.data.jsonl import DataError
-from covo.study import PLOT_FILE, RESULTS_FILE, study
-from covo.study_samples import load_or_sample
 
 torch.set_num_threads(1)
 TINY = [
@@ -77,7 +77,7 @@ def test_tiny_study_end_to_end_and_rescored_from_its_cache(tmp_path, monkeypatch
     def no_sampling(*args, **kwargs):
         raise AssertionError("the cached samples should have been read")
 
-    monkeypatch.setattr(covo.study_samples, "sample", no_sampling)
+    monkeypatch.setattr(covo.analysis.study_samples, "sample", no_sampling)
     again = study(config(tmp_path, "rewards=[covo,majority,entropy]", out=tmp_path / "again"))
     assert again["samples"] == first["samples"]
     assert (tmp_path / "again" / RESULTS_FILE).exists()

@@ -12,8 +12,8 @@ from omegaconf import open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM
 
+from covo.infra.train import build, train, write_config
 from covo.rewards.base import LabelWithheldError
-from covo.train import build, train, write_config
 
 STEP_TAGS = [
     "reward/mean",

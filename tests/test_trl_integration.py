@@ -20,18 +20,18 @@ pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402  (installed with trl)
 from trl import GRPOConfig  # noqa: E402
 
+from covo.analysis.score import make_group, score  # noqa: E402
 from covo.integrations.trl import (  # noqa: E402
     GROUP_KEYS,
     CovoReward,
     check_whole_groups,
     grpo_trainer,
 )
-from covo.lora import MissingExtraError, merged_state  # noqa: E402
-from covo.model import LoadedModel, build_tiny  # noqa: E402
+from covo.models.loading import LoadedModel, build_tiny  # noqa: E402
+from covo.models.lora import MissingExtraError, merged_state  # noqa: E402
 from covo.rewards.base import Withheld  # noqa: E402
-from covo.rewards.covo import encode  # noqa: E402
-from covo.score import make_group, score  # noqa: E402
-from covo.scoring import PrefixSharedScorer  # noqa: E402
+from covo.rewards.covo.reward import encode  # noqa: E402
+from covo.rewards.covo.scorer import PrefixSharedScorer  # noqa: E402
 
 torch.set_num_threads(1)
 N = 4

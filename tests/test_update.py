@@ -11,9 +11,10 @@ import pytest
 import torch
 from test_train import scalars
 
+import covo.algorithms.updater
 import covo.module
-from covo.train import build, train
-from covo.update import UpdatePlan, plan_epochs
+from covo.algorithms.update import UpdatePlan, plan_epochs
+from covo.infra.train import build, train
 
 
 def test_plan_epochs_cuts_rows_into_steps_and_stops_at_the_budget():
@@ -193,7 +194,7 @@ def test_held_forward_gives_the_same_step_with_one_forward_fewer(tiny_cfg, monke
 
 def test_held_forward_saves_one_policy_forward_per_micro_batch(tiny_cfg, monkeypatch):
     counts = {}
-    token_logprobs = covo.module.SelfRewardRL.token_logprobs
+    token_logprobs = covo.algorithms.updater.Updater.token_logprobs
     for hold in ("true", "false"):
         calls = []
 
@@ -202,7 +203,7 @@ def test_held_forward_saves_one_policy_forward_per_micro_batch(tiny_cfg, monkeyp
             return original(self, model, *args, **kwargs)
 
         with monkeypatch.context() as patch:
-            patch.setattr(covo.module.SelfRewardRL, "token_logprobs", counting)
+            patch.setattr(covo.algorithms.updater.Updater, "token_logprobs", counting)
             run_recording(
                 tiny_cfg,
                 patch,
@@ -233,14 +234,14 @@ def test_on_policy_ratio_is_exactly_one_in_the_first_epoch(tiny_cfg, monkeypatch
     """A bf16 rollout replica against an fp32 policy under bf16 autocast: old log-probs come
     from the training path, so the first epoch's ratios are exactly 1."""
     calls = []
-    policy_loss = covo.module.policy_loss
+    policy_loss = covo.algorithms.updater.policy_loss
 
     def recording(*args, **kwargs):
         loss, stats = policy_loss(*args, **kwargs)
         calls.append({k: float(v) for k, v in stats.items()})
         return loss, stats
 
-    monkeypatch.setattr(covo.module, "policy_loss", recording)
+    monkeypatch.setattr(covo.algorithms.updater, "policy_loss", recording)
     module, optimizer, seen, _ = run_recording(
         tiny_cfg,
         monkeypatch,
@@ -372,8 +373,8 @@ def test_held_forwards_share_one_cast_of_each_weight_under_autocast():
     """Lightning's autocast caches no casts: each held graph would keep a bf16 copy of every
     weight. Inside shared_weight_casts two forwards keep one copy, compute the same numbers,
     and a weight changed after the block is cast anew."""
-    from covo.model import build_tiny
-    from covo.module import shared_weight_casts
+    from covo.algorithms.updater import shared_weight_casts
+    from covo.models.loading import build_tiny
 
     model = build_tiny(seed=0).model
     weights = {tuple(p.shape) for p in model.parameters() if p.dim() == 2}
@@ -428,10 +429,10 @@ def test_mask_truncated_takes_cut_responses_out_of_the_loss(tiny_cfg, mask_trunc
         truncated=torch.tensor([False, True]),
     )
     logprobs = torch.full((2, 3), -1.0, requires_grad=True)
-    mask = module.loss_mask(rollout)
+    mask = module.updater.loss_mask(rollout)
     plan = UpdatePlan(keep=torch.ones(2, dtype=torch.bool))
     normalizer = float(mask.sum())  # reinforce_pp: a token mean
-    loss, _, tokens = module.micro_batch_loss(
+    loss, _, tokens = module.updater.micro_batch_loss(
         rollout, mask, torch.ones(2, 3), torch.arange(2), normalizer, plan, logprobs
     )
     loss.backward()

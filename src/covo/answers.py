@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import math_verify
 
-from covo.errors import SettingError
+from covo.infra.errors import SettingError
 
 _NUMBER = re.compile(
     r"(?:(?<![\w)\]}])-)?(?<![\w.])"

@@ -1,1 +1,1 @@
-"""Studies over many runs or samples: which reward recognises the truth, which one trains best."""
+"""Analysis beside training: the score, study, outcome and report commands, intervals, plots."""

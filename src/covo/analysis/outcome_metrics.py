@@ -4,7 +4,7 @@ A run is `{"reward", "seed", "curve": [{"step", "sampled_accuracy", "greedy_accu
 "maj_accuracy"}, ...], "alarm_step": int | None}`, steps in optimizer steps, the first point
 the base model (step 0). Gains are differences from that base; a *fall* is the first evaluation
 where sampled accuracy is `fall` or more below its running peak (the peak of the evaluations
-up to it). Intervals are Student-t over seeds (`covo.intervals.seed_interval`); paired
+up to it). Intervals are Student-t over seeds (`covo.analysis.intervals.seed_interval`); paired
 differences take, per seed, one reward's number minus the baseline's.
 """
 
@@ -13,8 +13,8 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
-from covo.collapse import CollapseDetector
-from covo.intervals import seed_interval
+from covo.analysis.intervals import seed_interval
+from covo.callbacks.collapse import CollapseDetector
 
 ACCURACIES = ("sampled_accuracy", "greedy_accuracy", "maj_accuracy")
 # the per-run numbers that get an interval over seeds

@@ -31,13 +31,13 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from covo.analysis.outcome_metrics import aggregate, guard_markdown, markdown, replayed_guards
+from covo.analysis.plots import learning_curves_figure, save_figure
+from covo.analysis.report import read_scalars
+from covo.analysis.score import finite
 from covo.callbacks.heldout_eval import read_records
-from covo.errors import SettingError, exit_on_user_error
-from covo.plots import learning_curves_figure, save_figure
-from covo.report import read_scalars
-from covo.score import finite
-from covo.settings import check_train
-from covo.train import resolve_auto
+from covo.infra.errors import SettingError, exit_on_user_error
+from covo.infra.settings import check_train
+from covo.infra.train import resolve_auto
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[3]

@@ -1,1 +1,1 @@
-"""Lightning callbacks: watchers that run beside the training loop."""
+"""Lightning callbacks and what they watch: collapse detector and guard, progress, checkpoints."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from covo.update import crossed
+from covo.algorithms.update import crossed
 
 
 class StepCheckpoint(ModelCheckpoint):

@@ -20,7 +20,7 @@ from pathlib import Path
 import lightning.pytorch as L
 from lightning.pytorch.callbacks import Callback
 
-from covo.collapse import CollapseDetector, Verdict
+from covo.callbacks.collapse import CollapseDetector, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def _remove(path: Path) -> None:
 
 
 class CollapseGuard(Callback):
-    """`rules` maps a signal to `{above|below|drop|rise: value}` (`covo.collapse.Rule`); a
+    """`rules` maps a signal to `{above|below|drop|rise: value}` (`covo.callbacks.collapse.Rule`); a
     rollout is saturated when `min_rules` of them hold, the alarm needs `window_rollouts`
     saturated rollouts in a row; relative rules compare with the mean of a signal's first
     `baseline_rollouts` values."""

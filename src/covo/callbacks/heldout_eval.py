@@ -26,7 +26,7 @@ from lightning.pytorch.callbacks import Callback
 from covo.answers import AnswerEquivalence, get_extractor
 from covo.eval.harness import sample_responses
 from covo.eval.metrics import maj_at_k
-from covo.model import LoadedModel
+from covo.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
 METRICS = ("sampled_accuracy", "greedy_accuracy", "maj_accuracy")

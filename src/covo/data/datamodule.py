@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from covo.data.contamination import check_overlap, shared_problems
 from covo.data.sampler import EpochBatches, PositionedItems, ResumableLoader
-from covo.errors import SettingError
+from covo.infra.errors import SettingError
 
 MATH_PROMPT = (
     "Question: {problem}\n"

@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from covo.errors import DataError
+from covo.infra.errors import DataError
 
 PACKAGED = "package:"
 

@@ -13,7 +13,7 @@ import zlib
 from collections.abc import Mapping
 
 from covo.data.datamodule import PromptDataModule
-from covo.lora import MissingExtraError
+from covo.models.lora import MissingExtraError
 
 log = logging.getLogger(__name__)
 GSM8K_TEMPLATES = {"gsm_symbolic"}

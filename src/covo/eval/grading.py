@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 from covo.answers import AnswerEquivalence, extract_boxed, get_extractor
-from covo.errors import DataError
+from covo.infra.errors import DataError
 
 # A line `Answer: X` (also `Final answer:`, markdown bold, `(X)`, `X)`, `\boxed{X}`), X in A-J.
 # The letter must be upper case and stand alone, so "Answer: a dog" or "Answer: Because" do not

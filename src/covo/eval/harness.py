@@ -12,14 +12,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from covo.errors import DataError, SettingError
 from covo.eval.grading import ChoiceGrader, MathGrader
 from covo.eval.metrics import item_metrics, mean_metrics
 from covo.eval.results import RESULTS_FILE, markdown_table, write_json, write_tensorboard
-from covo.lora import adapter_state, is_lora
-from covo.model import LoadedModel
-from covo.rollout import eos_token_ids, format_prompts, response_mask_from, sample
-from covo.settings import check_eval
+from covo.infra.errors import DataError, SettingError
+from covo.infra.settings import check_eval
+from covo.models.loading import LoadedModel
+from covo.models.lora import adapter_state, is_lora
+from covo.rollout.sampling import eos_token_ids, format_prompts, response_mask_from, sample
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,19 @@ def resolve_device(name: str) -> str:
     if name != "auto":
         return name
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def greedy_responses(
+    model, tokenizer, prompts: list[str], chat_template: bool, max_new_tokens: int
+) -> tuple[list[str], torch.Tensor]:
+    """One greedy response per prompt (the validation pass@1 during training): the decoded
+    texts and each response's length in tokens [B]."""
+    chat = format_prompts(tokenizer, prompts, chat_template)
+    responses = sample(
+        model, tokenizer, chat, 1, max_new_tokens, temperature=0.0, with_stats=False
+    ).responses
+    lengths = response_mask_from(responses, eos_token_ids(model, tokenizer)).sum(1)
+    return tokenizer.batch_decode(responses, skip_special_tokens=True), lengths
 
 
 def sample_responses(

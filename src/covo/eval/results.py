@@ -7,7 +7,7 @@ from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
 
-from covo.errors import DataError
+from covo.infra.errors import DataError
 
 RESULTS_FILE = "eval_results.json"
 # fractions shown in percent; `items` is a count

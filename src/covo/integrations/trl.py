@@ -28,15 +28,15 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.initialize import get_gh_backup, restore_gh_from_backup
 from omegaconf import DictConfig
 
-from covo import lora
+from covo.analysis.score import SCORING_DTYPES, group_from_ids
 from covo.answers import AnswerEquivalence
-from covo.errors import installed
-from covo.lora import MissingExtraError
+from covo.infra.errors import installed
+from covo.metrics.step import reward_metrics
+from covo.models import lora
+from covo.models.lora import MissingExtraError
 from covo.rewards.base import Group, GroupReward, label_for
-from covo.score import SCORING_DTYPES, group_from_ids
-from covo.scoring import PrefixSharedScorer
-from covo.step_metrics import reward_metrics
-from covo.views import declared_views
+from covo.rewards.covo.scorer import PrefixSharedScorer
+from covo.rollout.views import declared_views
 
 CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
 MISSING = (

@@ -1,1 +1,2 @@
-"""Models of the project's own: loaders and the weights they ship (the toy reasoner)."""
+"""Model loading (offline GGUF checkpoints, Hugging Face, tiny random, the shipped toy
+reasoner), LoRA adapters and export."""

@@ -24,8 +24,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from covo.data.arithmetic import generate, worked_solution
 from covo.eval.grading import MathGrader
 from covo.eval.harness import grade, sample_responses, totals_of
-from covo.model import CHATML_TEMPLATE, LoadedModel, load_hf
-from covo.rollout import format_prompts
+from covo.models.loading import CHATML_TEMPLATE, LoadedModel, load_hf
+from covo.rollout.sampling import format_prompts
 
 PACKAGED = Path(__file__).resolve().parent / "weights" / "toy_reasoner"
 DATA_CONF = Path(__file__).resolve().parents[3] / "conf" / "data" / "toy_arithmetic.yaml"

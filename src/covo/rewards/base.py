@@ -116,7 +116,7 @@ class Scorer(Protocol):
 
         `branches[i][k]` is the token list of branch k at state i; only its tokens from
         `scored_from[i][k]` on are averaged. Returns one float32 tensor of shape [K_i] per state.
-        `context_cache` (a `covo.context_cache.ContextCache`) may carry the context's keys
+        `context_cache` (a `covo.rollout.context_cache.ContextCache`) may carry the context's keys
         and values.
         """
 
@@ -129,7 +129,7 @@ class Reward(Protocol):
     A reward that compares views of a prompt sets `views`, a mapping from a view's name to a
     prompt template holding `{prompt}`: the rollout samples each view as a group of its own
     and passes it in `Group.views`. Only the original view is trained on unless the reward
-    sets `train_views = True` and returns `GroupReward.view_rewards` (see `covo.views`).
+    sets `train_views = True` and returns `GroupReward.view_rewards` (see `covo.rollout.views`).
     """
 
     def __call__(self, group: Group, scorer: Scorer | None) -> GroupReward: ...

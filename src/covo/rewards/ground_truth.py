@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from covo.answers import AnswerEquivalence
-from covo.errors import DataError
+from covo.infra.errors import DataError
 from covo.rewards.answered import AnswerClustering
 from covo.rewards.base import Group, GroupReward, Scorer
 

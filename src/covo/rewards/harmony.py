@@ -9,7 +9,7 @@ from fractions import Fraction
 from covo.answers import AnswerEquivalence, cluster_answers
 from covo.rewards.answered import AnswerClustering
 from covo.rewards.base import Group, GroupReward, Scorer
-from covo.views import check_views
+from covo.rollout.views import check_views
 
 REFRAME = (
     "{prompt}\n"

@@ -17,8 +17,9 @@ import torch
 from covo.answers import AnswerEquivalence
 from covo.rewards.answered import AnswerClustering
 from covo.rewards.base import Group, GroupReward, Scorer
-from covo.rewards.covo_select import SELECTIONS, cluster_values
-from covo.rewards.covo_stats import (
+from covo.rewards.covo.segmentation import COLON_MERGES, states, step_ends
+from covo.rewards.covo.select import SELECTIONS, cluster_values
+from covo.rewards.covo.stats import (
     AGGREGATIONS,
     CURIOSITY_FORMS,
     VOLATILITY_OFFSETS,
@@ -26,7 +27,6 @@ from covo.rewards.covo_stats import (
     distance_ratios,
     volatility,
 )
-from covo.segmentation import COLON_MERGES, states, step_ends
 
 CURIOSITY_OFF = {"form": "released", "weight": 0.0}  # `curiosity=None`
 
@@ -111,14 +111,14 @@ class CoVoReward(AnswerClustering):
 
     Knobs (docs/covo.md, Paper vs released code; the defaults are the released code's):
     `extractor` (a key of `covo.answers.EXTRACTORS`), `colon_merge` (`pairs` | `chains`, see
-    `covo.segmentation`), `aggregation` (a key of `AGGREGATIONS`), `mode` (`binary`: 1 when
-    the cluster passes, see `select`; `continuous`: the value), `include_prompt_state`,
+    `covo.rewards.covo.segmentation`), `aggregation` (a key of `AGGREGATIONS`), `mode` (`binary`:
+    1 when the cluster passes, see `select`; `continuous`: the value), `include_prompt_state`,
     `distance_tokens` (`answer` | `template_and_answer`), `newline_scored` (with
     `template_and_answer`: the token holding the newline before the template is scored too),
     `ties_consistent`, `volatility_index` (`released` | `paper`), `curiosity`
     (`{"form": "released" | "paper", "weight": w}`; w = 0 turns it off).
 
-    Guards that neither reading has (off by default; `covo.rewards.covo_select`):
+    Guards that neither reading has (off by default; `covo.rewards.covo.select`):
     `min_states` (a trajectory with fewer states takes no part in its cluster's value; a
     cluster with no longer member has no value: it fails, its members get reward 0 and score
     `NO_ANSWER_SCORE`), `short_penalty` (None, or the whole reward of every such short

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from covo.analysis.score import read_records
 from covo.data.jsonl import DataError
-from covo.model import LoadedModel
-from covo.rollout import eos_token_ids, format_prompts, response_mask_from, sample
-from covo.score import read_records
+from covo.models.loading import LoadedModel
+from covo.rollout.sampling import eos_token_ids, format_prompts, response_mask_from, sample
 
 log = logging.getLogger(__name__)
 

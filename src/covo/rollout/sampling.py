@@ -7,15 +7,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from covo.context_cache import ContextCache, split_cache
-from covo.engine import (
+from covo.rewards.base import Group, Withheld
+from covo.rollout.context_cache import ContextCache, split_cache
+from covo.rollout.engine import (
     Generation,
     HFGenerate,
     distribution_stats,
     eos_token_ids,
     position_ids_from,
 )
-from covo.rewards.base import Group, Withheld
 
 
 @dataclass
@@ -28,7 +28,7 @@ class Rollout:
     (float32, zero on padding); `self_certainty` is KL(uniform || policy) per token.
     `context_caches[r]`, when kept, holds the keys and values of prompt + response r (without
     padding or EOS) from that same forward, for the reward's scorer. `views[name]` holds the
-    responses sampled from the same prompts put through view `name` (`covo.views`).
+    responses sampled from the same prompts put through view `name` (`covo.rollout.views`).
     """
 
     sequences: torch.Tensor

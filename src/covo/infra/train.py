@@ -12,13 +12,13 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.plugins.precision import MixedPrecision
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from covo.errors import SettingError
-from covo.export import export_policy
-from covo.hardware import auto_precision
+from covo.callbacks.progress import StepProgressBar
+from covo.infra.errors import SettingError
+from covo.infra.hardware import auto_precision
+from covo.infra.resume import AtomicCheckpointIO, seed_rank
+from covo.infra.settings import PRECISION_COMPUTE, check_train
+from covo.models.export import export_policy
 from covo.module import SelfRewardRL
-from covo.progress import StepProgressBar
-from covo.resume import AtomicCheckpointIO, seed_rank
-from covo.settings import PRECISION_COMPUTE, check_train
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from covo.algorithms.losses import LOSS_AGGREGATIONS
 from covo.answers import EXTRACTORS
-from covo.errors import SettingError
-from covo.lora import MISSING, wants_lora
-from covo.losses import LOSS_AGGREGATIONS
+from covo.infra.errors import SettingError
+from covo.models.lora import MISSING, wants_lora
 
 Rule = tuple[str, Callable[[Any], bool], str]
 DTYPES = ("float32", "bfloat16", "float16")
@@ -31,7 +31,7 @@ PRECISION_COMPUTE = {
     "16-true": "float16",
 }
 LOW_PRECISION_WEIGHTS = ("bf16-true", "16-true")
-GROUP_BASELINES = ("covo.advantages.grpo", "covo.advantages.rloo")
+GROUP_BASELINES = ("covo.algorithms.advantages.grpo", "covo.algorithms.advantages.rloo")
 
 
 def _number(v) -> bool:

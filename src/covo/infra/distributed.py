@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from covo.lora import base_of, merged_state
+from covo.models.lora import base_of, merged_state
 
 
 def is_distributed() -> bool:

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from covo import distributed as dist
+from covo.infra import distributed as dist
+from covo.infra.errors import DataError
 
 
 def rng_state() -> dict:
@@ -39,6 +40,23 @@ def set_rng_state(state: dict) -> None:
 def all_rng_states() -> list[dict]:
     """Every rank's generator states, in rank order (a collective under DDP/FSDP)."""
     return dist.all_gather_objects(rng_state())
+
+
+def restore(checkpoint: dict, own_state: dict, world_size: int, rank: int) -> None:
+    """Refuse a checkpoint that lacks weights of `own_state` (the module's state dict), and
+    set this rank's random generators as they were saved (same world size only). FSDP2's
+    checkpoint folder holds no state dict here: the strategy has already loaded the weights,
+    and refuses a folder that lacks any."""
+    state = checkpoint.get("state_dict")
+    missing = [k for k in own_state if state is not None and k not in state]
+    if missing:
+        raise DataError(
+            f"ckpt_path: the checkpoint lacks {len(missing)} of the policy's"
+            f" {len(own_state)} weights (first: {missing[0]})"
+        )
+    states = checkpoint.get("rng_states")
+    if states is not None and len(states) == world_size:
+        set_rng_state(states[rank])
 
 
 def seed_rank(seed: int, rank: int) -> None:

@@ -15,9 +15,9 @@ from collections.abc import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
-from covo.errors import SettingError
+from covo.infra.errors import SettingError
 from covo.rewards.base import GroupReward
-from covo.rollout import Rollout
+from covo.rollout.sampling import Rollout
 
 PLACEHOLDER = "{prompt}"
 

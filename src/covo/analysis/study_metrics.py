@@ -8,15 +8,15 @@ correctness, clusters judged: prompts with K >= 2), `passed` (clusters whose ver
 `label_hit` (the reward's top cluster is correct), `scores` and `correct` (per response),
 `seconds` (the reward's time) and `scorer_tokens` (tokens its scorer fed), the judged clusters'
 `correct_clusters`, `correct_passed`, `wrong_clusters`, `wrong_rejected` and
-`passed_singletons` (`covo.diagnostics.verdict_counts`), and `states`: per bucket of states
-[responses, reward sum, correct responses] (`covo.states_diagnostics`).
+`passed_singletons` (`covo.metrics.diagnostics.verdict_counts`), and `states`: per bucket of states
+[responses, reward sum, correct responses] (`covo.metrics.states`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from covo.intervals import (
+from covo.analysis.intervals import (
     Statistic,
     difference,
     estimate,
@@ -25,7 +25,7 @@ from covo.intervals import (
     resample_counts,
     restricted,
 )
-from covo.states_diagnostics import BUCKET_LABELS, BUCKETS
+from covo.metrics.states import BUCKET_LABELS, BUCKETS
 
 METRICS = {
     "reward_accuracy": "reward accuracy",

@@ -14,7 +14,7 @@ _COLORS = {"correct": "tab:green", "incorrect": "tab:red"}
 def distance_curve_figure(curves: dict, figsize=(6.0, 4.0), dpi: int = 100) -> Figure:
     """Mean distance ratio against state position, correct vs incorrect (paper Fig. 2).
 
-    `curves` is the output of `covo.diagnostics.distance_curves`; empty bins leave gaps.
+    `curves` is the output of `covo.metrics.diagnostics.distance_curves`; empty bins leave gaps.
     """
     fig = Figure(figsize=figsize, dpi=dpi)
     FigureCanvasAgg(fig)
@@ -44,7 +44,7 @@ def distance_curve_figure(curves: dict, figsize=(6.0, 4.0), dpi: int = 100) -> F
 
 def accuracy_bins_figure(bins: list[dict], rewards: list[str], figsize=(7.0, 4.0)) -> Figure:
     """Reward accuracy per bin of the model's per-prompt accuracy, one line per reward with its
-    bootstrap interval (paper Fig. 5). `bins` as in `covo.study_metrics.summarize`."""
+    bootstrap interval (paper Fig. 5). `bins` as in `covo.analysis.study_metrics.summarize`."""
     fig = Figure(figsize=figsize, dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()

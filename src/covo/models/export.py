@@ -6,8 +6,8 @@ from pathlib import Path
 
 import lightning.pytorch as L
 
-from covo.distributed import full_state_dict
-from covo.lora import base_of, is_lora, merged_state
+from covo.infra.distributed import full_state_dict
+from covo.models.lora import base_of, is_lora, merged_state
 
 
 def export_policy(module, directory: Path, trainer: L.Trainer, adapters: bool = False) -> None:

@@ -23,8 +23,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from covo.errors import UserError
-from covo.lora import add_adapters, wants_lora
+from covo.infra.errors import UserError
+from covo.models.lora import add_adapters, wants_lora
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +96,9 @@ def load_hf(
 
     The weights load in `master_dtype` (what the optimizer updates); `dtype`, the compute
     dtype, is applied by the trainer's precision (autocast, or FSDP2's mixed-precision
-    policy) and checked against it before anything loads (`covo.settings`). `lora` (r,
+    policy) and checked against it before anything loads (`covo.infra.settings`). `lora` (r,
     alpha, dropout, target_modules; off when null or r is 0) wraps the model with peft
-    adapters (`covo.lora`). `hold_graphs` travels with the model to the update: a model small
+    adapters (`covo.models.lora`). `hold_graphs` travels with the model to the update: a model small
     enough that every micro-batch's activations fit at once may skip the old log-probs' pass.
     """
     path = os.path.expanduser(str(name_or_path))

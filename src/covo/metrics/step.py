@@ -7,10 +7,10 @@ import math
 import torch
 
 from covo.answers import AnswerEquivalence
-from covo.diagnostics import reward_diagnostics
+from covo.metrics.diagnostics import reward_diagnostics
+from covo.metrics.states import state_metrics
 from covo.rewards.base import GroupReward
-from covo.rollout import Rollout
-from covo.states_diagnostics import state_metrics
+from covo.rollout.sampling import Rollout
 
 
 def nanmean(values: list[float]) -> float:

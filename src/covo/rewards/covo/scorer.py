@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from covo.context_cache import ContextCache
+from covo.rollout.context_cache import ContextCache
 
 
 @dataclass

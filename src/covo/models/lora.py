@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from covo.errors import UserError
+from covo.infra.errors import UserError
 
 MISSING = "LoRA needs peft: pip install -e '.[lora]' (or `bash scripts/setup.sh lora`)"
 

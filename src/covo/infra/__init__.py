@@ -1,0 +1,1 @@
+"""Running training: `train(cfg)`, settings, errors, hardware, strategies, ranks, resume."""

@@ -1,0 +1,1 @@
+"""Per-step metrics and the reward diagnostics they log (answers, states, distances)."""

@@ -1,0 +1,39 @@
+"""TensorBoard media of a training step: samples as text, reward-component histograms, the
+distance-curve figure."""
+
+from __future__ import annotations
+
+import torch
+
+from covo.algorithms.update import crossed
+from covo.analysis.plots import distance_curve_figure, figure_to_array
+from covo.answers import AnswerEquivalence
+from covo.metrics.diagnostics import consistency_volatility_values, distance_curves
+from covo.metrics.step import sample_table
+from covo.rewards.base import GroupReward
+from covo.rollout.sampling import Rollout
+
+
+def write_media(
+    board,
+    step: int,
+    before: int,
+    rollout: Rollout,
+    results: list[GroupReward],
+    labels: list[str | None],
+    equivalence: AnswerEquivalence,
+    samples_every_n_steps: int,
+    plots_every_n_steps: int,
+) -> None:
+    """Media due at optimizer step `step` (the last rollout that considered media began at
+    `before`) into the SummaryWriter `board`; plots need every prompt's label."""
+    if crossed(before, step, samples_every_n_steps):
+        board.add_text("samples", sample_table(rollout, results, labels), step)
+    if not crossed(before, step, plots_every_n_steps) or any(label is None for label in labels):
+        return
+    for name, values in consistency_volatility_values(results, labels, equivalence).items():
+        board.add_histogram(f"diag/{name}", torch.tensor(values), step)
+    curves = distance_curves(results, labels, equivalence)
+    if curves["correct_trajectories"] + curves["incorrect_trajectories"] > 0:
+        image = figure_to_array(distance_curve_figure(curves))
+        board.add_image("diag/distance_curves", image, step, dataformats="HWC")
