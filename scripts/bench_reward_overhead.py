@@ -24,12 +24,9 @@ import argparse
 import statistics
 from pathlib import Path
 
-import lightning.pytorch as L
 from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
 
-from covo.callbacks.step_timer import StepTimer
-from covo.infra.train import build
+from covo.callbacks.step_timer import timed_steps
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 PHASES = ["time/rollout_s", "time/reward_s", "time/update_s"]
@@ -55,14 +52,7 @@ def run(variant: list[str], steps: int, overrides: list[str]) -> list[dict[str, 
                 *overrides,
             ],
         )
-    with open_dict(cfg):
-        cfg.paths.output_dir = "/tmp/covo-bench-overhead"
-    L.seed_everything(cfg.seed, verbose=False)
-    module, datamodule, trainer = build(cfg)
-    timer = StepTimer()
-    trainer.callbacks.append(timer)
-    trainer.fit(module, datamodule=datamodule)
-    return timer.steps
+    return timed_steps(cfg, "/tmp/covo-bench-overhead")
 
 
 def summary(rows: list[dict[str, float]]) -> str:

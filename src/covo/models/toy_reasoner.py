@@ -32,27 +32,9 @@ DATA_CONF = Path(__file__).resolve().parents[3] / "conf" / "data" / "toy_arithme
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-def load(
-    weights: str | None = None,
-    dtype: str | None = None,
-    master_dtype: str = "float32",
-    chat_template: bool = True,
-    attn_implementation: str = "sdpa",
-    gradient_checkpointing: bool = False,
-    lora: dict | None = None,
-    hold_graphs: bool = False,
-) -> LoadedModel:
-    """The packaged toy reasoner (or the folder `weights`); other arguments as `load_hf`'s."""
-    loaded = load_hf(
-        str(weights or PACKAGED),
-        dtype,
-        master_dtype,
-        chat_template,
-        attn_implementation,
-        gradient_checkpointing,
-        lora,
-        hold_graphs,
-    )
+def load(weights: str | None = None, **options) -> LoadedModel:
+    """The packaged toy reasoner (or the folder `weights`); `options` as `load_hf`'s."""
+    loaded = load_hf(str(weights or PACKAGED), **options)
     loaded.name = "toy_reasoner"
     return loaded
 
