@@ -259,28 +259,41 @@ TINY_CORPUS = [
 ]
 
 
-def build_tiny_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
-    """A byte-level BPE trained in code on a few math-like strings: deterministic, offline."""
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHATML_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def chatml_bpe_tokenizer(
+    texts: list[str], vocab_size: int, pre_tokenizer, **options
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on `texts` (split first by `pre_tokenizer`) with ChatML's
+    special tokens and chat template; `options` go to `PreTrainedTokenizerFast`."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizer
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=specials,
+        special_tokens=CHATML_SPECIALS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(TINY_CORPUS * 4, trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|im_end|>",
         bos_token="<|im_start|>",
         unk_token="<|endoftext|>",
+        **options,
     )
     fast.chat_template = CHATML_TEMPLATE
     return fast
+
+
+def build_tiny_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained in code on a few math-like strings: deterministic, offline."""
+    return chatml_bpe_tokenizer(
+        TINY_CORPUS * 4, vocab_size, pre_tokenizers.ByteLevel(add_prefix_space=False)
+    )
 
 
 def build_tiny(

@@ -18,18 +18,17 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from covo.data.arithmetic import generate, worked_solution
 from covo.eval.grading import MathGrader
 from covo.eval.harness import grade, sample_responses, totals_of
-from covo.models.loading import CHATML_TEMPLATE, LoadedModel, load_hf
+from covo.models.loading import LoadedModel, chatml_bpe_tokenizer, load_hf
 from covo.rollout.sampling import format_prompts
 
 PACKAGED = Path(__file__).resolve().parent / "weights" / "toy_reasoner"
 DATA_CONF = Path(__file__).resolve().parents[3] / "conf" / "data" / "toy_arithmetic.yaml"
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 def load(weights: str | None = None, **options) -> LoadedModel:
@@ -41,28 +40,12 @@ def load(weights: str | None = None, **options) -> LoadedModel:
 
 def build_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """Byte-level BPE over `texts` with every digit its own token, ChatML template."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
+    digits_then_bytes = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(False)]
     )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+    return chatml_bpe_tokenizer(
+        texts, vocab_size, digits_then_bytes, clean_up_tokenization_spaces=False
     )
-    tok.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|im_end|>",
-        bos_token="<|im_start|>",
-        unk_token="<|endoftext|>",
-        clean_up_tokenization_spaces=False,
-    )
-    fast.chat_template = CHATML_TEMPLATE
-    return fast
 
 
 def data_settings() -> tuple[dict, str]:
