@@ -513,9 +513,9 @@ def test_top1_ignores_the_threshold_and_no_value_passes_nothing():
 
 
 def test_bad_guard_values_are_refused():
-    with pytest.raises(ValueError, match="min_states must be an integer >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"^min_states=0: expected an integer >= 1$"):
         CoVoReward(min_states=0)
-    with pytest.raises(ValueError, match="unknown select 'best'; valid: threshold, top1"):
+    with pytest.raises(ValueError, match=r"^select=best: expected threshold or top1$"):
         CoVoReward(select="best")
 
 

@@ -68,7 +68,6 @@ TRAIN_RULES: list[Rule] = [
     ("samples_every_n_steps", *INT_GE1),
     ("plots_every_n_steps", *INT_GE1),
     ("max_grad_norm", above(0.0), "a number > 0"),
-    ("val_extractor", one_of(*EXTRACTORS), f"one of {', '.join(EXTRACTORS)}"),
 ]
 # torch's optimizers' knobs that only some options have (AdamW's weight_decay, SGD's momentum)
 OPTIMIZER_RULES: list[Rule] = [
@@ -102,6 +101,8 @@ def check_train(cfg: DictConfig):
     check_scheduler(cfg.scheduler)
     check_lora_settings(cfg.model.lora)
     reward = instantiate(cfg.reward, "reward.")
+    # the reward's own extractor by default: named after the reward's error
+    apply_rules(cfg, [("val_extractor", one_of(*EXTRACTORS), f"one of {', '.join(EXTRACTORS)}")])
     target = cfg.algorithm.advantage._target_
     if target in GROUP_BASELINES and cfg.rollout.num_samples < 2:
         fail(
