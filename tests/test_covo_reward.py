@@ -234,7 +234,7 @@ def test_curiosity_is_added_to_the_reward_when_on():
 def test_unknown_knob_values_are_refused():
     with pytest.raises(ValueError, match="aggregation"):
         CoVoReward(aggregation="quadratic")
-    with pytest.raises(ValueError, match="curiosity form"):
+    with pytest.raises(ValueError, match=r"^curiosity\.form=bored: expected released or paper$"):
         CoVoReward(curiosity={"form": "bored", "weight": 1.0})
 
 
