@@ -9,8 +9,11 @@ import sys
 import pytest
 from conftest import ROOT, compose_config
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from hydra.errors import InstantiationException
+from omegaconf import OmegaConf, open_dict
 
+from covo.infra.checks import BadSetting
+from covo.infra.errors import SettingError
 from covo.infra.settings import (
     EVAL_RULES,
     SCORE_RULES,
@@ -19,7 +22,9 @@ from covo.infra.settings import (
     check_score,
     check_train,
 )
-from covo.infra.train import resolve_auto
+from covo.infra.train import build, resolve_auto
+from covo.rewards.covo.reward import CoVoReward
+from covo.rewards.majority import MajorityReward
 
 
 def train_cfg(tmp_path, *overrides):
@@ -202,10 +207,6 @@ def option_keys(name: str, groups: tuple[str, ...]) -> set[str]:
     return keys
 
 
-# knobs no YAML holds: a `+key=value` override adds them (the default is the function's)
-ADDED_ONLY = {"algorithm.advantage.eps"}
-
-
 @pytest.mark.parametrize(
     ("name", "rules", "groups"),
     [
@@ -214,8 +215,71 @@ ADDED_ONLY = {"algorithm.advantage.eps"}
         ("score", SCORE_RULES, ("reward",)),
     ],
 )
-def test_every_rule_names_a_key_the_configs_have(name, rules, groups):
-    """A rule whose key no config has is skipped silently: renaming a YAML key would drop
-    its check. Each rule's key is in the composed config or in one option of its group."""
-    keys = option_keys(name, groups) | ADDED_ONLY
+def test_every_rule_names_a_key_every_config_has(name, rules, groups):
+    """The rules of `covo.infra.settings` read their keys strictly: each is in the composed
+    config whatever option of a group is picked."""
+    keys = option_keys(name, groups)
     assert [key for key, _, _ in rules if key not in keys] == []
+
+
+@pytest.mark.parametrize(
+    ("reward", "message"),
+    [
+        (lambda: CoVoReward(threshold=2), "threshold=2: expected a number in [-1, 1]"),
+        (
+            lambda: CoVoReward(curiosity={"form": "other", "weight": 0.1}),
+            "curiosity.form=other: expected released or paper",
+        ),
+        (
+            lambda: MajorityReward(extractor="first_word"),
+            "extractor=first_word: expected one of ",
+        ),
+        (lambda: MajorityReward(timeout_s=0), "timeout_s=0: expected a number > 0"),
+    ],
+)
+def test_a_reward_built_directly_refuses_its_bad_arguments(reward, message):
+    with pytest.raises(BadSetting) as err:
+        reward()
+    assert str(err.value).startswith(message)
+    assert "\n" not in str(err.value)
+
+
+def test_the_reward_group_names_the_full_key(tmp_path):
+    with pytest.raises(
+        SettingError, match=r"^reward\.threshold=2: expected a number in \[-1, 1\]$"
+    ):
+        check_train(train_cfg(tmp_path, "reward.threshold=2"))
+    with pytest.raises(SettingError, match=r"^reward\.extractor=first_word: expected one of "):
+        check_train(train_cfg(tmp_path, "reward=majority", "reward.extractor=first_word"))
+
+
+@pytest.mark.parametrize(
+    ("key", "named"),
+    [
+        ("rollout.top_p", "rollout.top_p"),
+        ("rollout.engine.cache", "rollout.engine.cache"),
+        ("algorithm.clip_eps", "algorithm.clip_eps"),
+        ("scheduler.warmup_ratio", "scheduler.warmup_ratio"),
+        ("model.lora.alpha", "model.lora.alpha"),
+        ("data.batch_size", "data.batch_size"),
+    ],
+)
+def test_a_key_a_group_check_reads_cannot_go_missing(tmp_path, key, named):
+    cfg = train_cfg(tmp_path)
+    parent, leaf = key.rsplit(".", 1)
+    node = OmegaConf.select(cfg, parent)
+    with open_dict(node):
+        node.pop(leaf)
+    with pytest.raises(SettingError, match=f"^{re.escape(named)}: missing from the config$"):
+        check_train(cfg)
+
+
+def test_a_bad_reward_value_fails_before_the_model_loads(tmp_path, monkeypatch):
+    def no_model(**kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("covo.models.loading.build_tiny", no_model)
+    with pytest.raises(InstantiationException, match="the model was loaded"):
+        build(train_cfg(tmp_path))  # the loader is the patched one
+    with pytest.raises(SettingError, match=r"^reward\.mode=soft: expected binary or continuous$"):
+        build(train_cfg(tmp_path, "reward.mode=soft"))

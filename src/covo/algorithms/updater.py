@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from covo.algorithms.advantages import filter_groups
 from covo.algorithms.losses import (
+    LOSS_AGGREGATIONS,
     kl_estimate,
     kl_loss,
     loss_count,
@@ -19,7 +20,58 @@ from covo.algorithms.losses import (
 )
 from covo.algorithms.update import UpdatePlan, old_logprobs_source, plan_epochs
 from covo.infra import distributed as dist
+from covo.infra.checks import (
+    BOOL,
+    INT_GE1,
+    Rule,
+    above,
+    apply_rules,
+    at_least,
+    between,
+    fail,
+    one_of,
+    optional,
+)
 from covo.rollout.sampling import Rollout, response_token_stats
+
+ALGORITHM_RULES: list[Rule] = [
+    ("mask_truncated", *BOOL),
+    ("loss_agg", one_of(*LOSS_AGGREGATIONS), f"one of {', '.join(LOSS_AGGREGATIONS)}"),
+    ("max_idle_rollouts", optional(at_least(1, integer_only=True)), "null or an integer >= 1"),
+    ("clip_eps", above(0.0), "a number > 0"),
+    ("kl_coef", at_least(0.0), "a number >= 0"),
+    ("kl_estimator", one_of("k1", "k2", "k3"), "k1, k2 or k3"),
+    ("kl_in_reward", *BOOL),
+    ("ppo_epochs", *INT_GE1),
+    ("micro_batch_size", *INT_GE1),
+    ("mini_batch_size", optional(at_least(1, integer_only=True)), "null or an integer >= 1"),
+]
+# knobs of some estimators only (`reinforce_pp`'s gamma, `grpo`'s eps): checked where set
+ADVANTAGE_RULES: list[Rule] = [
+    ("gamma", between(0.0, 1.0, low_open=True), "a number in (0, 1]"),
+    ("eps", above(0.0), "a number > 0"),
+]
+
+
+def check_algorithm(algo: DictConfig, prefix: str = "algorithm.") -> None:
+    """The `algorithm` group's settings, before any model work: every knob `Updater` reads,
+    and the advantage estimator's own where its option has them."""
+    apply_rules(algo, ALGORITHM_RULES, prefix)
+    present = [rule for rule in ADVANTAGE_RULES if rule[0] in algo.advantage]
+    apply_rules(algo.advantage, present, f"{prefix}advantage.")
+    if algo.mini_batch_size is not None and algo.micro_batch_size > algo.mini_batch_size:
+        fail(
+            f"{prefix}micro_batch_size",
+            algo.micro_batch_size,
+            f"at most {prefix}mini_batch_size={algo.mini_batch_size}",
+        )
+    if not algo.kl_in_reward and algo.kl_estimator == "k1" and algo.kl_coef > 0:
+        fail(
+            f"{prefix}kl_estimator",
+            "k1",
+            f"k2 or k3 with {prefix}kl_in_reward=false (k1 in the loss has zero expected"
+            " gradient: it regularises nothing)",
+        )
 
 
 @contextlib.contextmanager

@@ -295,7 +295,7 @@ def score(cfg: DictConfig) -> dict[str, float]:
     Returns the summary: `prompts`, `responses`, `mean_reward` and `diag/...` (most of them
     with labels only).
     """
-    check_score(cfg)
+    reward = check_score(cfg)  # built before the model: it needs none
     torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
     if "{problem}" not in cfg.prompt_template:
         raise SettingError(f"prompt_template must contain '{{problem}}': {cfg.prompt_template!r}")
@@ -304,7 +304,6 @@ def score(cfg: DictConfig) -> dict[str, float]:
         raise SettingError(f"output would overwrite the input: {target}")
     loaded = hydra.utils.instantiate(cfg.model)
     loaded.model.to(resolve_device(cfg.device)).eval()
-    reward = hydra.utils.instantiate(cfg.reward)
     tokenizer = loaded.tokenizer
     scorer = PrefixSharedScorer(loaded.model, tokenizer, SCORING_DTYPES[cfg.scoring_dtype])
     equivalence = getattr(reward, "equivalence", None) or AnswerEquivalence()

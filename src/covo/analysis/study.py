@@ -34,6 +34,7 @@ from covo.analysis.study_samples import load_or_sample, read_samples
 from covo.answers import AnswerEquivalence, get_extractor
 from covo.data.jsonl import DataError
 from covo.eval.harness import resolve_device
+from covo.infra.checks import instantiate
 from covo.infra.errors import SettingError, exit_on_user_error
 from covo.metrics.diagnostics import prompt_outcome, verdict_counts
 from covo.metrics.states import labelled_counts
@@ -176,7 +177,7 @@ def build_reward(name: str, extractor: str | None):
     node = reward_config(name)
     if extractor is not None and "extractor" in node:
         node.extractor = extractor
-    return hydra.utils.instantiate(node)
+    return instantiate(node, "reward.")
 
 
 def study(cfg: DictConfig) -> dict:

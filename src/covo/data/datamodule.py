@@ -6,10 +6,12 @@ import logging
 
 import lightning.pytorch as L
 import torch
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from covo.data.contamination import check_overlap, shared_problems
 from covo.data.sampler import EpochBatches, PositionedItems, ResumableLoader
+from covo.infra.checks import INT_GE1, Rule, apply_rules, at_least
 from covo.infra.errors import SettingError
 
 MATH_PROMPT = (
@@ -23,6 +25,19 @@ def collate(items: list[dict]) -> dict[str, list]:
 
 
 log = logging.getLogger(__name__)
+
+
+DATA_RULES: list[Rule] = [("batch_size", *INT_GE1), ("val_batch_size", *INT_GE1)]
+# an option that lists its own `val` items holds none back
+VAL_SIZE_RULE: Rule = ("val_size", at_least(0, integer_only=True), "an integer >= 0")
+
+
+def check_data(data: DictConfig, prefix: str = "data.") -> None:
+    """The data group's batching knobs, before any data or model is loaded."""
+    rules = list(DATA_RULES)
+    if "val_size" in data:
+        rules.append(VAL_SIZE_RULE)
+    apply_rules(data, rules, prefix)
 
 
 class PromptDataModule(L.LightningDataModule):

@@ -1,26 +1,42 @@
 """Every setting checked before any model work: a bad value or a contradictory combination
 ends the run with one line naming the key, the value and what is allowed.
 
-Rules are (key, test, what is allowed); a key a config does not have is skipped, so the same
-reward rules serve every reward config that has the knob.
+Each group checks its own keys next to the code that uses them (the reward's constructor,
+`covo.rollout.checks`, `covo.models.lora`, `covo.algorithms.updater.check_algorithm`,
+`covo.optim.check_scheduler`); here are the entry points that call them, the keys of the run
+configs themselves (and of the optimizer and trainer, whose constructors are not covo's), and
+the rules that span groups.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import math
-from collections.abc import Callable
-from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig
 
-from covo.algorithms.losses import LOSS_AGGREGATIONS
+from covo.algorithms.updater import check_algorithm
 from covo.answers import EXTRACTORS
+from covo.data.datamodule import check_data
+from covo.infra.checks import (
+    BOOL,
+    DTYPES,
+    INT_GE1,
+    Rule,
+    above,
+    apply_rules,
+    at_least,
+    between,
+    fail,
+    instantiate,
+    integer,
+    one_of,
+    optional,
+)
 from covo.infra.errors import SettingError
-from covo.models.lora import MISSING, wants_lora
+from covo.models.lora import MISSING, check_lora_settings, wants_lora
+from covo.optim import check_scheduler
+from covo.rollout.checks import check_rollout, check_sampling
 
-Rule = tuple[str, Callable[[Any], bool], str]
-DTYPES = ("float32", "bfloat16", "float16")
 # the compute dtype each Lightning precision runs in
 PRECISION_COMPUTE = {
     "32-true": "float32",
@@ -32,202 +48,61 @@ PRECISION_COMPUTE = {
 }
 LOW_PRECISION_WEIGHTS = ("bf16-true", "16-true")
 GROUP_BASELINES = ("covo.algorithms.advantages.grpo", "covo.algorithms.advantages.rloo")
-
-
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _integer(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def at_least(low: float, integer: bool = False) -> Callable[[Any], bool]:
-    kind = _integer if integer else _number
-    return lambda v: kind(v) and v >= low
-
-
-def above(low: float) -> Callable[[Any], bool]:
-    return lambda v: _number(v) and v > low
-
-
-def between(low: float, high: float, low_open=False, high_open=False) -> Callable[[Any], bool]:
-    def test(v) -> bool:
-        if not _number(v):
-            return False
-        return (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
-
-    return test
-
-
-def names(v) -> bool:
-    return (
-        isinstance(v, ListConfig | list) and len(v) > 0 and all(isinstance(x, str) and x for x in v)
-    )
-
-
-def one_of(*choices) -> Callable[[Any], bool]:
-    return lambda v: v in choices
-
-
-def optional(test: Callable[[Any], bool]) -> Callable[[Any], bool]:
-    return lambda v: v is None or test(v)
-
-
-INT_GE1 = (at_least(1, integer=True), "an integer >= 1")
-BOOL = (lambda v: isinstance(v, bool), "true or false")
-SAMPLING_RULES: list[Rule] = [
-    ("num_samples", *INT_GE1),
-    ("max_new_tokens", *INT_GE1),
-    ("temperature", at_least(0.0), "a number >= 0 (0 = greedy)"),
-    ("top_p", between(0.0, 1.0, low_open=True), "a number in (0, 1]"),
-]
-EXTRACTOR = (one_of(*EXTRACTORS), f"one of {', '.join(EXTRACTORS)}")
-REWARD_RULES: list[Rule] = [
-    ("extractor", *EXTRACTOR),
-    ("max_steps", *INT_GE1),
-    # cluster values: RiV, Con and 1 - Vol lie in [0, 1], RiL in [-1, 1]
-    ("threshold", between(-1.0, 1.0), "a number in [-1, 1]"),
-    ("timeout_s", above(0.0), "a number > 0"),
-    ("mode", one_of("binary", "continuous"), "binary or continuous"),
-    (
-        "aggregation",
-        one_of("vector", "linear", "consistency", "volatility"),
-        "vector, linear, consistency or volatility",
-    ),
-    ("distance_tokens", one_of("answer", "template_and_answer"), "answer or template_and_answer"),
-    ("colon_merge", one_of("pairs", "chains"), "pairs or chains"),
-    ("volatility_index", one_of("released", "paper"), "released or paper"),
-    ("curiosity.form", one_of("released", "paper"), "released or paper"),
-    ("curiosity.weight", at_least(0.0), "a number >= 0"),
-    ("min_states", *INT_GE1),
-    ("short_penalty", optional(_number), "null or a number"),
-    ("select", one_of("threshold", "top1"), "threshold or top1"),
-]
-LORA_RULES: list[Rule] = [
-    ("model.lora.r", at_least(0, integer=True), "an integer >= 0 (0 = no adapters)"),
-    ("model.lora.alpha", above(0.0), "a number > 0"),
-    ("model.lora.dropout", between(0.0, 1.0, high_open=True), "a number in [0, 1)"),
-    (
-        "model.lora.target_modules",
-        lambda v: v == "all-linear" or names(v),
-        "all-linear or a list of module names",
-    ),
+RUN_RULES: list[Rule] = [
+    ("seed", integer, "an integer"),
+    ("threads", optional(at_least(1, integer_only=True)), "null or an integer >= 1"),
 ]
 TRAIN_RULES: list[Rule] = [
-    ("seed", _integer, "an integer"),
-    ("threads", optional(at_least(1, integer=True)), "null or an integer >= 1"),
-    *[(f"rollout.{key}", test, allowed) for key, test, allowed in SAMPLING_RULES],
-    ("rollout.stats_chunk", *INT_GE1),
-    ("rollout.one_pass", *BOOL),
+    *RUN_RULES,
     ("model.hold_graphs", *BOOL),
-    ("algorithm.mask_truncated", *BOOL),
-    (
-        "algorithm.loss_agg",
-        one_of(*LOSS_AGGREGATIONS),
-        f"one of {', '.join(LOSS_AGGREGATIONS)}",
-    ),
-    ("algorithm.max_idle_rollouts", optional(at_least(1, integer=True)), "null or an integer >= 1"),
-    ("rollout.engine.cache", one_of("dynamic", "static"), "dynamic or static"),
-    ("rollout.engine.compile", *BOOL),
-    ("rollout.dtype", one_of(None, "auto", *DTYPES), f"null, auto or one of {DTYPES}"),
     ("scoring_dtype", one_of(None, *DTYPES), f"null or one of {DTYPES}"),
     ("reference_dtype", one_of(None, *DTYPES), f"null or one of {DTYPES}"),
     ("model.dtype", one_of(None, *DTYPES), f"null or one of {DTYPES}"),
     ("model.master_dtype", one_of(*DTYPES), f"one of {DTYPES}"),
-    *LORA_RULES,
-    ("export_adapters", one_of(True, False), "true or false"),
+    ("export_adapters", *BOOL),
     ("trainer.num_nodes", *INT_GE1),
     ("optimizer.lr", above(0.0), "a number > 0"),
-    ("optimizer.weight_decay", at_least(0.0), "a number >= 0"),
-    ("optimizer.momentum", between(0.0, 1.0, high_open=True), "a number in [0, 1)"),
-    ("scheduler.warmup_ratio", between(0.0, 1.0, high_open=True), "a number in [0, 1)"),
-    ("scheduler.min_lr_ratio", between(0.0, 1.0), "a number in [0, 1]"),
-    ("algorithm.clip_eps", above(0.0), "a number > 0"),
-    ("algorithm.kl_coef", at_least(0.0), "a number >= 0"),
-    ("algorithm.kl_estimator", one_of("k1", "k2", "k3"), "k1, k2 or k3"),
-    ("algorithm.ppo_epochs", *INT_GE1),
-    ("algorithm.micro_batch_size", *INT_GE1),
-    ("algorithm.mini_batch_size", optional(at_least(1, integer=True)), "null or an integer >= 1"),
-    ("algorithm.advantage.gamma", between(0.0, 1.0, low_open=True), "a number in (0, 1]"),
-    ("algorithm.advantage.eps", above(0.0), "a number > 0"),
     ("trainer.max_steps", *INT_GE1),
     ("trainer.devices", *INT_GE1),
-    ("data.batch_size", *INT_GE1),
-    ("data.val_batch_size", *INT_GE1),
-    ("data.val_size", at_least(0, integer=True), "an integer >= 0"),
     ("val_every_n_rollouts", *INT_GE1),
     ("samples_every_n_steps", *INT_GE1),
     ("plots_every_n_steps", *INT_GE1),
-    ("callbacks.model_checkpoint.every_n_steps", *INT_GE1),
     ("max_grad_norm", above(0.0), "a number > 0"),
-    *[(f"reward.{key}", test, allowed) for key, test, allowed in REWARD_RULES],
-    ("val_extractor", *EXTRACTOR),
+]
+# torch's optimizers' knobs that only some options have (AdamW's weight_decay, SGD's momentum)
+OPTIMIZER_RULES: list[Rule] = [
+    ("weight_decay", at_least(0.0), "a number >= 0"),
+    ("momentum", between(0.0, 1.0, high_open=True), "a number in [0, 1)"),
 ]
 EVAL_RULES: list[Rule] = [
-    ("seed", _integer, "an integer"),
-    ("threads", optional(at_least(1, integer=True)), "null or an integer >= 1"),
-    *SAMPLING_RULES,
+    *RUN_RULES,
     ("batch_size", *INT_GE1),
-    ("max_samples", optional(at_least(1, integer=True)), "null or an integer >= 1"),
+    ("max_samples", optional(at_least(1, integer_only=True)), "null or an integer >= 1"),
     ("dtype", one_of(None, "bfloat16", "float16"), "null, bfloat16 or float16"),
-    *LORA_RULES,
 ]
 SCORE_RULES: list[Rule] = [
-    ("seed", _integer, "an integer"),
-    ("threads", optional(at_least(1, integer=True)), "null or an integer >= 1"),
+    *RUN_RULES,
     ("scoring_dtype", one_of(None, "float32", "bfloat16"), "null, float32 or bfloat16"),
-    *[(f"reward.{key}", test, allowed) for key, test, allowed in REWARD_RULES],
 ]
 
 
-def fail(key: str, value, allowed: str) -> None:
-    raise SettingError(f"{key}={_show(value)}: expected {allowed}")
-
-
-def _show(value) -> str:
-    if isinstance(value, (DictConfig, ListConfig)):
-        value = OmegaConf.to_container(value)
-    return "null" if value is None else str(value)
-
-
-def apply_rules(cfg: DictConfig, rules: list[Rule]) -> None:
-    missing = object()
-    for key, test, allowed in rules:
-        value = OmegaConf.select(cfg, key, default=missing)
-        if value is not missing and not test(value):
-            fail(key, value, allowed)
-
-
-def check_greedy(cfg: DictConfig, prefix: str = "") -> None:
-    temperature = OmegaConf.select(cfg, f"{prefix}temperature")
-    n = OmegaConf.select(cfg, f"{prefix}num_samples")
-    if temperature == 0 and n > 1:
-        fail(
-            f"{prefix}temperature",
-            temperature,
-            f"a number > 0 with {prefix}num_samples={n} (greedy decoding gives one response)",
-        )
-
-
-def check_train(cfg: DictConfig) -> None:
-    """All of `train.yaml`'s settings, after `precision: auto` is resolved."""
+def check_train(cfg: DictConfig):
+    """All of `train.yaml`'s settings, after `precision: auto` is resolved. Returns the reward,
+    built (cheaply, no model) to check its arguments."""
     apply_rules(cfg, TRAIN_RULES)
-    check_greedy(cfg, "rollout.")
-    algo = cfg.algorithm
-    if algo.mini_batch_size is not None and algo.micro_batch_size > algo.mini_batch_size:
-        fail(
-            "algorithm.micro_batch_size",
-            algo.micro_batch_size,
-            f"at most algorithm.mini_batch_size={algo.mini_batch_size}",
-        )
-    if not algo.kl_in_reward and algo.kl_estimator == "k1" and algo.kl_coef > 0:
-        fail(
-            "algorithm.kl_estimator",
-            "k1",
-            "k2 or k3 with algorithm.kl_in_reward=false (k1 in the loss has zero expected"
-            " gradient: it regularises nothing)",
-        )
+    present = [rule for rule in OPTIMIZER_RULES if rule[0] in cfg.optimizer]
+    apply_rules(cfg.optimizer, present, "optimizer.")
+    if cfg.callbacks is not None and "model_checkpoint" in cfg.callbacks:
+        checkpoint = cfg.callbacks.model_checkpoint
+        apply_rules(checkpoint, [("every_n_steps", *INT_GE1)], "callbacks.model_checkpoint.")
+    check_data(cfg.data)
+    check_rollout(cfg.rollout)
+    check_algorithm(cfg.algorithm)
+    check_scheduler(cfg.scheduler)
+    check_lora_settings(cfg.model.lora)
+    reward = instantiate(cfg.reward, "reward.")
+    # the reward's own extractor by default: named after the reward's error
+    apply_rules(cfg, [("val_extractor", one_of(*EXTRACTORS), f"one of {', '.join(EXTRACTORS)}")])
     target = cfg.algorithm.advantage._target_
     if target in GROUP_BASELINES and cfg.rollout.num_samples < 2:
         fail(
@@ -237,6 +112,7 @@ def check_train(cfg: DictConfig) -> None:
         )
     check_precision(cfg)
     check_lora(cfg)
+    return reward
 
 
 def check_lora(cfg: DictConfig) -> None:
@@ -281,8 +157,9 @@ def check_precision(cfg: DictConfig) -> None:
 def check_eval(cfg: DictConfig) -> list[int]:
     """`eval.yaml`'s settings; returns the k values of pass@k/maj@k that fit `num_samples`."""
     apply_rules(cfg, EVAL_RULES)
-    check_greedy(cfg)
-    if not all(_integer(k) and k >= 1 for k in cfg.k):
+    check_sampling(cfg)
+    check_lora_settings(cfg.model.lora)
+    if not all(integer(k) and k >= 1 for k in cfg.k):
         fail("k", cfg.k, "a list of integers >= 1")
     ks = sorted({int(k) for k in cfg.k if k <= cfg.num_samples})
     if not ks:
@@ -290,5 +167,7 @@ def check_eval(cfg: DictConfig) -> list[int]:
     return ks
 
 
-def check_score(cfg: DictConfig) -> None:
+def check_score(cfg: DictConfig):
+    """`score.yaml`'s settings; returns the reward, built (no model) to check its arguments."""
     apply_rules(cfg, SCORE_RULES)
+    return instantiate(cfg.reward, "reward.")

@@ -66,12 +66,12 @@ def build(cfg: DictConfig) -> tuple[SelfRewardRL, L.LightningDataModule, L.Train
     for pattern in QUIET:
         warnings.filterwarnings("ignore", message=pattern)
     resolve_auto(cfg)
-    check_train(cfg)
+    reward = check_train(cfg)  # the reward is built before the model: it needs none
     loaded = hydra.utils.instantiate(cfg.model)
     datamodule = hydra.utils.instantiate(cfg.data)
     module = SelfRewardRL(
         model=loaded,
-        reward=hydra.utils.instantiate(cfg.reward),
+        reward=reward,
         algorithm=hydra.utils.instantiate(cfg.algorithm),
         optimizer=hydra.utils.instantiate(cfg.optimizer),
         scheduler=hydra.utils.instantiate(cfg.scheduler),

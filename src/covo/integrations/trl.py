@@ -21,7 +21,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import hydra
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -30,6 +29,7 @@ from omegaconf import DictConfig
 
 from covo.analysis.score import SCORING_DTYPES, group_from_ids
 from covo.answers import AnswerEquivalence
+from covo.infra.checks import instantiate
 from covo.infra.errors import installed
 from covo.metrics.step import reward_metrics
 from covo.models import lora
@@ -150,7 +150,7 @@ class CovoReward:
         if not installed("trl"):
             raise MissingExtraError(MISSING)
         cfg = integration_config(reward, overrides)
-        self.reward = hydra.utils.instantiate(cfg.reward)
+        self.reward = instantiate(cfg.reward, "reward.")
         if declared_views(self.reward):
             raise ValueError(
                 f"reward {reward} samples extra views of each prompt, which TRL's rollout does"

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from covo.infra.checks import Rule, above, apply_rules, at_least, between, names
 from covo.infra.errors import UserError
 
 MISSING = "LoRA needs peft: pip install -e '.[lora]' (or `bash scripts/setup.sh lora`)"
@@ -21,6 +22,24 @@ MISSING = "LoRA needs peft: pip install -e '.[lora]' (or `bash scripts/setup.sh 
 
 class MissingExtraError(UserError, RuntimeError):
     """An optional dependency is not installed; the message names the extra that brings it."""
+
+
+LORA_RULES: list[Rule] = [
+    ("r", at_least(0, integer_only=True), "an integer >= 0 (0 = no adapters)"),
+    ("alpha", above(0.0), "a number > 0"),
+    ("dropout", between(0.0, 1.0, high_open=True), "a number in [0, 1)"),
+    (
+        "target_modules",
+        lambda v: v == "all-linear" or names(v),
+        "all-linear or a list of module names",
+    ),
+]
+
+
+def check_lora_settings(lora, prefix: str = "model.lora.") -> None:
+    """`model.lora`'s knobs (`add_adapters`' arguments); null turns adapters off."""
+    if lora is not None:
+        apply_rules(lora, LORA_RULES, prefix)
 
 
 def wants_lora(lora) -> bool:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from covo.answers import AnswerEquivalence, cluster_answers, get_extractor
+from covo.answers import EXTRACTORS, AnswerEquivalence, cluster_answers, get_extractor
+from covo.infra.checks import above, check, one_of
 from covo.rewards.base import Group
 
 
 class AnswerClustering:
-    """Extractor and (cached) answer equivalence, set by the reward's config."""
+    """Extractor and (cached) answer equivalence, set by the reward's config; a value out of
+    range raises a `covo.infra.checks.BadSetting` naming its argument."""
 
     def __init__(
         self,
@@ -15,6 +17,8 @@ class AnswerClustering:
         timeout_s: float = 2.0,
         equivalence: AnswerEquivalence | None = None,
     ):
+        check("extractor", extractor, one_of(*EXTRACTORS), f"one of {', '.join(EXTRACTORS)}")
+        check("timeout_s", timeout_s, above(0.0), "a number > 0")
         self.extract = get_extractor(extractor)
         self.equivalence = equivalence or AnswerEquivalence(timeout_s)
 

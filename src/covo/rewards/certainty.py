@@ -8,6 +8,7 @@ import math
 import torch
 
 from covo.answers import AnswerEquivalence
+from covo.infra.checks import between, check, one_of
 from covo.rewards.answered import AnswerClustering
 from covo.rewards.base import Group, GroupReward, Scorer
 
@@ -37,10 +38,10 @@ class _TokenStatReward(AnswerClustering):
         last_fraction: float = 1.0,
     ):
         super().__init__(extractor, timeout_s, equivalence)
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reward.reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        if not 0.0 < last_fraction <= 1.0:
-            raise ValueError(f"reward.last_fraction must be in (0, 1], got {last_fraction}")
+        check("reduction", reduction, one_of(*REDUCTIONS), f"one of {', '.join(REDUCTIONS)}")
+        check(
+            "last_fraction", last_fraction, between(0.0, 1.0, low_open=True), "a number in (0, 1]"
+        )
         self.reduction = reduction
         self.last_fraction = last_fraction
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 
 from covo.answers import AnswerEquivalence
+from covo.infra.checks import between, check
 from covo.rewards.answered import AnswerClustering
 from covo.rewards.base import Group, GroupReward, Scorer
 
@@ -26,8 +27,7 @@ class RandomReward(AnswerClustering):
         equivalence: AnswerEquivalence | None = None,
     ):
         super().__init__(extractor, timeout_s, equivalence)
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"reward.p must be in [0, 1], got {p}")
+        check("p", p, between(0.0, 1.0), "a number in [0, 1]")
         self.p = p
         self.seed = seed
 

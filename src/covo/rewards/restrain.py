@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 from covo.answers import AnswerEquivalence
+from covo.infra.checks import above, between, check
 from covo.rewards.answered import AnswerClustering
 from covo.rewards.base import Group, GroupReward, Scorer
 
@@ -42,12 +43,8 @@ class RestrainReward(AnswerClustering):
         equivalence: AnswerEquivalence | None = None,
     ):
         super().__init__(extractor, timeout_s, equivalence)
-        if sigma <= 0:
-            raise ValueError(f"reward.sigma must be > 0, got {sigma}")
-        if not 0.0 <= min_majority_share <= 1.0:
-            raise ValueError(
-                f"reward.min_majority_share must be in [0, 1], got {min_majority_share}"
-            )
+        check("sigma", sigma, above(0.0), "a number > 0")
+        check("min_majority_share", min_majority_share, between(0.0, 1.0), "a number in [0, 1]")
         self.center, self.sigma = center, sigma
         self.min_majority_share = min_majority_share
         self.penalty = penalty

@@ -15,6 +15,7 @@ from functools import partial
 import torch
 
 from covo.answers import AnswerEquivalence
+from covo.infra.checks import INT_GE1, at_least, between, check, number, one_of, optional
 from covo.rewards.answered import AnswerClustering
 from covo.rewards.base import Group, GroupReward, Scorer
 from covo.rewards.covo.segmentation import COLON_MERGES, states, step_ends
@@ -158,24 +159,24 @@ class CoVoReward(AnswerClustering):
         timeout_s: float = 2.0,
         equivalence: AnswerEquivalence | None = None,
     ):
-        for name, value, valid in [
-            ("aggregation", aggregation, AGGREGATIONS),
-            ("mode", mode, MODES),
-            ("colon_merge", colon_merge, COLON_MERGES),
-            ("distance_tokens", distance_tokens, SCORED_FROM),
-            ("volatility_index", volatility_index, VOLATILITY_OFFSETS),
-            ("select", select, SELECTIONS),
+        for name, value, valid, allowed in [
+            ("aggregation", aggregation, AGGREGATIONS, "vector, linear, consistency or volatility"),
+            ("mode", mode, MODES, "binary or continuous"),
+            ("colon_merge", colon_merge, COLON_MERGES, "pairs or chains"),
+            ("distance_tokens", distance_tokens, SCORED_FROM, "answer or template_and_answer"),
+            ("volatility_index", volatility_index, VOLATILITY_OFFSETS, "released or paper"),
+            ("select", select, SELECTIONS, "threshold or top1"),
         ]:
-            if value not in valid:
-                raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
-        if isinstance(min_states, bool) or not isinstance(min_states, int) or min_states < 1:
-            raise ValueError(f"min_states must be an integer >= 1, got {min_states!r}")
+            check(name, value, one_of(*valid), allowed)
+        # cluster values: RiV, Con and 1 - Vol lie in [0, 1], RiL in [-1, 1]
+        check("threshold", threshold, between(-1.0, 1.0), "a number in [-1, 1]")
+        check("max_steps", max_steps, *INT_GE1)
+        check("min_states", min_states, *INT_GE1)
+        check("short_penalty", short_penalty, optional(number), "null or a number")
         curiosity = CURIOSITY_OFF if curiosity is None else curiosity
         form = curiosity["form"]
-        if form not in CURIOSITY_FORMS:
-            raise ValueError(
-                f"unknown curiosity form {form!r}; valid: {', '.join(CURIOSITY_FORMS)}"
-            )
+        check("curiosity.form", form, one_of(*CURIOSITY_FORMS), "released or paper")
+        check("curiosity.weight", curiosity["weight"], at_least(0.0), "a number >= 0")
         super().__init__(extractor, timeout_s, equivalence)
         self.aggregate = AGGREGATIONS[aggregation]
         self.to_reward = MODES[mode]
