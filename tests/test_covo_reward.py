@@ -234,7 +234,9 @@ def test_curiosity_is_added_to_the_reward_when_on():
 def test_unknown_knob_values_are_refused():
     with pytest.raises(ValueError, match="aggregation"):
         CoVoReward(aggregation="quadratic")
-    with pytest.raises(ValueError, match=r"^curiosity\.form=bored: expected released or paper$"):
+    with pytest.raises(
+        ValueError, match=r"^reward\.curiosity\.form=bored: expected released or paper$"
+    ):
         CoVoReward(curiosity={"form": "bored", "weight": 1.0})
 
 
@@ -513,9 +515,9 @@ def test_top1_ignores_the_threshold_and_no_value_passes_nothing():
 
 
 def test_bad_guard_values_are_refused():
-    with pytest.raises(ValueError, match=r"^min_states=0: expected an integer >= 1$"):
+    with pytest.raises(ValueError, match=r"^reward\.min_states=0: expected an integer >= 1$"):
         CoVoReward(min_states=0)
-    with pytest.raises(ValueError, match=r"^select=best: expected threshold or top1$"):
+    with pytest.raises(ValueError, match=r"^reward\.select=best: expected threshold or top1$"):
         CoVoReward(select="best")
 
 

@@ -225,16 +225,16 @@ def test_every_rule_names_a_key_every_config_has(name, rules, groups):
 @pytest.mark.parametrize(
     ("reward", "message"),
     [
-        (lambda: CoVoReward(threshold=2), "threshold=2: expected a number in [-1, 1]"),
+        (lambda: CoVoReward(threshold=2), "reward.threshold=2: expected a number in [-1, 1]"),
         (
             lambda: CoVoReward(curiosity={"form": "other", "weight": 0.1}),
-            "curiosity.form=other: expected released or paper",
+            "reward.curiosity.form=other: expected released or paper",
         ),
         (
             lambda: MajorityReward(extractor="first_word"),
-            "extractor=first_word: expected one of ",
+            "reward.extractor=first_word: expected one of ",
         ),
-        (lambda: MajorityReward(timeout_s=0), "timeout_s=0: expected a number > 0"),
+        (lambda: MajorityReward(timeout_s=0), "reward.timeout_s=0: expected a number > 0"),
     ],
 )
 def test_a_reward_built_directly_refuses_its_bad_arguments(reward, message):

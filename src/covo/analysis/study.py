@@ -177,7 +177,7 @@ def build_reward(name: str, extractor: str | None):
     node = reward_config(name)
     if extractor is not None and "extractor" in node:
         node.extractor = extractor
-    return instantiate(node, "reward.")
+    return instantiate(node)
 
 
 def study(cfg: DictConfig) -> dict:

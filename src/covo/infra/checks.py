@@ -22,14 +22,11 @@ Rule = tuple[str, Test, str]  # (key, test, what is allowed)
 
 
 class BadSetting(SettingError):
-    """`key=value: expected allowed`; `prefixed` names the key from a config's root."""
+    """`key=value: expected allowed`."""
 
     def __init__(self, key: str, value, allowed: str):
         self.key, self.value, self.allowed = key, value, allowed
         super().__init__(f"{key}={show(value)}: expected {allowed}")
-
-    def prefixed(self, prefix: str) -> BadSetting:
-        return BadSetting(f"{prefix}{self.key}", self.value, self.allowed)
 
 
 def number(v) -> bool:
@@ -111,12 +108,13 @@ def apply_rules(cfg: DictConfig, rules: list[Rule], prefix: str = "") -> None:
         check(f"{prefix}{key}", read(cfg, key, prefix), test, allowed)
 
 
-def instantiate(node: DictConfig, prefix: str):
-    """`hydra.utils.instantiate(node)`; a value its constructor refuses is named from the
-    config's root (`threshold` -> `reward.threshold`)."""
+def instantiate(node: DictConfig):
+    """`hydra.utils.instantiate(node)`; a value its constructor refuses (a `BadSetting`, which
+    names the key from the config's root, e.g. `reward.threshold`) is that one line, not
+    Hydra's wrapped error."""
     try:
         return hydra.utils.instantiate(node)
     except InstantiationException as err:
         if isinstance(err.__cause__, BadSetting):
-            raise err.__cause__.prefixed(prefix) from None
+            raise err.__cause__ from None
         raise

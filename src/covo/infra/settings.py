@@ -100,7 +100,7 @@ def check_train(cfg: DictConfig):
     check_algorithm(cfg.algorithm)
     check_scheduler(cfg.scheduler)
     check_lora_settings(cfg.model.lora)
-    reward = instantiate(cfg.reward, "reward.")
+    reward = instantiate(cfg.reward)
     # the reward's own extractor by default: named after the reward's error
     apply_rules(cfg, [("val_extractor", one_of(*EXTRACTORS), f"one of {', '.join(EXTRACTORS)}")])
     target = cfg.algorithm.advantage._target_
@@ -170,4 +170,4 @@ def check_eval(cfg: DictConfig) -> list[int]:
 def check_score(cfg: DictConfig):
     """`score.yaml`'s settings; returns the reward, built (no model) to check its arguments."""
     apply_rules(cfg, SCORE_RULES)
-    return instantiate(cfg.reward, "reward.")
+    return instantiate(cfg.reward)

@@ -150,7 +150,7 @@ class CovoReward:
         if not installed("trl"):
             raise MissingExtraError(MISSING)
         cfg = integration_config(reward, overrides)
-        self.reward = instantiate(cfg.reward, "reward.")
+        self.reward = instantiate(cfg.reward)
         if declared_views(self.reward):
             raise ValueError(
                 f"reward {reward} samples extra views of each prompt, which TRL's rollout does"

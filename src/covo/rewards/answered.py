@@ -17,8 +17,8 @@ class AnswerClustering:
         timeout_s: float = 2.0,
         equivalence: AnswerEquivalence | None = None,
     ):
-        check("extractor", extractor, one_of(*EXTRACTORS), f"one of {', '.join(EXTRACTORS)}")
-        check("timeout_s", timeout_s, above(0.0), "a number > 0")
+        check("reward.extractor", extractor, one_of(*EXTRACTORS), f"one of {', '.join(EXTRACTORS)}")
+        check("reward.timeout_s", timeout_s, above(0.0), "a number > 0")
         self.extract = get_extractor(extractor)
         self.equivalence = equivalence or AnswerEquivalence(timeout_s)
 

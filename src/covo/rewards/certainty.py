@@ -38,9 +38,12 @@ class _TokenStatReward(AnswerClustering):
         last_fraction: float = 1.0,
     ):
         super().__init__(extractor, timeout_s, equivalence)
-        check("reduction", reduction, one_of(*REDUCTIONS), f"one of {', '.join(REDUCTIONS)}")
+        check("reward.reduction", reduction, one_of(*REDUCTIONS), f"one of {', '.join(REDUCTIONS)}")
         check(
-            "last_fraction", last_fraction, between(0.0, 1.0, low_open=True), "a number in (0, 1]"
+            "reward.last_fraction",
+            last_fraction,
+            between(0.0, 1.0, low_open=True),
+            "a number in (0, 1]",
         )
         self.reduction = reduction
         self.last_fraction = last_fraction

@@ -27,7 +27,7 @@ class RandomReward(AnswerClustering):
         equivalence: AnswerEquivalence | None = None,
     ):
         super().__init__(extractor, timeout_s, equivalence)
-        check("p", p, between(0.0, 1.0), "a number in [0, 1]")
+        check("reward.p", p, between(0.0, 1.0), "a number in [0, 1]")
         self.p = p
         self.seed = seed
 

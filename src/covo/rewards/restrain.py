@@ -43,8 +43,10 @@ class RestrainReward(AnswerClustering):
         equivalence: AnswerEquivalence | None = None,
     ):
         super().__init__(extractor, timeout_s, equivalence)
-        check("sigma", sigma, above(0.0), "a number > 0")
-        check("min_majority_share", min_majority_share, between(0.0, 1.0), "a number in [0, 1]")
+        check("reward.sigma", sigma, above(0.0), "a number > 0")
+        check(
+            "reward.min_majority_share", min_majority_share, between(0.0, 1.0), "a number in [0, 1]"
+        )
         self.center, self.sigma = center, sigma
         self.min_majority_share = min_majority_share
         self.penalty = penalty

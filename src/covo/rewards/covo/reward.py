@@ -167,16 +167,16 @@ class CoVoReward(AnswerClustering):
             ("volatility_index", volatility_index, VOLATILITY_OFFSETS, "released or paper"),
             ("select", select, SELECTIONS, "threshold or top1"),
         ]:
-            check(name, value, one_of(*valid), allowed)
+            check(f"reward.{name}", value, one_of(*valid), allowed)
         # cluster values: RiV, Con and 1 - Vol lie in [0, 1], RiL in [-1, 1]
-        check("threshold", threshold, between(-1.0, 1.0), "a number in [-1, 1]")
-        check("max_steps", max_steps, *INT_GE1)
-        check("min_states", min_states, *INT_GE1)
-        check("short_penalty", short_penalty, optional(number), "null or a number")
+        check("reward.threshold", threshold, between(-1.0, 1.0), "a number in [-1, 1]")
+        check("reward.max_steps", max_steps, *INT_GE1)
+        check("reward.min_states", min_states, *INT_GE1)
+        check("reward.short_penalty", short_penalty, optional(number), "null or a number")
         curiosity = CURIOSITY_OFF if curiosity is None else curiosity
         form = curiosity["form"]
-        check("curiosity.form", form, one_of(*CURIOSITY_FORMS), "released or paper")
-        check("curiosity.weight", curiosity["weight"], at_least(0.0), "a number >= 0")
+        check("reward.curiosity.form", form, one_of(*CURIOSITY_FORMS), "released or paper")
+        check("reward.curiosity.weight", curiosity["weight"], at_least(0.0), "a number >= 0")
         super().__init__(extractor, timeout_s, equivalence)
         self.aggregate = AGGREGATIONS[aggregation]
         self.to_reward = MODES[mode]
