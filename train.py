@@ -5,8 +5,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from covo.infra.errors import exit_on_missing_launcher, exit_on_user_error
-from covo.infra.train import optimized_value, train
+from covo.infra.errors import exit_on_missing_launcher, exit_on_renamed_key, exit_on_user_error
+from covo.infra.train import RENAMED, optimized_value, train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -21,4 +21,5 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     exit_on_missing_launcher(sys.argv[1:])
+    exit_on_renamed_key(sys.argv[1:], RENAMED)
     main()

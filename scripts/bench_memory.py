@@ -133,7 +133,7 @@ def held(module) -> dict[str, int]:
     policy = list(module.policy.parameters())
     reference = list(module.reference.parameters()) if module.reference is not None else []
     own = storages(policy)
-    replica = module.rollout_view.replica
+    replica = module.sampler.view.replica
     return {
         "params_trained": nbytes(p for p in policy if p.requires_grad),
         "params_frozen": nbytes(p for p in policy if not p.requires_grad),

@@ -52,7 +52,7 @@ steps=(
     "default run, trainer=gpu|110|$python train.py trainer=gpu trainer.max_steps=3 val_every_n_rollouts=2 +trainer.limit_val_batches=1 paths.output_dir=$work/default"
     "strategy=fsdp, 1 GPU|90|$python train.py trainer=gpu strategy=fsdp trainer.devices=1 trainer.max_steps=2 val_every_n_rollouts=100 export_dir=null paths.output_dir=$work/fsdp"
     "static+compile vs dynamic|100|$python scripts/bench_generate.py --device cuda --dtype bfloat16 --compile --rows 32 --tokens 64 --repeats 2"
-    "7B recipe memory on SmolLM2|120|$python scripts/bench_memory.py --variants default --steps 8 --json $work/memory.json trainer=gpu model.dtype=bfloat16 model.gradient_checkpointing=true reference_dtype=bfloat16 rollout.num_samples=16 rollout.max_new_tokens=2048 data.batch_size=2 algorithm.mini_batch_size=4 algorithm.micro_batch_size=2"
+    "7B recipe memory on SmolLM2|120|$python scripts/bench_memory.py --variants default --steps 8 --json $work/memory.json trainer=gpu model.dtype=bfloat16 model.gradient_checkpointing=true module.reference_dtype=bfloat16 rollout.num_samples=16 rollout.max_new_tokens=2048 data.batch_size=2 algorithm.mini_batch_size=4 algorithm.micro_batch_size=2"
 )
 
 if [[ $dry_run -eq 1 ]]; then

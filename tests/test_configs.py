@@ -209,11 +209,11 @@ def test_the_default_run_and_the_choices_that_follow_the_model(tmp_path):
     assert default.reward._target_ == "covo.rewards.covo.reward.CoVoReward"
     assert default.reward.extractor == "boxed_or_last_number"  # SmolLM2 rarely boxes
     assert default.model.hold_graphs is True
-    assert default.val_extractor == "boxed_or_last_number"
+    assert default.module.val_extractor == "boxed_or_last_number"
     large = compose_config("train", ["model=hf", "model.name_or_path=x"], tmp_path)
     assert large.model.hold_graphs is False
     paper = compose_config("train", ["reward=covo_paper"], tmp_path)
-    assert paper.reward.extractor == paper.val_extractor == "boxed"
+    assert paper.reward.extractor == paper.module.val_extractor == "boxed"
     released = compose_config("train", ["reward=covo"], tmp_path)
     assert released.reward.extractor == "released_boxed"
     # an experiment's pick gives way to the command line's
@@ -234,8 +234,8 @@ READ_KEYS = [
     "ckpt_path",
     "export_dir",
     "export_adapters",
-    "reference_dtype",
-    "val_extractor",
+    "module.reference_dtype",
+    "module.val_extractor",
 ]
 
 

@@ -70,14 +70,36 @@ def test_a_bad_setting_is_one_line_and_exit_2(tmp_path):
     assert proc.stderr == "error: rollout.temperature=-1: expected a number >= 0 (0 = greedy)\n"
 
 
+@pytest.mark.parametrize(
+    "override, line",
+    [
+        (
+            "max_grad_norm=0.5",
+            "error: max_grad_norm is now module.max_grad_norm: max_grad_norm=0.5 ->"
+            " module.max_grad_norm=0.5 (docs/configuration.md: Renamed keys)",
+        ),
+        (
+            "+val_extractor=boxed",
+            "error: val_extractor is now module.val_extractor: +val_extractor=boxed ->"
+            " module.val_extractor=boxed (docs/configuration.md: Renamed keys)",
+        ),
+    ],
+)
+def test_a_key_that_moved_into_module_names_its_new_key(override, line, tmp_path):
+    proc = run_train(override, tmp_path=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr == line + "\n"
+    assert not list(tmp_path.iterdir())  # refused before Hydra made a run directory
+
+
 BROKEN_METRIC = """
 import runpy, sys
-import covo.module
+import covo.metrics.step
 
 def reward_metrics(*args, **kwargs):
     raise KeyError("diag/accuracy")
 
-covo.module.reward_metrics = reward_metrics
+covo.metrics.step.reward_metrics = reward_metrics
 sys.argv = ["train.py", *sys.argv[1:]]
 runpy.run_path("train.py", run_name="__main__")
 """

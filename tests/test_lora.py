@@ -124,8 +124,8 @@ def config(tmp_path, *overrides):
             "model.lora.target_modules=[]: expected all-linear or a list of module names",
         ),
         (
-            ["model.lora.r=8", "reference_dtype=bfloat16"],
-            "reference_dtype=bfloat16: expected null with model.lora (the reference is the"
+            ["model.lora.r=8", "module.reference_dtype=bfloat16"],
+            "module.reference_dtype=bfloat16: expected null with model.lora (the reference is the"
             " policy's own weights, adapters off)",
         ),
         (

@@ -124,7 +124,7 @@ RUN = [
     "trainer.precision=32-true",
     "threads=1",
     "val_every_n_rollouts=100",
-    "samples_every_n_steps=1",
+    "module.samples_every_n_steps=1",
     "callbacks.model_checkpoint.every_n_steps=1",
 ]
 

@@ -69,7 +69,7 @@ def train_cfg(tmp_path, *overrides):
         ("trainer.max_steps=0", "trainer.max_steps=0: expected an integer >= 1"),
         ("scheduler.warmup_ratio=1.0", "scheduler.warmup_ratio=1.0: expected a number in [0, 1)"),
         ("data.batch_size=0", "data.batch_size=0: expected an integer >= 1"),
-        ("max_grad_norm=0", "max_grad_norm=0: expected a number > 0"),
+        ("module.max_grad_norm=0", "module.max_grad_norm=0: expected a number > 0"),
         ("rollout.top_p=abc", "rollout.top_p=abc: expected a number in (0, 1]"),
         (
             "model.dtype=bfloat16",  # with trainer.precision=32-true

@@ -30,7 +30,7 @@ def test_every_value_and_checkpoint_counts_optimizer_steps(tiny_cfg, tmp_path):
         "trainer.max_steps=16",
         "callbacks.model_checkpoint.every_n_steps=6",
         "callbacks.model_checkpoint.save_last=false",
-        "samples_every_n_steps=5",
+        "module.samples_every_n_steps=5",
         "val_every_n_rollouts=2",
         "export_dir=null",
     )

@@ -169,7 +169,9 @@ def covo_scalars(tiny_cfg, output_dir: Path, *overrides: str) -> dict[str, list[
 
 def test_reusing_rollout_caches_changes_no_reward(tiny_cfg, tmp_path):
     runs = {
-        reuse: covo_scalars(tiny_cfg, tmp_path / f"reuse_{reuse}", f"reuse_rollout_cache={reuse}")
+        reuse: covo_scalars(
+            tiny_cfg, tmp_path / f"reuse_{reuse}", f"module.reuse_rollout_cache={reuse}"
+        )
         for reuse in (True, False)
     }
     reused, fed = runs[True], runs[False]
@@ -187,16 +189,16 @@ def test_reusing_rollout_caches_changes_no_reward(tiny_cfg, tmp_path):
     "overrides, keeps",
     [
         ([], True),
-        (["reuse_rollout_cache=false"], False),
+        (["module.reuse_rollout_cache=false"], False),
         (["reward=majority"], False),
         # scoring on another replica than the rollout's: its keys and values would not match
-        (["rollout.dtype=null", "scoring_dtype=bfloat16"], False),
+        (["rollout.dtype=null", "module.scoring_dtype=bfloat16"], False),
     ],
 )
 def test_rollout_keeps_caches_only_for_a_scorer_on_the_same_weights(tiny_cfg, overrides, keeps):
     cfg = tiny_cfg("reward=covo", *overrides, "callbacks=none", "logger=none")
     module, _, _ = build(cfg)
-    assert module.keep_rollout_cache is keeps
+    assert module.sampler.keep_cache is keeps
 
 
 def test_covo_run_logs_reward_components_and_diagnostics(tiny_cfg):
@@ -205,7 +207,7 @@ def test_covo_run_logs_reward_components_and_diagnostics(tiny_cfg):
         "reward=covo_last_number",
         "rollout.num_samples=4",
         "rollout.max_new_tokens=32",
-        "plots_every_n_steps=1",
+        "module.plots_every_n_steps=1",
         "callbacks=none",
         "export_dir=null",
     )
@@ -308,7 +310,7 @@ VAL_RESPONSES = [
     [
         (["reward=covo"], "released_boxed", [0.0, 1.0, 0.0]),
         (["reward=covo_last_number"], "boxed_or_last_number", [1.0, 1.0, 1.0]),
-        (["reward=covo", "val_extractor=last_number"], "last_number", [1.0, 0.0, 1.0]),
+        (["reward=covo", "module.val_extractor=last_number"], "last_number", [1.0, 0.0, 1.0]),
     ],
 )
 def test_validation_reads_answers_with_the_configured_extractor(
@@ -320,7 +322,7 @@ def test_validation_reads_answers_with_the_configured_extractor(
     assert module.grade(list(texts), list(labels)) == correct
     with caplog.at_level("INFO", logger="covo.module"):
         module.on_fit_start()
-    assert f"val_extractor={extractor}" in caplog.text
+    assert f"module.val_extractor={extractor}" in caplog.text
     assert f"val_extractor: {extractor}\n" in write_config(cfg).read_text()
 
 

@@ -93,7 +93,7 @@ def run_recording(tiny_cfg, monkeypatch, *overrides):
         "callbacks=none",
         "logger=none",
         "export_dir=null",
-        "max_grad_norm=1.0e9",
+        "module.max_grad_norm=1.0e9",
         "scheduler=constant",
         "rollout.num_samples=4",
         *overrides,
@@ -252,7 +252,7 @@ def test_on_policy_ratio_is_exactly_one_in_the_first_epoch(tiny_cfg, monkeypatch
         "trainer.max_steps=4",
     )
     assert next(module.policy.parameters()).dtype == torch.float32  # master weights
-    assert module.rollout_view.replica is not None
+    assert module.sampler.view.replica is not None
     per_epoch = 2  # 8 rows in micro-batches of 4
     for step in range(len(seen)):
         first = calls[step * 2 * per_epoch : step * 2 * per_epoch + per_epoch]

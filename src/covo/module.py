@@ -1,20 +1,17 @@
-"""The LightningModule: rollout -> reward -> advantages -> policy-gradient update."""
+"""The LightningModule: rollout -> reward -> advantages -> policy-gradient update -> log."""
 
 from __future__ import annotations
 
 import logging
 import os
 import time
-from dataclasses import dataclass
 
-import hydra
 import lightning.pytorch as L
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from omegaconf import DictConfig
 from torchmetrics import MaxMetric, MeanMetric
 
-from covo.algorithms.losses import masked_mean
 from covo.algorithms.update import UpdatePlan
 from covo.algorithms.updater import Updater
 from covo.answers import AnswerEquivalence, get_extractor
@@ -22,14 +19,15 @@ from covo.eval.harness import greedy_responses
 from covo.infra import distributed as dist
 from covo.infra.resume import all_rng_states, restore
 from covo.infra.settings import PRECISION_COMPUTE
-from covo.metrics.media import write_media
-from covo.metrics.step import reward_metrics, rollout_metrics
+from covo.metrics.media import MediaWriter
+from covo.metrics.step import step_metrics
 from covo.models import lora
 from covo.models.loading import LoadedModel, torch_dtype
-from covo.rewards.base import GroupReward, Reward, label_for
-from covo.rewards.covo.scorer import PrefixSharedScorer
-from covo.rollout.sampling import Rollout, build_rollout, format_prompts
-from covo.rollout.views import sample_views, training_rows
+from covo.rewards.base import Reward
+from covo.rewards.scoring import Scored, score_rollout
+from covo.rollout.sampler import RolloutSampler
+from covo.rollout.sampling import Rollout
+from covo.rollout.views import training_rows
 
 log = logging.getLogger(__name__)
 
@@ -40,20 +38,13 @@ def hold_unregistered(module: torch.nn.Module, name: str, value) -> None:
     object.__setattr__(module, name, value)
 
 
-@dataclass
-class Scored:
-    rewards: torch.Tensor
-    results: list[GroupReward]
-    labels: list[str | None]  # diagnostics only
-
-
 class SelfRewardRL(L.LightningModule):
-    """Self-rewarding RL of a causal LM.
+    """Self-rewarding RL of a causal LM, built from `conf/train.yaml`'s `module` node.
 
     `reward` maps a prompt's group of responses to rewards; `algorithm` holds the advantage
     estimator (a partial), KL, clipping and batching settings; `optimizer` and `scheduler`
-    are partials completed here. Validation reads answers with the extractor `val_extractor`
-    names (`covo.answers.EXTRACTORS`).
+    are partials completed here; `rollout` holds the sampling settings and the built engine.
+    Validation reads answers with the extractor `val_extractor` names (`covo.answers`).
     """
 
     def __init__(
@@ -82,17 +73,19 @@ class SelfRewardRL(L.LightningModule):
         self.algorithm = algorithm
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self.rollout_cfg = rollout
-        self.engine = hydra.utils.instantiate(rollout.engine)
-        self.idle_rollouts = 0  # rollouts in a row without an optimizer step
-        self.scoring_dtype = torch_dtype(scoring_dtype)
-        self.samples_every_n_steps = samples_every_n_steps
-        self.plots_every_n_steps = plots_every_n_steps
-        self.media_step = -1  # the step of the last rollout that considered media
+        self.max_new_tokens = rollout.max_new_tokens
+        self.threads = threads
         self.val_extractor = val_extractor
         self.val_extract = get_extractor(val_extractor)
-        self.threads = threads
-        rollout_dtype = torch_dtype(rollout.dtype)
+        self.sampler = RolloutSampler(self.tokenizer, self.chat_template, rollout)
+        self.scoring_view = self.sampler.scoring_view(torch_dtype(scoring_dtype))
+        # the scorer reads each trajectory's keys and values from the rollout's log-prob
+        # forward: only valid when both run on the same weights in the same dtype
+        self.sampler.keep_cache = (
+            reuse_rollout_cache
+            and getattr(reward, "uses_scorer", False)
+            and self.scoring_view is self.sampler.view
+        )
         reference = None
         if algorithm.kl_coef > 0:
             reference = lora.reference_of(self.policy, torch_dtype(reference_dtype))
@@ -106,21 +99,9 @@ class SelfRewardRL(L.LightningModule):
             model.hold_graphs,
             max_grad_norm,
         )
-        # under LoRA checkpoints hold the adapters only (`state_dict`)
-        self.strict_loading = not lora.is_lora(self.policy)
-        self.rollout_view = dist.InferenceView(rollout_dtype)
-        self.scoring_view = (
-            dist.InferenceView(self.scoring_dtype)
-            if self.scoring_dtype not in (None, rollout_dtype)
-            else self.rollout_view
-        )
-        # the scorer reads each trajectory's keys and values from the rollout's log-prob
-        # forward: only valid when both run on the same weights in the same dtype
-        self.keep_rollout_cache = (
-            reuse_rollout_cache
-            and getattr(reward, "uses_scorer", False)
-            and self.scoring_view is self.rollout_view
-        )
+        self.strict_loading = not lora.is_lora(self.policy)  # LoRA checkpoints: adapters only
+        self.media = MediaWriter(samples_every_n_steps, plots_every_n_steps)
+        self.idle_rollouts = 0  # rollouts in a row without an optimizer step
         self.equivalence = AnswerEquivalence()
         self.val_accuracy = MeanMetric()  # summed and counted over every rank's prompts
         self.val_accuracy_best = MaxMetric()
@@ -133,7 +114,7 @@ class SelfRewardRL(L.LightningModule):
 
     def on_fit_start(self) -> None:
         if self.global_rank == 0:
-            log.info("val/accuracy reads answers with val_extractor=%s", self.val_extractor)
+            log.info("val/accuracy reads answers with module.val_extractor=%s", self.val_extractor)
         if self.reference is not None:
             self.reference.to(self.device)
         self.updater.device = self.device
@@ -181,7 +162,7 @@ class SelfRewardRL(L.LightningModule):
         self.stop_when_idle(plan)
 
     def on_train_start(self) -> None:
-        self.media_step = self.global_step - 1  # a resumed run's first rollout may be due
+        self.media.last_step = self.global_step - 1  # a resumed run's first rollout may be due
 
     def stop_when_idle(self, plan: UpdatePlan) -> None:
         """Stop cleanly after `algorithm.max_idle_rollouts` rollouts in a row without an
@@ -201,50 +182,25 @@ class SelfRewardRL(L.LightningModule):
 
     def rollout(self, prompts: list[str]) -> Rollout:
         start = time.perf_counter()
-        model = self.rollout_view(self.policy)
-        model.eval()
-        rollout = self.sample(model, prompts)
-        rollout.views = sample_views(self.reward, prompts, lambda texts: self.sample(model, texts))
+        rollout = self.sampler(self.policy, prompts, self.reward)
         self.timings = {"time/rollout_s": time.perf_counter() - start}
         return rollout
 
-    def sample(self, model, prompts: list[str]) -> Rollout:
-        cfg = self.rollout_cfg
-        return build_rollout(
-            model,
-            self.tokenizer,
-            format_prompts(self.tokenizer, prompts, self.chat_template),
-            num_samples=cfg.num_samples,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            stats_chunk=cfg.stats_chunk,
-            keep_cache=self.keep_rollout_cache,
-            engine=self.engine,
-            one_pass=cfg.one_pass,
-        )
-
     def score(self, rollout: Rollout, labels: list[str | None]) -> Scored:
         start = time.perf_counter()
-        # the rollout view already holds this step's weights: no second refresh
+        # the rollout's replica already holds this step's weights: no second refresh
         view = self.scoring_view
-        model = view.replica if view is self.rollout_view and view.replica else view(self.policy)
-        scorer = PrefixSharedScorer(model, self.tokenizer)
-        step, rank = self.trainer.fit_loop.epoch_loop.total_batch_idx, self.global_rank
-        truths = [label_for(self.reward, label) for label in labels]
-        results = [self.reward(group, scorer) for group in rollout.groups(truths, step, rank)]
-        rollout.context_caches = None  # free the keys and values before the update
-        rewards = torch.tensor([r for res in results for r in res.rewards], dtype=torch.float32)
-        elapsed = time.perf_counter() - start
-        self.timings["time/reward_s"] = elapsed
-        self.scoring_counts = {
-            "perf/scoring_tokens": float(scorer.tokens_processed),
-            "perf/scoring_floor_tokens": float(scorer.floor_tokens),
-            "perf/scoring_reused_tokens": float(scorer.reused_tokens),
-        }
-        if scorer.tokens_processed:
-            self.timings["time/scoring_s"] = elapsed
-        return Scored(rewards.to(self.device), results, labels)
+        model = view.replica if view is self.sampler.view and view.replica else view(self.policy)
+        step = self.trainer.fit_loop.epoch_loop.total_batch_idx  # rollouts so far
+        scored = score_rollout(
+            self.reward, model, self.tokenizer, rollout, labels, step, self.global_rank
+        )
+        self.timings["time/reward_s"] = time.perf_counter() - start
+        if scored.counts["perf/scoring_tokens"]:
+            self.timings["time/scoring_s"] = self.timings["time/reward_s"]
+        self.scoring_counts = scored.counts
+        scored.rewards = scored.rewards.to(self.device)
+        return scored
 
     def plan_update(self, rollout: Rollout, rewards: torch.Tensor) -> UpdatePlan:
         return self.updater.plan(rollout, rewards, self.trainer.max_steps - self.global_step)
@@ -267,26 +223,14 @@ class SelfRewardRL(L.LightningModule):
     def log_step(
         self, rollout: Rollout, trained: Rollout, scored: Scored, plan: UpdatePlan, update: dict
     ) -> None:
-        """Metrics of the step; `trained` holds the rows the update saw (the rollout's, plus
-        other views' when the reward trains on them)."""
-        metrics = {
-            **rollout_metrics(trained, plan.keep),
-            **reward_metrics(scored.results, scored.rewards, scored.labels, self.equivalence),
-            **update,
-            **self.timings,
-            **self.scoring_counts,
-        }
-        if update:
-            metrics["train/lr"] = self.updater.last_lr  # the last optimizer step's
-        if plan.old_logprobs is not None and plan.ref_logprobs is not None:
-            mask = trained.response_mask * plan.keep[:, None]
-            metrics["train/kl"] = float(masked_mean(plan.old_logprobs - plan.ref_logprobs, mask))
-        tokens = float(trained.response_mask.sum())
-        step_time = sum(v for k, v in self.timings.items() if k != "time/scoring_s")
-        metrics["perf/tokens_per_s"] = tokens / max(step_time, 1e-9)
+        metrics = step_metrics(
+            trained, scored, plan, update, self.timings, self.equivalence, self.updater.last_lr
+        )
         self.log_rollout(dist.mean_across_ranks(metrics), shown=("reward/mean", "diag/accuracy"))
-        if self.global_rank == 0:
-            self.log_media(rollout, scored)
+        board = getattr(self.logger, "experiment", None)
+        if self.global_rank == 0 and hasattr(board, "add_text"):
+            step, results, labels = self.step_at_rollout, scored.results, scored.labels
+            self.media(board, step, rollout, results, labels, self.equivalence)
 
     def log_rollout(self, metrics: dict[str, float], shown=()) -> None:
         """This rollout's values, at the optimizer step it began at, for callbacks (and the
@@ -298,26 +242,9 @@ class SelfRewardRL(L.LightningModule):
             logger.log_metrics(metrics, step=self.step_at_rollout)
             logger.save()
 
-    def log_media(self, rollout: Rollout, scored: Scored) -> None:
-        board = getattr(self.logger, "experiment", None)
-        if not hasattr(board, "add_text"):
-            return
-        before, self.media_step = self.media_step, self.step_at_rollout
-        write_media(
-            board,
-            self.step_at_rollout,
-            before,
-            rollout,
-            scored.results,
-            scored.labels,
-            self.equivalence,
-            self.samples_every_n_steps,
-            self.plots_every_n_steps,
-        )
-
     def on_validation_epoch_start(self) -> None:
         # weights fixed until the end
-        hold_unregistered(self, "validation_model", self.rollout_view(self.policy))
+        hold_unregistered(self, "validation_model", self.sampler.view(self.policy))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Greedy pass@1 on the validation split."""
@@ -326,7 +253,7 @@ class SelfRewardRL(L.LightningModule):
             self.tokenizer,
             batch["prompt"],
             self.chat_template,
-            self.rollout_cfg.max_new_tokens,
+            self.max_new_tokens,
         )
         correct = self.grade(texts, batch["answer"])
         size = len(correct)

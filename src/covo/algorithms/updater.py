@@ -120,6 +120,7 @@ class Updater:
         self.hold_graphs = hold_graphs
         self.max_grad_norm = max_grad_norm
         self.device = torch.device("cpu")  # the module's, set as it moves (`on_fit_start`)
+        self.last_lr: float | None = None  # the last optimizer step's (train/lr)
 
     def plan(self, rollout: Rollout, rewards: torch.Tensor, steps_left: int) -> UpdatePlan:
         """Filter groups, cut the kept rows into optimizer steps, and compute the old and

@@ -119,3 +119,18 @@ def exit_on_missing_launcher(argv: list[str]) -> None:
                 file=sys.stderr,
             )
             sys.exit(2)
+
+
+def exit_on_renamed_key(argv: list[str], renamed: dict[str, str]) -> None:
+    """An override of a key that moved (`renamed`: old -> new): one line naming the new key,
+    exit 2, where Hydra would only say the old key is not in the config."""
+    for arg in argv:
+        override = arg.lstrip("+~")  # the new key exists: no appending or deleting
+        key = override.split("=", 1)[0]
+        if key in renamed:
+            print(
+                f"error: {key} is now {renamed[key]}: {arg} -> {renamed[key]}{override[len(key) :]}"
+                " (docs/configuration.md: Renamed keys)",
+                file=sys.stderr,
+            )
+            sys.exit(2)

@@ -55,8 +55,8 @@ RUN_RULES: list[Rule] = [
 TRAIN_RULES: list[Rule] = [
     *RUN_RULES,
     ("model.hold_graphs", *BOOL),
-    ("scoring_dtype", one_of(None, *DTYPES), f"null or one of {DTYPES}"),
-    ("reference_dtype", one_of(None, *DTYPES), f"null or one of {DTYPES}"),
+    ("module.scoring_dtype", one_of(None, *DTYPES), f"null or one of {DTYPES}"),
+    ("module.reference_dtype", one_of(None, *DTYPES), f"null or one of {DTYPES}"),
     ("model.dtype", one_of(None, *DTYPES), f"null or one of {DTYPES}"),
     ("model.master_dtype", one_of(*DTYPES), f"one of {DTYPES}"),
     ("export_adapters", *BOOL),
@@ -65,9 +65,9 @@ TRAIN_RULES: list[Rule] = [
     ("trainer.max_steps", *INT_GE1),
     ("trainer.devices", *INT_GE1),
     ("val_every_n_rollouts", *INT_GE1),
-    ("samples_every_n_steps", *INT_GE1),
-    ("plots_every_n_steps", *INT_GE1),
-    ("max_grad_norm", above(0.0), "a number > 0"),
+    ("module.samples_every_n_steps", *INT_GE1),
+    ("module.plots_every_n_steps", *INT_GE1),
+    ("module.max_grad_norm", above(0.0), "a number > 0"),
 ]
 # torch's optimizers' knobs that only some options have (AdamW's weight_decay, SGD's momentum)
 OPTIMIZER_RULES: list[Rule] = [
@@ -102,7 +102,8 @@ def check_train(cfg: DictConfig):
     check_lora_settings(cfg.model.lora)
     reward = instantiate(cfg.reward)
     # the reward's own extractor by default: named after the reward's error
-    apply_rules(cfg, [("val_extractor", one_of(*EXTRACTORS), f"one of {', '.join(EXTRACTORS)}")])
+    extractors = f"one of {', '.join(EXTRACTORS)}"
+    apply_rules(cfg, [("module.val_extractor", one_of(*EXTRACTORS), extractors)])
     target = cfg.algorithm.advantage._target_
     if target in GROUP_BASELINES and cfg.rollout.num_samples < 2:
         fail(
@@ -121,10 +122,10 @@ def check_lora(cfg: DictConfig) -> None:
     on = wants_lora(cfg.model.lora)
     if on and importlib.util.find_spec("peft") is None:
         raise SettingError(f"model.lora.r={cfg.model.lora.r}: {MISSING}")
-    if on and cfg.reference_dtype is not None:
+    if on and cfg.module.reference_dtype is not None:
         fail(
-            "reference_dtype",
-            cfg.reference_dtype,
+            "module.reference_dtype",
+            cfg.module.reference_dtype,
             "null with model.lora (the reference is the policy's own weights, adapters off)",
         )
     if not on and cfg.export_adapters:

@@ -18,7 +18,6 @@ from covo.infra.hardware import auto_precision
 from covo.infra.resume import AtomicCheckpointIO, seed_rank
 from covo.infra.settings import PRECISION_COMPUTE, check_train
 from covo.models.export import export_policy
-from covo.module import SelfRewardRL
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +28,19 @@ QUIET = [
     r".*isinstance\(treespec, LeafSpec\)",
     r"Using ModelCheckpoint with manual optimization",
 ]
+# root keys of train.yaml that moved into its `module` node (the LightningModule's call)
+RENAMED = {
+    key: f"module.{key}"
+    for key in (
+        "scoring_dtype",
+        "reference_dtype",
+        "reuse_rollout_cache",
+        "max_grad_norm",
+        "samples_every_n_steps",
+        "plots_every_n_steps",
+        "val_extractor",
+    )
+}
 PRECISION_OF_DTYPE = {"float32": "32-true", "bfloat16": "bf16-mixed", "float16": "16-mixed"}
 
 
@@ -62,29 +74,13 @@ def precision_plugin(trainer: DictConfig) -> MixedPrecision | None:
     return None
 
 
-def build(cfg: DictConfig) -> tuple[SelfRewardRL, L.LightningDataModule, L.Trainer]:
+def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.Trainer]:
     for pattern in QUIET:
         warnings.filterwarnings("ignore", message=pattern)
     resolve_auto(cfg)
     reward = check_train(cfg)  # the reward is built before the model: it needs none
-    loaded = hydra.utils.instantiate(cfg.model)
+    module = hydra.utils.instantiate(cfg.module, reward=reward)
     datamodule = hydra.utils.instantiate(cfg.data)
-    module = SelfRewardRL(
-        model=loaded,
-        reward=reward,
-        algorithm=hydra.utils.instantiate(cfg.algorithm),
-        optimizer=hydra.utils.instantiate(cfg.optimizer),
-        scheduler=hydra.utils.instantiate(cfg.scheduler),
-        rollout=cfg.rollout,
-        val_extractor=cfg.val_extractor,
-        max_grad_norm=cfg.max_grad_norm,
-        scoring_dtype=cfg.scoring_dtype,
-        reuse_rollout_cache=cfg.reuse_rollout_cache,
-        samples_every_n_steps=cfg.samples_every_n_steps,
-        plots_every_n_steps=cfg.plots_every_n_steps,
-        threads=cfg.threads,
-        reference_dtype=cfg.reference_dtype,
-    )
     callbacks = instantiate_dict(cfg.callbacks)
     if cfg.trainer.enable_progress_bar:
         callbacks.append(StepProgressBar())

@@ -14,26 +14,36 @@ from covo.rewards.base import GroupReward
 from covo.rollout.sampling import Rollout
 
 
-def write_media(
-    board,
-    step: int,
-    before: int,
-    rollout: Rollout,
-    results: list[GroupReward],
-    labels: list[str | None],
-    equivalence: AnswerEquivalence,
-    samples_every_n_steps: int,
-    plots_every_n_steps: int,
-) -> None:
-    """Media due at optimizer step `step` (the last rollout that considered media began at
-    `before`) into the SummaryWriter `board`; plots need every prompt's label."""
-    if crossed(before, step, samples_every_n_steps):
-        board.add_text("samples", sample_table(rollout, results, labels), step)
-    if not crossed(before, step, plots_every_n_steps) or any(label is None for label in labels):
-        return
-    for name, values in consistency_volatility_values(results, labels, equivalence).items():
-        board.add_histogram(f"diag/{name}", torch.tensor(values), step)
-    curves = distance_curves(results, labels, equivalence)
-    if curves["correct_trajectories"] + curves["incorrect_trajectories"] > 0:
-        image = figure_to_array(distance_curve_figure(curves))
-        board.add_image("diag/distance_curves", image, step, dataformats="HWC")
+class MediaWriter:
+    """Media of each rollout whose step passes a multiple of `samples_every_n_steps` (sample
+    tables) or `plots_every_n_steps` (reward-component histograms, the distance-curve figure),
+    counting from the step of the last rollout that considered media (`last_step`; a resumed
+    run sets it)."""
+
+    def __init__(self, samples_every_n_steps: int, plots_every_n_steps: int):
+        self.samples_every_n_steps = samples_every_n_steps
+        self.plots_every_n_steps = plots_every_n_steps
+        self.last_step = -1
+
+    def __call__(
+        self,
+        board,
+        step: int,
+        rollout: Rollout,
+        results: list[GroupReward],
+        labels: list[str | None],
+        equivalence: AnswerEquivalence,
+    ) -> None:
+        """Media due at optimizer step `step` into the SummaryWriter `board`; plots need every
+        prompt's label."""
+        before, self.last_step = self.last_step, step
+        if crossed(before, step, self.samples_every_n_steps):
+            board.add_text("samples", sample_table(rollout, results, labels), step)
+        if not crossed(before, step, self.plots_every_n_steps) or None in labels:
+            return
+        for name, values in consistency_volatility_values(results, labels, equivalence).items():
+            board.add_histogram(f"diag/{name}", torch.tensor(values), step)
+        curves = distance_curves(results, labels, equivalence)
+        if curves["correct_trajectories"] + curves["incorrect_trajectories"] > 0:
+            image = figure_to_array(distance_curve_figure(curves))
+            board.add_image("diag/distance_curves", image, step, dataformats="HWC")

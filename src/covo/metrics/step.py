@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from covo.algorithms.losses import masked_mean
+from covo.algorithms.update import UpdatePlan
 from covo.answers import AnswerEquivalence
 from covo.metrics.diagnostics import reward_diagnostics
 from covo.metrics.states import state_metrics
@@ -99,6 +101,36 @@ def reward_metrics(
     metrics.update(reward_diagnostics(results, labels, equivalence))
     metrics.update(state_metrics(results))
     return {k: v for k, v in metrics.items() if not math.isnan(v)}
+
+
+def step_metrics(
+    trained: Rollout,
+    scored,
+    plan: UpdatePlan,
+    update: dict[str, float],
+    timings: dict[str, float],
+    equivalence: AnswerEquivalence,
+    lr: float | None,
+) -> dict[str, float]:
+    """A training step's values. `trained` holds the rows the update saw (the rollout's, plus
+    other views' when the reward trains on them), `scored` their rewards
+    (`covo.rewards.scoring.Scored`); `lr`, the last optimizer step's, is logged with an update."""
+    metrics = {
+        **rollout_metrics(trained, plan.keep),
+        **reward_metrics(scored.results, scored.rewards, scored.labels, equivalence),
+        **update,
+        **timings,
+        **scored.counts,
+    }
+    if update:
+        metrics["train/lr"] = lr
+    if plan.old_logprobs is not None and plan.ref_logprobs is not None:
+        mask = trained.response_mask * plan.keep[:, None]
+        metrics["train/kl"] = float(masked_mean(plan.old_logprobs - plan.ref_logprobs, mask))
+    tokens = float(trained.response_mask.sum())
+    step_time = sum(v for k, v in timings.items() if k != "time/scoring_s")
+    metrics["perf/tokens_per_s"] = tokens / max(step_time, 1e-9)
+    return metrics
 
 
 def sample_table(
