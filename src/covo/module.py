@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import lightning.pytorch as L
@@ -17,6 +16,7 @@ from covo.algorithms.updater import Updater
 from covo.answers import AnswerEquivalence, get_extractor
 from covo.eval.harness import greedy_responses
 from covo.infra import distributed as dist
+from covo.infra.hardware import set_threads
 from covo.infra.resume import all_rng_states, restore
 from covo.infra.settings import PRECISION_COMPUTE
 from covo.metrics.media import MediaWriter
@@ -56,14 +56,14 @@ class SelfRewardRL(L.LightningModule):
         scheduler,
         rollout: DictConfig,
         val_extractor: str,
-        max_grad_norm: float = 1.0,
-        scoring_dtype: str | None = None,
-        reuse_rollout_cache: bool = True,
-        samples_every_n_steps: int = 10,
-        plots_every_n_steps: int = 10,
-        threads: int | None = None,
-        reference_dtype: str | None = None,
-    ):
+        max_grad_norm: float,
+        scoring_dtype: str | None,
+        reuse_rollout_cache: bool,
+        samples_every_n_steps: int,
+        plots_every_n_steps: int,
+        threads: int | None,
+        reference_dtype: str | None,
+    ):  # every default lives in conf/train.yaml's `module` node
         super().__init__()
         self.automatic_optimization = False
         self.policy = model.model.train()
@@ -107,10 +107,8 @@ class SelfRewardRL(L.LightningModule):
         self.val_accuracy_best = MaxMetric()
 
     def setup(self, stage: str) -> None:
-        cores = len(os.sched_getaffinity(0))
-        per_node = max(1, getattr(self.trainer, "num_devices", 1))
         if self.device.type == "cpu":
-            torch.set_num_threads(self.threads or max(1, cores // per_node))
+            set_threads(self.threads, processes=max(1, getattr(self.trainer, "num_devices", 1)))
 
     def on_fit_start(self) -> None:
         if self.global_rank == 0:
@@ -122,9 +120,8 @@ class SelfRewardRL(L.LightningModule):
     def configure_model(self) -> None:
         """FSDP2: shard the policy (a copied reference stays whole on every process: its
         forwards then need no collectives; under LoRA the reference is the sharded policy)."""
-        if isinstance(self.trainer.strategy, ModelParallelStrategy) and not dist.is_sharded(
-            self.policy
-        ):
+        sharded = dist.is_sharded(self.policy)
+        if isinstance(self.trainer.strategy, ModelParallelStrategy) and not sharded:
             compute = PRECISION_COMPUTE.get(str(self.trainer.precision))
             compute = None if compute == "float32" else torch_dtype(compute)
             dist.shard(self.policy, self.device_mesh["data_parallel"], compute)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from covo.answers import AnswerEquivalence
 from covo.data.jsonl import DataError, json_objects
 from covo.eval.harness import resolve_device
 from covo.infra.errors import SettingError, exit_on_user_error
+from covo.infra.hardware import set_threads
 from covo.infra.settings import check_score
 from covo.metrics.diagnostics import distance_curves, reward_diagnostics
 from covo.metrics.states import labelled_counts, pool, state_metrics, states_table
@@ -296,7 +296,7 @@ def score(cfg: DictConfig) -> dict[str, float]:
     with labels only).
     """
     reward = check_score(cfg)  # built before the model: it needs none
-    torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
+    set_threads(cfg.threads)
     if "{problem}" not in cfg.prompt_template:
         raise SettingError(f"prompt_template must contain '{{problem}}': {cfg.prompt_template!r}")
     source, target = Path(cfg.input).expanduser(), Path(cfg.output).expanduser()

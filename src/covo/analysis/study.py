@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import hydra
-import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
@@ -36,6 +34,7 @@ from covo.data.jsonl import DataError
 from covo.eval.harness import resolve_device
 from covo.infra.checks import instantiate
 from covo.infra.errors import SettingError, exit_on_user_error
+from covo.infra.hardware import set_threads
 from covo.metrics.diagnostics import prompt_outcome, verdict_counts
 from covo.metrics.states import labelled_counts
 from covo.rewards.base import label_for
@@ -183,7 +182,7 @@ def build_reward(name: str, extractor: str | None):
 def study(cfg: DictConfig) -> dict:
     """Sample (or read the samples), score with every reward, summarise; returns the results."""
     names = check(cfg)
-    torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
+    set_threads(cfg.threads)
     rewards = {name: build_reward(name, cfg.reward_extractor) for name in names}
     items = load_problems(cfg)
     loaded = hydra.utils.instantiate(cfg.model)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from pathlib import Path
 
 import hydra
@@ -16,6 +15,7 @@ from covo.eval.grading import ChoiceGrader, MathGrader
 from covo.eval.metrics import item_metrics, mean_metrics
 from covo.eval.results import RESULTS_FILE, markdown_table, write_json, write_tensorboard
 from covo.infra.errors import DataError, SettingError
+from covo.infra.hardware import set_threads
 from covo.infra.settings import check_eval
 from covo.models.loading import LoadedModel
 from covo.models.lora import adapter_state, is_lora
@@ -173,7 +173,7 @@ def evaluate(cfg: DictConfig) -> dict:
         raise SettingError(
             "no benchmark selected: e.g. benchmark=gsm8k or benchmark=[gsm8k,math500]"
         )
-    torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
+    set_threads(cfg.threads)
     benchmarks = {name: hydra.utils.instantiate(node) for name, node in cfg.benchmarks.items()}
     items = {name: b.load(cfg.max_samples) for name, b in benchmarks.items()}
     loaded = hydra.utils.instantiate(cfg.model)

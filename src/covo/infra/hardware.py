@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import torch
+
+
+def set_threads(threads: int | None, processes: int = 1) -> None:
+    """torch's CPU threads: `threads`, else the cores this process may use shared among the
+    `processes` on the node (oversubscribed shared cores were seen 10x slower)."""
+    cores = len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads or max(1, cores // processes))
 
 
 @functools.cache
