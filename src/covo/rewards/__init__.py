@@ -1,1 +1,2 @@
-"""Rewards: each maps one prompt's group of responses to a `GroupReward` (see `base`)."""
+"""Rewards: each maps one prompt's group of responses to a `GroupReward` (see `base`);
+`scoring` runs a rollout's groups through one."""

@@ -1,4 +1,5 @@
-"""Rollouts: generation engines, sampling with per-token log-probs, prompt views, kept caches."""
+"""Rollouts: generation engines, sampling with per-token log-probs, a step's rollout from the
+policy's replica (`sampler`), prompt views, kept caches."""
 
 from covo.rollout.sampling import (
     Rollout,
