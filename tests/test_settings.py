@@ -168,6 +168,26 @@ def test_eval_and_score_settings(tmp_path):
         check_score(score_cfg)
 
 
+def test_every_scoring_command_refuses_a_scoring_dtype_with_one_rule(tmp_path):
+    """score, study and the TRL integration share the scorer's dtypes: fp16 is none of them."""
+    from covo.analysis.study import check as check_study
+    from covo.integrations.trl import integration_config
+
+    line = r"^scoring_dtype=float16: expected one of null, float32, bfloat16$"
+    score_cfg = compose_config(
+        "score", ["model=tiny", "input=a", "output=b", "scoring_dtype=float16"], tmp_path
+    )
+    with pytest.raises(SettingError, match=line):
+        check_score(score_cfg)
+    study_cfg = compose_config("study", ["model=tiny", "scoring_dtype=float16"], tmp_path)
+    with pytest.raises(SettingError, match=line):
+        check_study(study_cfg)
+    with pytest.raises(SettingError, match=line):
+        integration_config("covo", ["scoring_dtype=float16"])
+    for dtype in ("null", "bfloat16"):
+        integration_config("covo", [f"scoring_dtype={dtype}"])
+
+
 def test_the_command_line_prints_one_line_and_exits_2_before_loading(tmp_path):
     proc = subprocess.run(
         [sys.executable, "train.py", "rollout.top_p=1.5", f"paths.log_dir={tmp_path}"],

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-from covo.infra.checks import Rule, apply_rules, between
+from covo.infra.checks import Rule, apply_rules, apply_rules_where_set, between
 
 WARMUP_RULE: Rule = ("warmup_ratio", between(0.0, 1.0, high_open=True), "a number in [0, 1)")
 # `cosine_with_warmup`'s own
@@ -23,10 +23,8 @@ MIN_LR_RULE: Rule = ("min_lr_ratio", between(0.0, 1.0), "a number in [0, 1]")
 def check_scheduler(scheduler: DictConfig, prefix: str = "scheduler.") -> None:
     """The schedule's knobs, before any model work: every schedule warms up; only the cosine
     one has a floor."""
-    rules = [WARMUP_RULE]
-    if "min_lr_ratio" in scheduler:
-        rules.append(MIN_LR_RULE)
-    apply_rules(scheduler, rules, prefix)
+    apply_rules(scheduler, [WARMUP_RULE], prefix)
+    apply_rules_where_set(scheduler, [MIN_LR_RULE], prefix)
 
 
 def warmup_steps(total_steps: int, warmup_ratio: float) -> int:

@@ -26,8 +26,10 @@ from covo.infra.checks import (
     Rule,
     above,
     apply_rules,
+    apply_rules_where_set,
     at_least,
     between,
+    choice,
     fail,
     one_of,
     optional,
@@ -36,7 +38,7 @@ from covo.rollout.sampling import Rollout, response_token_stats
 
 ALGORITHM_RULES: list[Rule] = [
     ("mask_truncated", *BOOL),
-    ("loss_agg", one_of(*LOSS_AGGREGATIONS), f"one of {', '.join(LOSS_AGGREGATIONS)}"),
+    ("loss_agg", *choice(*LOSS_AGGREGATIONS)),
     ("max_idle_rollouts", optional(at_least(1, integer_only=True)), "null or an integer >= 1"),
     ("clip_eps", above(0.0), "a number > 0"),
     ("kl_coef", at_least(0.0), "a number >= 0"),
@@ -57,8 +59,7 @@ def check_algorithm(algo: DictConfig, prefix: str = "algorithm.") -> None:
     """The `algorithm` group's settings, before any model work: every knob `Updater` reads,
     and the advantage estimator's own where its option has them."""
     apply_rules(algo, ALGORITHM_RULES, prefix)
-    present = [rule for rule in ADVANTAGE_RULES if rule[0] in algo.advantage]
-    apply_rules(algo.advantage, present, f"{prefix}advantage.")
+    apply_rules_where_set(algo.advantage, ADVANTAGE_RULES, f"{prefix}advantage.")
     if algo.mini_batch_size is not None and algo.micro_batch_size > algo.mini_batch_size:
         fail(
             f"{prefix}micro_batch_size",

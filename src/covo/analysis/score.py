@@ -33,12 +33,11 @@ from covo.metrics.states import labelled_counts, pool, state_metrics, states_tab
 from covo.models.loading import LoadedModel
 from covo.rewards.base import Group, GroupReward, Withheld, label_for
 from covo.rewards.covo.reward import CoVoReward, encode
-from covo.rewards.covo.scorer import PrefixSharedScorer
+from covo.rewards.covo.scorer import SCORING_DTYPES, PrefixSharedScorer
 from covo.rollout.context_cache import ContextCache, split_cache
 from covo.rollout.sampling import format_prompts, response_token_stats
 
 CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
-SCORING_DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16}
 COMPONENTS = ("consistency", "volatility", "curiosity")
 STAT_FIELDS = {
     "token_logprobs": "logprobs",

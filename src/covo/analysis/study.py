@@ -26,19 +26,19 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from covo.analysis.plots import accuracy_bins_figure, save_figure
-from covo.analysis.score import SCORING_DTYPES, finite, make_group
+from covo.analysis.score import finite, make_group
 from covo.analysis.study_metrics import markdown, summarize
 from covo.analysis.study_samples import load_or_sample, read_samples
 from covo.answers import AnswerEquivalence, get_extractor
 from covo.data.jsonl import DataError
 from covo.eval.harness import resolve_device
-from covo.infra.checks import instantiate
+from covo.infra.checks import apply_rules, instantiate
 from covo.infra.errors import SettingError, exit_on_user_error
 from covo.infra.hardware import set_threads
 from covo.metrics.diagnostics import prompt_outcome, verdict_counts
 from covo.metrics.states import labelled_counts
 from covo.rewards.base import label_for
-from covo.rewards.covo.scorer import PrefixSharedScorer
+from covo.rewards.covo.scorer import SCORING_DTYPE_RULE, SCORING_DTYPES, PrefixSharedScorer
 
 log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
@@ -63,8 +63,7 @@ def check(cfg: DictConfig) -> list[str]:
         raise SettingError(f"rewards must name distinct reward configs, got {names}")
     if cfg.baseline is not None and cfg.baseline not in names:
         raise SettingError(f"baseline '{cfg.baseline}' is not one of rewards {names}")
-    if cfg.scoring_dtype not in SCORING_DTYPES:
-        raise SettingError(f"scoring_dtype must be null, float32 or bfloat16: {cfg.scoring_dtype}")
+    apply_rules(cfg, [SCORING_DTYPE_RULE])
     if "{problem}" not in cfg.prompt_template:
         raise SettingError(f"prompt_template must contain '{{problem}}': {cfg.prompt_template!r}")
     edges = list(cfg.accuracy_bins)

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from covo.data.contamination import check_overlap, shared_problems
 from covo.data.sampler import EpochBatches, PositionedItems, ResumableLoader
-from covo.infra.checks import INT_GE1, Rule, apply_rules, at_least
+from covo.infra.checks import INT_GE1, Rule, apply_rules, apply_rules_where_set, at_least
 from covo.infra.errors import SettingError
 
 MATH_PROMPT = (
@@ -34,10 +34,8 @@ VAL_SIZE_RULE: Rule = ("val_size", at_least(0, integer_only=True), "an integer >
 
 def check_data(data: DictConfig, prefix: str = "data.") -> None:
     """The data group's batching knobs, before any data or model is loaded."""
-    rules = list(DATA_RULES)
-    if "val_size" in data:
-        rules.append(VAL_SIZE_RULE)
-    apply_rules(data, rules, prefix)
+    apply_rules(data, DATA_RULES, prefix)
+    apply_rules_where_set(data, [VAL_SIZE_RULE], prefix)
 
 
 class PromptDataModule(L.LightningDataModule):

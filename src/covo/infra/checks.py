@@ -65,6 +65,14 @@ def one_of(*choices) -> Test:
     return lambda v: v in choices
 
 
+def choice(*options) -> tuple[Test, str]:
+    """A rule's test and text for a value among `options` (a registry's keys, or literals):
+    `a or b`, `one of a, b, c`."""
+    shown = [show(option) for option in options]
+    allowed = " or ".join(shown) if len(shown) == 2 else f"one of {', '.join(shown)}"
+    return one_of(*options), allowed
+
+
 def optional(test: Test) -> Test:
     return lambda v: v is None or test(v)
 
@@ -106,6 +114,12 @@ def apply_rules(cfg: DictConfig, rules: list[Rule], prefix: str = "") -> None:
     """Every rule's key read strictly from `cfg`; errors name `prefix + key`."""
     for key, test, allowed in rules:
         check(f"{prefix}{key}", read(cfg, key, prefix), test, allowed)
+
+
+def apply_rules_where_set(cfg: DictConfig, rules: list[Rule], prefix: str = "") -> None:
+    """Rules of knobs that only some options of a group have (AdamW's `weight_decay`, the
+    cosine schedule's `min_lr_ratio`): each checked where `cfg` sets its key."""
+    apply_rules(cfg, [rule for rule in rules if rule[0] in cfg], prefix)
 
 
 def instantiate(node: DictConfig):

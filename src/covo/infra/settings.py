@@ -24,8 +24,10 @@ from covo.infra.checks import (
     Rule,
     above,
     apply_rules,
+    apply_rules_where_set,
     at_least,
     between,
+    choice,
     fail,
     instantiate,
     integer,
@@ -35,6 +37,7 @@ from covo.infra.checks import (
 from covo.infra.errors import SettingError
 from covo.models.lora import MISSING, check_lora_settings, wants_lora
 from covo.optim import check_scheduler
+from covo.rewards.covo.scorer import SCORING_DTYPE_RULE
 from covo.rollout.checks import check_rollout, check_sampling
 
 # the compute dtype each Lightning precision runs in
@@ -55,10 +58,10 @@ RUN_RULES: list[Rule] = [
 TRAIN_RULES: list[Rule] = [
     *RUN_RULES,
     ("model.hold_graphs", *BOOL),
-    ("module.scoring_dtype", one_of(None, *DTYPES), f"null or one of {DTYPES}"),
-    ("module.reference_dtype", one_of(None, *DTYPES), f"null or one of {DTYPES}"),
-    ("model.dtype", one_of(None, *DTYPES), f"null or one of {DTYPES}"),
-    ("model.master_dtype", one_of(*DTYPES), f"one of {DTYPES}"),
+    ("module.scoring_dtype", *choice(None, *DTYPES)),
+    ("module.reference_dtype", *choice(None, *DTYPES)),
+    ("model.dtype", *choice(None, *DTYPES)),
+    ("model.master_dtype", *choice(*DTYPES)),
     ("export_adapters", *BOOL),
     ("trainer.num_nodes", *INT_GE1),
     ("optimizer.lr", above(0.0), "a number > 0"),
@@ -82,7 +85,7 @@ EVAL_RULES: list[Rule] = [
 ]
 SCORE_RULES: list[Rule] = [
     *RUN_RULES,
-    ("scoring_dtype", one_of(None, "float32", "bfloat16"), "null, float32 or bfloat16"),
+    SCORING_DTYPE_RULE,
 ]
 
 
@@ -90,8 +93,7 @@ def check_train(cfg: DictConfig):
     """All of `train.yaml`'s settings, after `precision: auto` is resolved. Returns the reward,
     built (cheaply, no model) to check its arguments."""
     apply_rules(cfg, TRAIN_RULES)
-    present = [rule for rule in OPTIMIZER_RULES if rule[0] in cfg.optimizer]
-    apply_rules(cfg.optimizer, present, "optimizer.")
+    apply_rules_where_set(cfg.optimizer, OPTIMIZER_RULES, "optimizer.")
     if cfg.callbacks is not None and "model_checkpoint" in cfg.callbacks:
         checkpoint = cfg.callbacks.model_checkpoint
         apply_rules(checkpoint, [("every_n_steps", *INT_GE1)], "callbacks.model_checkpoint.")
@@ -102,8 +104,7 @@ def check_train(cfg: DictConfig):
     check_lora_settings(cfg.model.lora)
     reward = instantiate(cfg.reward)
     # the reward's own extractor by default: named after the reward's error
-    extractors = f"one of {', '.join(EXTRACTORS)}"
-    apply_rules(cfg, [("module.val_extractor", one_of(*EXTRACTORS), extractors)])
+    apply_rules(cfg, [("module.val_extractor", *choice(*EXTRACTORS))])
     target = cfg.algorithm.advantage._target_
     if target in GROUP_BASELINES and cfg.rollout.num_samples < 2:
         fail(

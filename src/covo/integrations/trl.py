@@ -27,15 +27,15 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.initialize import get_gh_backup, restore_gh_from_backup
 from omegaconf import DictConfig
 
-from covo.analysis.score import SCORING_DTYPES, group_from_ids
+from covo.analysis.score import group_from_ids
 from covo.answers import AnswerEquivalence
-from covo.infra.checks import instantiate
+from covo.infra.checks import apply_rules, instantiate
 from covo.infra.errors import installed
 from covo.metrics.step import reward_metrics
 from covo.models import lora
 from covo.models.lora import MissingExtraError
 from covo.rewards.base import Group, GroupReward, label_for
-from covo.rewards.covo.scorer import PrefixSharedScorer
+from covo.rewards.covo.scorer import SCORING_DTYPE_RULE, SCORING_DTYPES, PrefixSharedScorer
 from covo.rollout.views import declared_views
 
 CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
@@ -74,8 +74,7 @@ def integration_config(reward: str, overrides: Sequence[str] = ()) -> DictConfig
         own = [o.removeprefix("reward.") for o in overrides if o.startswith("reward.")]
         with own_hydra(path.parent):
             cfg.reward = compose(path.stem, own)
-    if cfg.scoring_dtype not in SCORING_DTYPES:
-        raise ValueError(f"scoring_dtype must be null, float32 or bfloat16: {cfg.scoring_dtype}")
+    apply_rules(cfg, [SCORING_DTYPE_RULE])
     return cfg
 
 

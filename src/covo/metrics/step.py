@@ -12,6 +12,7 @@ from covo.answers import AnswerEquivalence
 from covo.metrics.diagnostics import reward_diagnostics
 from covo.metrics.states import state_metrics
 from covo.rewards.base import GroupReward
+from covo.rewards.scoring import Scored
 from covo.rollout.sampling import Rollout
 
 
@@ -105,7 +106,7 @@ def reward_metrics(
 
 def step_metrics(
     trained: Rollout,
-    scored,
+    scored: Scored,
     plan: UpdatePlan,
     update: dict[str, float],
     timings: dict[str, float],
@@ -113,8 +114,8 @@ def step_metrics(
     lr: float | None,
 ) -> dict[str, float]:
     """A training step's values. `trained` holds the rows the update saw (the rollout's, plus
-    other views' when the reward trains on them), `scored` their rewards
-    (`covo.rewards.scoring.Scored`); `lr`, the last optimizer step's, is logged with an update."""
+    other views' when the reward trains on them), `scored` the rollout's rewards; `lr`, the
+    last optimizer step's, is logged with an update."""
     metrics = {
         **rollout_metrics(trained, plan.keep),
         **reward_metrics(scored.results, scored.rewards, scored.labels, equivalence),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from covo.answers import EXTRACTORS, AnswerEquivalence, cluster_answers, get_extractor
-from covo.infra.checks import above, check, one_of
+from covo.infra.checks import above, check, choice
 from covo.rewards.base import Group
 
 
@@ -17,7 +17,7 @@ class AnswerClustering:
         timeout_s: float = 2.0,
         equivalence: AnswerEquivalence | None = None,
     ):
-        check("reward.extractor", extractor, one_of(*EXTRACTORS), f"one of {', '.join(EXTRACTORS)}")
+        check("reward.extractor", extractor, *choice(*EXTRACTORS))
         check("reward.timeout_s", timeout_s, above(0.0), "a number > 0")
         self.extract = get_extractor(extractor)
         self.equivalence = equivalence or AnswerEquivalence(timeout_s)

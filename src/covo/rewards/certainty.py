@@ -8,7 +8,7 @@ import math
 import torch
 
 from covo.answers import AnswerEquivalence
-from covo.infra.checks import between, check, one_of
+from covo.infra.checks import between, check, choice
 from covo.rewards.answered import AnswerClustering
 from covo.rewards.base import Group, GroupReward, Scorer
 
@@ -38,7 +38,7 @@ class _TokenStatReward(AnswerClustering):
         last_fraction: float = 1.0,
     ):
         super().__init__(extractor, timeout_s, equivalence)
-        check("reward.reduction", reduction, one_of(*REDUCTIONS), f"one of {', '.join(REDUCTIONS)}")
+        check("reward.reduction", reduction, *choice(*REDUCTIONS))
         check(
             "reward.last_fraction",
             last_fraction,

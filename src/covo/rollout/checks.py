@@ -14,8 +14,8 @@ from covo.infra.checks import (
     apply_rules,
     at_least,
     between,
+    choice,
     fail,
-    one_of,
 )
 
 SAMPLING_RULES: list[Rule] = [
@@ -27,9 +27,9 @@ SAMPLING_RULES: list[Rule] = [
 ROLLOUT_RULES: list[Rule] = [
     ("stats_chunk", *INT_GE1),
     ("one_pass", *BOOL),
-    ("engine.cache", one_of("dynamic", "static"), "dynamic or static"),
+    ("engine.cache", *choice("dynamic", "static")),
     ("engine.compile", *BOOL),
-    ("dtype", one_of(None, "auto", *DTYPES), f"null, auto or one of {DTYPES}"),
+    ("dtype", *choice(None, "auto", *DTYPES)),
 ]
 
 

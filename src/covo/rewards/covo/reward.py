@@ -15,7 +15,7 @@ from functools import partial
 import torch
 
 from covo.answers import AnswerEquivalence
-from covo.infra.checks import INT_GE1, at_least, between, check, number, one_of, optional
+from covo.infra.checks import INT_GE1, at_least, between, check, choice, number, optional
 from covo.rewards.answered import AnswerClustering
 from covo.rewards.base import Group, GroupReward, Scorer
 from covo.rewards.covo.segmentation import COLON_MERGES, states, step_ends
@@ -159,15 +159,15 @@ class CoVoReward(AnswerClustering):
         timeout_s: float = 2.0,
         equivalence: AnswerEquivalence | None = None,
     ):
-        for name, value, valid, allowed in [
-            ("aggregation", aggregation, AGGREGATIONS, "vector, linear, consistency or volatility"),
-            ("mode", mode, MODES, "binary or continuous"),
-            ("colon_merge", colon_merge, COLON_MERGES, "pairs or chains"),
-            ("distance_tokens", distance_tokens, SCORED_FROM, "answer or template_and_answer"),
-            ("volatility_index", volatility_index, VOLATILITY_OFFSETS, "released or paper"),
-            ("select", select, SELECTIONS, "threshold or top1"),
+        for name, value, valid in [
+            ("aggregation", aggregation, AGGREGATIONS),
+            ("mode", mode, MODES),
+            ("colon_merge", colon_merge, COLON_MERGES),
+            ("distance_tokens", distance_tokens, SCORED_FROM),
+            ("volatility_index", volatility_index, VOLATILITY_OFFSETS),
+            ("select", select, SELECTIONS),
         ]:
-            check(f"reward.{name}", value, one_of(*valid), allowed)
+            check(f"reward.{name}", value, *choice(*valid))
         # cluster values: RiV, Con and 1 - Vol lie in [0, 1], RiL in [-1, 1]
         check("reward.threshold", threshold, between(-1.0, 1.0), "a number in [-1, 1]")
         check("reward.max_steps", max_steps, *INT_GE1)
@@ -175,7 +175,7 @@ class CoVoReward(AnswerClustering):
         check("reward.short_penalty", short_penalty, optional(number), "null or a number")
         curiosity = CURIOSITY_OFF if curiosity is None else curiosity
         form = curiosity["form"]
-        check("reward.curiosity.form", form, one_of(*CURIOSITY_FORMS), "released or paper")
+        check("reward.curiosity.form", form, *choice(*CURIOSITY_FORMS))
         check("reward.curiosity.weight", curiosity["weight"], at_least(0.0), "a number >= 0")
         super().__init__(extractor, timeout_s, equivalence)
         self.aggregate = AGGREGATIONS[aggregation]

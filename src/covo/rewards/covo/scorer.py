@@ -13,7 +13,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from covo.infra.checks import Rule, choice
 from covo.rollout.context_cache import ContextCache
+
+# the autocast dtype a scorer may run in (`scoring_dtype`); null: the model's own
+SCORING_DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16}
+SCORING_DTYPE_RULE: Rule = ("scoring_dtype", *choice(*SCORING_DTYPES))
 
 
 @dataclass

@@ -140,6 +140,6 @@ class CuriosityForm(NamedTuple):
 
 
 CURIOSITY_FORMS: dict[str, CuriosityForm] = {
-    "paper": CuriosityForm(curiosity_paper, _as_bonus),
     "released": CuriosityForm(curiosity_released, released_bonus),
+    "paper": CuriosityForm(curiosity_paper, _as_bonus),
 }
