@@ -27,7 +27,6 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.initialize import get_gh_backup, restore_gh_from_backup
 from omegaconf import DictConfig
 
-from covo.analysis.score import group_from_ids
 from covo.answers import AnswerEquivalence
 from covo.infra.checks import apply_rules, instantiate
 from covo.infra.errors import installed
@@ -36,6 +35,7 @@ from covo.models import lora
 from covo.models.lora import MissingExtraError
 from covo.rewards.base import Group, GroupReward, label_for
 from covo.rewards.covo.scorer import SCORING_DTYPE_RULE, SCORING_DTYPES, PrefixSharedScorer
+from covo.rollout.groups import group_from_ids
 from covo.rollout.views import declared_views
 
 CONF_DIR = Path(__file__).resolve().parents[3] / "conf"

@@ -29,13 +29,22 @@ class ContextCache:
         return DynamicCache([(k[:, :, :length], v[:, :, :length]) for k, v in self.layers])
 
 
+def plain_layers(cache) -> list | None:
+    """The layers of a model cache that keeps every key and value (plain full attention);
+    None for any other (a sliding window drops early keys)."""
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) not in (DynamicLayer, StaticLayer) for layer in layers):
+        return None
+    return layers
+
+
 def split_cache(cache, rows: list[tuple[list[int], int]]) -> list[ContextCache] | None:
     """One `ContextCache` per batch row of a model cache; row r holds `ids` from column `start`.
 
-    None when a layer is not a plain full-attention cache (a sliding window drops early keys).
+    None when the cache is not plain full attention (`plain_layers`).
     """
-    layers = getattr(cache, "layers", None)
-    if not layers or any(type(layer) not in (DynamicLayer, StaticLayer) for layer in layers):
+    layers = plain_layers(cache)
+    if layers is None:
         return None
     return [
         ContextCache(
