@@ -136,3 +136,90 @@ class CollapseDetector:
     def load_state_dict(self, state: dict) -> None:
         self.history = list(state["history"])
         self.saturated = list(state["saturated"])
+
+
+KEEP, ALARM = "keep", "alarm"
+
+
+class CollapseWatch:
+    """The guard's decisions over a run's rollouts, whatever trainer runs them (covo's
+    Lightning callback, the TRL callback): the rules (`CollapseDetector`) over the signals
+    `signals` maps to metric names, which weights to keep and when to alarm.
+
+    `observe` takes one rollout's metrics. It answers KEEP after an unsaturated rollout at most
+    once every `window_rollouts` rollouts (with `save_pre_collapse`; the alarm's window is
+    saturated, so weights kept before it always precede the window), ALARM the first time the
+    alarm goes up, else None. The caller records the optimizer step of what it kept
+    (`healthy_step`) and of the alarm (`alarm_step`).
+    """
+
+    def __init__(
+        self,
+        rules: dict,
+        signals: dict[str, str],
+        min_rules: int = 2,
+        window_rollouts: int = 3,
+        baseline_rollouts: int = 3,
+        save_pre_collapse: bool = True,
+    ):
+        unknown = sorted({str(name) for name in rules} - set(signals))
+        if unknown:
+            raise ValueError(
+                f"callbacks.collapse_guard.rules.{unknown[0]}: unknown signal; "
+                f"known: {', '.join(signals)}"
+            )
+        self.signals = dict(signals)
+        self.detector = CollapseDetector(rules, min_rules, window_rollouts, baseline_rollouts)
+        self.save_pre_collapse = save_pre_collapse
+        self.rollouts = 0  # rollouts seen
+        self.healthy_rollout: int | None = None  # the rollout whose weights were kept
+        self.healthy_step: int | None = None  # the optimizer step of the kept weights
+        self.alarm_step: int | None = None
+
+    def observe(self, metrics) -> tuple[dict[str, float], Verdict, str | None]:
+        """A rollout's metrics (name -> number) -> its `collapse/...` values (each signal, its
+        slope over the window as `<name>_trend`, `rules_met`, `alarm`), verdict and action."""
+        rollout = self.rollouts
+        self.rollouts += 1
+        values = {name: float(metrics[src]) for name, src in self.signals.items() if src in metrics}
+        verdict = self.detector.update(values)
+        logged = {f"collapse/{name}": value for name, value in values.items()}
+        logged |= {f"collapse/{name}_trend": value for name, value in verdict.trends.items()}
+        logged["collapse/rules_met"] = float(len(verdict.met))
+        logged["collapse/alarm"] = float(verdict.alarm)
+        action = None
+        if self.alarm_step is None and verdict.alarm:
+            action = ALARM
+        elif self.alarm_step is None and not verdict.saturated and self.save_pre_collapse:
+            last = self.healthy_rollout
+            if last is None or rollout - last >= self.detector.window:
+                action, self.healthy_rollout = KEEP, rollout
+        return logged, verdict, action
+
+    def alarm_line(self, step: int, verdict: Verdict, kept: str, stopping: bool) -> str:
+        """The warning: the step, each rule that held with its value, what was kept."""
+        detector = self.detector
+        held = "; ".join(
+            rule.describe(detector.history[-1][rule.signal], detector.start(rule.signal))
+            for rule in verdict.met
+        )
+        return (
+            f"collapse alarm at step {step}: {held}, for {detector.window} rollouts;"
+            f" pre-collapse checkpoint: {kept}{'; stopping' if stopping else ''}"
+        )
+
+    def state_dict(self) -> dict:
+        return {
+            **self.detector.state_dict(),
+            "alarm_step": self.alarm_step,
+            "healthy_step": self.healthy_step,
+            "rollouts": self.rollouts,
+            "healthy_rollout": self.healthy_rollout,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.detector.load_state_dict(state)
+        self.alarm_step = state["alarm_step"]
+        self.healthy_step = state["healthy_step"]
+        self.rollouts = state["rollouts"]
+        self.healthy_rollout = state["healthy_rollout"]

@@ -20,7 +20,7 @@ from pathlib import Path
 import lightning.pytorch as L
 from lightning.pytorch.callbacks import Callback
 
-from covo.callbacks.collapse import CollapseDetector, Verdict
+from covo.callbacks.collapse import ALARM, KEEP, CollapseWatch, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class CollapseGuard(Callback):
     """`rules` maps a signal to `{above|below|drop|rise: value}` (`covo.callbacks.collapse.Rule`); a
     rollout is saturated when `min_rules` of them hold, the alarm needs `window_rollouts`
     saturated rollouts in a row; relative rules compare with the mean of a signal's first
-    `baseline_rollouts` values."""
+    `baseline_rollouts` values (`covo.callbacks.collapse.CollapseWatch` decides)."""
 
     def __init__(
         self,
@@ -64,22 +64,17 @@ class CollapseGuard(Callback):
         dirpath: str | None = None,
         signals: dict[str, str] | None = None,
     ):
-        self.signals = dict(SIGNALS if signals is None else signals)
-        unknown = sorted({str(name) for name in rules} - set(self.signals))
-        if unknown:
-            raise ValueError(
-                f"callbacks.collapse_guard.rules.{unknown[0]}: unknown signal; "
-                f"known: {', '.join(self.signals)}"
-            )
-        self.detector = CollapseDetector(rules, min_rules, window_rollouts, baseline_rollouts)
+        self.watch = CollapseWatch(
+            rules,
+            SIGNALS if signals is None else signals,
+            min_rules,
+            window_rollouts,
+            baseline_rollouts,
+            save_pre_collapse,
+        )
         self.stop_on_alarm = stop_on_alarm
-        self.save_pre_collapse = save_pre_collapse
         self.save_weights_only = save_weights_only
         self.dirpath = dirpath
-        self.alarm_step: int | None = None
-        self.healthy_step: int | None = None  # the optimizer step of the kept weights
-        self.rollouts = 0  # rollouts seen
-        self.healthy_rollout: int | None = None  # the rollout whose weights were kept
         self.rollout_step = 0
 
     def checkpoint_dir(self, trainer: L.Trainer) -> Path:
@@ -89,53 +84,28 @@ class CollapseGuard(Callback):
         self.rollout_step = trainer.global_step  # the step the module logs this rollout at
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step, rollout = self.rollout_step, self.rollouts
-        self.rollouts += 1
-        metrics = trainer.callback_metrics
-        values = {name: float(metrics[src]) for name, src in self.signals.items() if src in metrics}
-        verdict = self.detector.update(values)
-        logged = {f"collapse/{name}": value for name, value in values.items()}
-        logged |= {f"collapse/{name}_trend": value for name, value in verdict.trends.items()}
-        logged["collapse/rules_met"] = float(len(verdict.met))
-        logged["collapse/alarm"] = float(verdict.alarm)
+        logged, verdict, action = self.watch.observe(trainer.callback_metrics)
         pl_module.log_rollout(logged)
-        if self.alarm_step is not None:
-            return
-        if verdict.alarm:
-            self.raise_alarm(trainer, step, verdict)
-        elif not verdict.saturated and self.save_pre_collapse and self.write_due(rollout):
-            self.healthy_step, self.healthy_rollout = trainer.global_step, rollout
+        if action == ALARM:
+            self.raise_alarm(trainer, self.rollout_step, verdict)
+        elif action == KEEP:
+            self.watch.healthy_step = trainer.global_step
             path = self.checkpoint_dir(trainer) / HEALTHY
             trainer.save_checkpoint(path, weights_only=self.save_weights_only)
 
-    def write_due(self, rollout: int) -> bool:
-        last = self.healthy_rollout
-        return last is None or rollout - last >= self.detector.window
-
     def raise_alarm(self, trainer: L.Trainer, step: int, verdict: Verdict) -> None:
-        self.alarm_step = step
+        watch = self.watch
+        watch.alarm_step = step
         folder = self.checkpoint_dir(trainer)
         kept = "none (no step before the window was kept)"
-        if self.healthy_step is not None and (folder / HEALTHY).exists():
+        if watch.healthy_step is not None and (folder / HEALTHY).exists():
             if trainer.is_global_zero:
                 _remove(folder / PRE_COLLAPSE)
                 os.replace(folder / HEALTHY, folder / PRE_COLLAPSE)
             trainer.strategy.barrier("collapse_guard")
-            kept = f"{folder / PRE_COLLAPSE} (step {self.healthy_step})"
-        detector = self.detector
-        held = "; ".join(
-            rule.describe(detector.history[-1][rule.signal], detector.start(rule.signal))
-            for rule in verdict.met
-        )
+            kept = f"{folder / PRE_COLLAPSE} (step {watch.healthy_step})"
         if trainer.is_global_zero:
-            log.warning(
-                "collapse alarm at step %d: %s, for %d rollouts; pre-collapse checkpoint: %s%s",
-                step,
-                held,
-                detector.window,
-                kept,
-                "; stopping" if self.stop_on_alarm else "",
-            )
+            log.warning(watch.alarm_line(step, verdict, kept, self.stop_on_alarm))
         if self.stop_on_alarm:
             trainer.should_stop = True
 
@@ -144,17 +114,7 @@ class CollapseGuard(Callback):
             _remove(self.checkpoint_dir(trainer) / HEALTHY)
 
     def state_dict(self) -> dict:
-        return {
-            **self.detector.state_dict(),
-            "alarm_step": self.alarm_step,
-            "healthy_step": self.healthy_step,
-            "rollouts": self.rollouts,
-            "healthy_rollout": self.healthy_rollout,
-        }
+        return self.watch.state_dict()
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.detector.load_state_dict(state_dict)
-        self.alarm_step = state_dict["alarm_step"]
-        self.healthy_step = state_dict["healthy_step"]
-        self.rollouts = state_dict["rollouts"]
-        self.healthy_rollout = state_dict["healthy_rollout"]
+        self.watch.load_state_dict(state_dict)
