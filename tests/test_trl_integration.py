@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,9 +30,11 @@ from covo.integrations.trl import (  # noqa: E402
 )
 from covo.models.loading import LoadedModel, build_tiny  # noqa: E402
 from covo.models.lora import MissingExtraError, merged_state  # noqa: E402
-from covo.rewards.base import Withheld  # noqa: E402
+from covo.rewards.base import Group, Withheld, label_for  # noqa: E402
 from covo.rewards.covo.reward import encode  # noqa: E402
 from covo.rewards.covo.scorer import PrefixSharedScorer  # noqa: E402
+from covo.rollout.groups import STAT_FIELDS, group_from_ids, response_stats  # noqa: E402
+from covo.rollout.sampling import format_prompts  # noqa: E402
 
 torch.set_num_threads(1)
 N = 4
@@ -174,12 +177,109 @@ def test_the_policy_scores_in_eval_mode_without_grad_and_is_left_training(tmp_pa
     rewards = trainer._calculate_rewards(inputs, prompts, completions, ids)
     for hook in hooks:
         hook.remove()
-    assert len(seen["model"]) == 2 * N  # one statistics forward per response
+    # per group: its prompt once, then its 4 completions in one batched forward
+    assert len(seen["model"]) == 2 * 2
     assert len(seen["body"]) > 2 * N  # and CoVo's scorer, which calls the body
     assert set(seen["model"]) | set(seen["body"]) == {(False, False)}
     assert all(module.training for module in model.modules())
     assert all(p.grad is None for p in model.parameters())
     assert rewards.grad_fn is None and not rewards.requires_grad
+
+
+def oracle_group(model, prompt_ids, response_ids, texts, temperature) -> Group:
+    """The per-completion path: one forward over prompt + response per response, the
+    statistics computed here from its logits (float64), no keys or values kept."""
+    fields = {name: [] for name in ("token_logprobs", "token_entropy", "token_self_certainty")}
+    for ids in response_ids:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt_ids + ids])).logits[0]
+        logp = (logits[len(prompt_ids) - 1 : -1].double() / temperature).log_softmax(-1)
+        fields["token_logprobs"].append(logp[torch.arange(len(ids)), ids].float())
+        fields["token_entropy"].append(-(logp.exp() * logp).sum(-1).float())
+        certainty = -logp.mean(-1) - math.log(logp.shape[-1])
+        fields["token_self_certainty"].append(certainty.float())
+    return Group(list(prompt_ids), [list(r) for r in response_ids], list(texts), **fields)
+
+
+def fed_tokens(model) -> list[tuple[int, int]]:
+    """(rows, columns) of every input the model is called with, recorded from now on."""
+    shapes = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
+        with_kwargs=True,
+    )
+    return shapes
+
+
+@pytest.mark.parametrize("budget", [1, 60, 2048])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_batched_statistics_equal_one_forward_per_completion(budget, temperature):
+    """Log-probs, entropy and self-certainty, and the keys and values of prompt + response,
+    equal those of one forward over prompt + response each (fp32, 1e-5); `token_budget`
+    bounds every batched forward's rows x columns (one row may exceed it)."""
+    loaded = build_tiny()
+    model, tokenizer = loaded.model.eval(), loaded.tokenizer
+    [chat] = format_prompts(tokenizer, [ITEMS[0]["prompt"]], True)
+    prompt_ids = encode(tokenizer, chat)
+    responses = [encode(tokenizer, t) for t in ITEMS[0]["responses"]] + [[]]
+    shapes = fed_tokens(model)
+    stats, caches = response_stats(model, prompt_ids, responses, temperature, True, budget)
+    prompt_forward, *batched = shapes
+    assert prompt_forward == (1, len(prompt_ids) - 1)  # the prompt once for the group
+    assert all(rows == 1 or rows * cols <= budget for rows, cols in batched)
+    assert sum(rows for rows, _ in batched) == len(responses) - 1  # every non-empty once
+    assert len(batched) == {1: 4, 60: 2, 2048: 1}[budget]
+    oracle = oracle_group(model, prompt_ids, responses, [""] * len(responses), temperature)
+    for i, ids in enumerate(responses):
+        for field, name in STAT_FIELDS.items():
+            expected = getattr(oracle, field)[i]
+            assert stats[i][name].shape == expected.shape == (len(ids),)
+            assert torch.allclose(stats[i][name], expected, atol=1e-5, rtol=0), (i, name)
+        if not ids:
+            assert caches[i] is None
+            continue
+        assert caches[i].ids == prompt_ids + ids
+        with torch.no_grad():
+            full = model(input_ids=torch.tensor([prompt_ids + ids]), use_cache=True).cache
+        for (keys, values), layer in zip(caches[i].layers, full.layers):
+            assert torch.allclose(keys, layer.keys, atol=1e-5, rtol=0)
+            assert torch.allclose(values, layer.values, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["self_certainty", "entropy", "seq_logprob", "covo_paper"])
+def test_rewards_that_read_token_statistics_equal_the_per_completion_path(name, tmp_path):
+    """Every reward that reads token statistics (covo_paper: curiosity from the log-probs, and
+    the scorer reading the kept keys and values) gives through TRL, at TRL's temperature, the
+    rewards of the per-completion path (1e-5); CoVo's distance matrices are unchanged."""
+    reward = CovoReward(name)
+    trainer = trainer_with(reward, tmp_path, temperature=0.7)
+    model, tokenizer = trainer.model, trainer.processing_class
+    inputs, prompts, completions, ids = trl_rows(tokenizer)
+    got = trainer._calculate_rewards(inputs, prompts, completions, ids)[:, 0].tolist()
+    prompt_ids = trainer._tokenize_prompts(prompts)[0]
+    model.eval()
+    scorer = PrefixSharedScorer(model, tokenizer)
+    expected, matrices = [], []
+    for g, item in enumerate(ITEMS):
+        responses = [encode(tokenizer, text) for text in item["responses"]]
+        args = (list(prompt_ids[g * N]), responses, item["responses"])
+        truth = label_for(reward.reward, None)
+        naive = reward.reward(replace(oracle_group(model, *args, 0.7), truth=truth), scorer)
+        batched = reward.reward(
+            group_from_ids(model, *args, truth, keep_cache=True, temperature=0.7), scorer
+        )
+        expected += naive.rewards
+        assert batched.rewards == pytest.approx(naive.rewards, abs=1e-5)
+        if name == "covo_paper":
+            for a, b in zip(batched.details["D"], naive.details["D"]):
+                assert (a is None) == (b is None)
+                if a is not None:
+                    assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
+            matrices += [d for d in naive.details["D"] if d is not None]
+    assert len(set(expected)) > 1
+    assert got == pytest.approx(expected, abs=1e-5)
+    if name == "covo_paper":
+        assert matrices  # distances were compared
 
 
 def test_under_peft_the_adapted_policy_scores(tmp_path):

@@ -11,7 +11,7 @@ from covo.algorithms.update import UpdatePlan
 from covo.answers import AnswerEquivalence
 from covo.metrics.diagnostics import reward_diagnostics
 from covo.metrics.states import state_metrics
-from covo.rewards.base import GroupReward
+from covo.rewards.base import Group, GroupReward
 from covo.rewards.scoring import Scored
 from covo.rollout.sampling import Rollout
 
@@ -34,6 +34,20 @@ def rollout_metrics(rollout: Rollout, keep: torch.Tensor) -> dict[str, float]:
         "rollout/self_certainty": float(
             (rollout.self_certainty * rollout.response_mask).sum() / rollout.response_mask.sum()
         ),
+    }
+
+
+def group_token_metrics(groups: list[Group]) -> dict[str, float]:
+    """`train/entropy` and `rollout/self_certainty` of groups of given responses (TRL's): the
+    means over every response token, as `rollout_metrics` gives them for a rollout but without
+    the EOS token, which a `Group` does not hold; none without tokens."""
+    entropy = torch.cat([t for group in groups for t in group.token_entropy] or [torch.zeros(0)])
+    if not entropy.numel():
+        return {}
+    certainty = torch.cat([t for group in groups for t in group.token_self_certainty])
+    return {
+        "train/entropy": float(entropy.mean()),
+        "rollout/self_certainty": float(certainty.mean()),
     }
 
 

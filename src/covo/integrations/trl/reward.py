@@ -1,17 +1,16 @@
-"""Any covo reward as a reward function of TRL's GRPOTrainer (the `trl` extra).
-
-    reward = CovoReward("covo")                  # conf/reward/covo.yaml, or a YAML file's path
-    trainer = grpo_trainer(reward, model=model, processing_class=tokenizer, args=config,
-                           train_dataset=dataset)  # GRPOTrainer(reward_funcs=[reward]) + bind
+"""A covo reward as a reward function of TRL's GRPOTrainer.
 
 TRL calls a reward function on each process with that process's rows. A covo reward judges a
 prompt's whole group with the live policy, so the rows must hold whole groups: `bind` refuses
 a configuration that can split one across processes, and every call refuses rows that are not
-whole contiguous groups. Per group the policy's per-token statistics and CoVo's scorer run on
-the trainer's model (unwrapped from DDP; under peft the adapted model), in eval mode without
-gradients, each module's mode restored after. Labels (`label_column`) reach only rewards that
+whole contiguous groups. The policy's per-token statistics (and the keys and values CoVo's
+scorer reuses) come from batched no-grad forwards over the call's completions, each group's
+prompt once (`covo.rollout.groups`, at most `stats_token_budget` tokens a forward); they and
+CoVo's scorer run on the trainer's model (unwrapped from DDP; under peft the adapted model), in
+eval mode, each module's mode restored after. Labels (`label_column`) reach only rewards that
 set `needs_labels`; the diagnostics read them too, as in covo's own trainer. Each reward's
-components and diagnostics are logged through TRL's `log_metric` under covo's names.
+components and diagnostics, and the completions' token entropy and self-certainty, are logged
+through TRL's `log_metric` under covo's names.
 """
 
 from __future__ import annotations
@@ -24,13 +23,15 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import ConfigCompositionException
 from hydra.initialize import get_gh_backup, restore_gh_from_backup
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from covo.answers import AnswerEquivalence
-from covo.infra.checks import apply_rules, instantiate
-from covo.infra.errors import installed
-from covo.metrics.step import reward_metrics
+from covo.infra.checks import INT_GE1, apply_rules, instantiate
+from covo.infra.errors import SettingError, installed
+from covo.integrations.trl.guard import CollapseGuardCallback
+from covo.metrics.step import group_token_metrics, reward_metrics
 from covo.models import lora
 from covo.models.lora import MissingExtraError
 from covo.rewards.base import Group, GroupReward, label_for
@@ -38,7 +39,7 @@ from covo.rewards.covo.scorer import SCORING_DTYPE_RULE, SCORING_DTYPES, PrefixS
 from covo.rollout.groups import group_from_ids
 from covo.rollout.views import declared_views
 
-CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[4] / "conf"
 MISSING = (
     "covo.integrations.trl needs TRL: pip install -e '.[trl]' (or `bash scripts/setup.sh trl`)"
 )
@@ -69,12 +70,15 @@ def integration_config(reward: str, overrides: Sequence[str] = ()) -> DictConfig
         raise ValueError(f"unknown reward '{reward}': no conf/reward/{reward}.yaml")
     ours = [o for o in overrides if not (is_path and o.startswith("reward."))]
     with own_hydra(CONF_DIR):
-        cfg = compose("integrations/trl", [*([] if is_path else [f"reward={reward}"]), *ours])
+        try:
+            cfg = compose("integrations/trl", [*([] if is_path else [f"reward={reward}"]), *ours])
+        except ConfigCompositionException as err:  # an unknown key: Hydra's first line names it
+            raise SettingError(str(err).splitlines()[0]) from None
     if is_path:
         own = [o.removeprefix("reward.") for o in overrides if o.startswith("reward.")]
         with own_hydra(path.parent):
             cfg.reward = compose(path.stem, own)
-    apply_rules(cfg, [SCORING_DTYPE_RULE])
+    apply_rules(cfg, [SCORING_DTYPE_RULE, ("stats_token_budget", *INT_GE1)])
     return cfg
 
 
@@ -143,7 +147,9 @@ class CovoReward:
     """A covo reward (`reward`: conf/reward name or YAML path; `overrides` as in
     `integration_config`) as a TRL reward function. Call `bind(trainer)` once the
     GRPOTrainer exists (or build it with `grpo_trainer`). A plain callable, not an
-    `nn.Module`: TRL would take a module for a sequence-classification reward model."""
+    `nn.Module`: TRL would take a module for a sequence-classification reward model.
+    `guard`: the collapse guard `bind` adds to the trainer (None with
+    `callbacks.collapse_guard=null`)."""
 
     def __init__(self, reward: str, overrides: Sequence[str] = ()) -> None:
         if not installed("trl"):
@@ -157,6 +163,9 @@ class CovoReward:
             )
         self.label_column = cfg.label_column
         self.scoring_dtype = SCORING_DTYPES[cfg.scoring_dtype]
+        self.token_budget = cfg.stats_token_budget
+        guard = OmegaConf.select(cfg, "callbacks.collapse_guard")
+        self.guard = CollapseGuardCallback.from_config(guard) if guard else None
         self.needs_labels = getattr(self.reward, "needs_labels", False)
         self.uses_scorer = getattr(self.reward, "uses_scorer", False)
         self.equivalence = getattr(self.reward, "equivalence", None) or AnswerEquivalence()
@@ -164,7 +173,9 @@ class CovoReward:
         self.trainer = None
 
     def bind(self, trainer) -> CovoReward:
-        """Score with `trainer`'s live policy; refuses a setup that can split a group."""
+        """Score with `trainer`'s live policy; refuses a setup that can split a group. Puts
+        the guard first among the trainer's callbacks, so the ones that report a log (printer,
+        TensorBoard, W&B) see its values."""
         if not any(func is self for func in trainer.reward_funcs):
             raise ValueError("bind: this CovoReward is not among the trainer's reward_funcs")
         args = trainer.args
@@ -173,6 +184,9 @@ class CovoReward:
         )
         check_strategy(trainer.accelerator)
         self.trainer = trainer
+        callbacks = trainer.callback_handler.callbacks
+        if self.guard is not None and self.guard not in callbacks:
+            callbacks.insert(0, self.guard)
         return self
 
     def __call__(
@@ -195,7 +209,8 @@ class CovoReward:
             results = [self.reward(group, scorer) for group in groups]
         rewards = [float(r) for res in results for r in res.rewards]
         if log_metric is not None:
-            self.log(log_metric, results, rewards, labels, time.perf_counter() - start, scorer)
+            seconds = time.perf_counter() - start
+            self.log(log_metric, groups, results, rewards, labels, seconds, scorer)
         return rewards
 
     @staticmethod
@@ -228,6 +243,7 @@ class CovoReward:
                     label_for(self.reward, label),
                     keep_cache=self.uses_scorer,
                     temperature=trainer.temperature,
+                    token_budget=self.token_budget,
                     step=trainer.state.global_step,
                     rank=trainer.accelerator.process_index,
                     index=index,
@@ -235,8 +251,9 @@ class CovoReward:
             )
         return groups
 
-    def log(self, log_metric, results: list[GroupReward], rewards, labels, seconds, scorer):
+    def log(self, log_metric, groups, results: list[GroupReward], rewards, labels, seconds, scorer):
         metrics = reward_metrics(results, torch.tensor(rewards), labels, self.equivalence)
+        metrics |= group_token_metrics(groups)
         metrics["time/reward_s"] = seconds
         if scorer.tokens_processed:
             metrics["perf/scoring_tokens"] = float(scorer.tokens_processed)
