@@ -14,8 +14,9 @@ variants alternate, and each round rotates their order.
   trl_no_gc       TRL, gradient checkpointing off
   covo_rewarded   ours with reward=covo_last_number (the default run's CoVo), group filter off
   trl_covo        TRL, gradient checkpointing off, rewarded by CoVo through
-                  covo.integrations.trl (scripts/trl_covo.py's wiring): the same work as
-                  covo_rewarded
+                  covo.integrations.trl (scripts/trl_covo.py's wiring, the collapse guard
+                  off as in covo_rewarded): the same work as covo_rewarded; its reward phase
+                  includes its statistics pass (also shown under statistics)
   floor           one `generate` call plus one forward and backward of the same tokens
   covo_before     ours from another source tree (--before-src), group filter off
 
@@ -24,10 +25,11 @@ With --work default, ours (and covo_before) run the default training config inst
 
 Per variant: median s/step over steps 2..N, completion tokens per second, mean completion
 length, peak RSS, the phases (generate, statistics, reward, update) where known, and the
-ratios to TRL and to the floor. TRL is the optional `bench` extra (`pip install -e .[bench]`).
+ratios to TRL and to the floor; with both covo_rewarded and trl_covo, the ratio of their
+reward phases. TRL is the optional `bench` extra (`pip install -e .[bench]`).
 The covo_rewarded and trl_covo variants run only when named:
 
-python scripts/bench_vs_trl.py --variants covo_rewarded trl_covo --steps 2
+python scripts/bench_vs_trl.py --variants trl_covo covo_rewarded --steps 3 --core 1
 
 python scripts/bench_vs_trl.py --steps 6 --rounds 1 [--before-src OLD/src]
 python scripts/bench_vs_trl.py --work default --steps 4 --before-src OLD/src
@@ -240,6 +242,7 @@ def child_trl(
                 rows[-1]["tokens"] = float(logs["completions/mean_length"]) * PROMPTS * SAMPLES
             if logs and "time/reward_s" in logs and rows:  # logged by the covo reward
                 rows[-1]["reward_s"] = float(logs["time/reward_s"])
+                rows[-1]["statistics_s"] = float(logs["time/statistics_s"])
 
     setup = dict(
         model=loaded.model,
@@ -249,7 +252,7 @@ def child_trl(
         callbacks=[Timer()],
     )
     if covo_reward:  # judged as ours judges in the default run
-        reward = CovoReward("covo_last_number")
+        reward = CovoReward("covo_last_number", ["callbacks.collapse_guard=null"])
         trainer = grpo_trainer(reward, **setup)
     else:
         trainer = GRPOTrainer(reward_funcs=correct, **setup)
@@ -431,6 +434,12 @@ def main() -> None:
             ratio = table[ours]["s_per_step"] / table[peer]["s_per_step"]
             rss = table[ours]["peak_rss_gb"] / table[peer]["peak_rss_gb"]
             print(f"{ours} / {peer}: step {ratio:.3f}, peak RSS {rss:.3f}")
+    if {"covo_rewarded", "trl_covo"} <= set(table):
+        trl_s, ours_s = table["trl_covo"]["reward_s"], table["covo_rewarded"]["reward_s"]
+        print(
+            f"reward phase trl_covo / covo_rewarded: {trl_s:.1f} s / {ours_s:.1f} s = "
+            f"{trl_s / ours_s:.2f}"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps({"runs": runs, "table": table}, indent=1))
 

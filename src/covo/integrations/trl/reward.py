@@ -205,11 +205,12 @@ class CovoReward:
         with inference(model):
             policy = lora.base_of(model)  # under peft: the causal LM with its adapters on
             groups = self.groups(trainer, policy, prompt_ids, completion_ids, starts, labels)
+            seconds = {"time/statistics_s": time.perf_counter() - start}
             scorer = PrefixSharedScorer(policy, self.tokenizer(trainer), self.scoring_dtype)
             results = [self.reward(group, scorer) for group in groups]
         rewards = [float(r) for res in results for r in res.rewards]
         if log_metric is not None:
-            seconds = time.perf_counter() - start
+            seconds["time/reward_s"] = time.perf_counter() - start
             self.log(log_metric, groups, results, rewards, labels, seconds, scorer)
         return rewards
 
@@ -252,9 +253,10 @@ class CovoReward:
         return groups
 
     def log(self, log_metric, groups, results: list[GroupReward], rewards, labels, seconds, scorer):
+        """covo's step metrics of the call; `seconds`: `time/reward_s` (the whole call) and
+        `time/statistics_s` (its part up to the groups' statistics)."""
         metrics = reward_metrics(results, torch.tensor(rewards), labels, self.equivalence)
-        metrics |= group_token_metrics(groups)
-        metrics["time/reward_s"] = seconds
+        metrics |= group_token_metrics(groups) | seconds
         if scorer.tokens_processed:
             metrics["perf/scoring_tokens"] = float(scorer.tokens_processed)
             metrics["perf/scoring_reused_tokens"] = float(scorer.reused_tokens)
