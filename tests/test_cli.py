@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -57,8 +58,15 @@ def test_console_counts_steps_and_says_where_the_config_went(tmp_path):
     out = proc.stdout + proc.stderr
     assert "train steps: 100%" in out and "3/3" in out
     assert "Epoch 0/-2" not in out
-    for noise in ("LeafSpec", "in eval mode", "manual optimization", "not resumable"):
+    noises = ["LeafSpec", "in eval mode", "manual optimization", "not resumable"]
+    # Lightning's notices about Lightning: what this machine lacks, a product tip
+    noises += ["GPU available", "TPU available", "Tip:", "Training:", "Validation"]
+    for noise in noises:
         assert noise not in out, noise
+    # one bar: every render of it says what it counts
+    renders = [part for part in re.split(r"[\r\n]", out) if "%|" in part]
+    assert renders and all(part.startswith("train steps:") for part in renders)
+    assert "precision: " in out  # the run says which precision it picked
     (run,) = (tmp_path / "debug" / "runs").iterdir()
     assert "overrides: debug=default trainer.max_steps=3" in out
     assert f"config: {run / 'config.yaml'}" in out

@@ -152,7 +152,9 @@ def test_a_huge_learning_rate_collapses_the_tiny_model_and_the_guard_stops_it(ti
         s for s in sorted(saturated) if s >= 2 and all(saturated[s - k] for k in range(3))
     )
     assert first == expected
-    assert entropy[first] < 0.5 * start  # the policy did collapse
+    # which rule fired (entropy halved with a unanimous answer, or the KL drift) and at which
+    # step depend on the CPU's kernels (bf16 or fp32, BLAS): the guard's promise is the recount
+    # above, on whatever trajectory this machine produced
     # the guard writes after an unsaturated rollout at least 3 rollouts after its last write;
     # the window's rollouts are saturated, so the weights kept precede the window
     written = None

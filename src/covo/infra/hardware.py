@@ -19,7 +19,11 @@ def set_threads(threads: int | None, processes: int = 1) -> None:
 @functools.cache
 def cpu_has_native_bf16() -> bool:
     """True when the CPU computes bf16 matmuls natively (AVX512-BF16 or AMX). Without them,
-    torch emulates bf16 on CPU and it runs several times slower than fp32."""
+    torch emulates bf16 on CPU and it runs several times slower than fp32.
+    `COVO_NATIVE_BF16=0` (or 1) overrides the look-up: the fp32 path on a bf16 machine."""
+    forced = os.environ.get("COVO_NATIVE_BF16")
+    if forced in ("0", "1"):
+        return forced == "1"
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

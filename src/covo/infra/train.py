@@ -28,6 +28,7 @@ QUIET = [
     r".*isinstance\(treespec, LeafSpec\)",
     r"Using ModelCheckpoint with manual optimization",
 ]
+LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric")
 # root keys of train.yaml that moved into its `module` node (the LightningModule's call)
 RENAMED = {
     key: f"module.{key}"
@@ -77,7 +78,12 @@ def precision_plugin(trainer: DictConfig) -> MixedPrecision | None:
 def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.Trainer]:
     for pattern in QUIET:
         warnings.filterwarnings("ignore", message=pattern)
+    # Lightning's INFO notices are about Lightning (no GPU, no TPU, a product tip, settings
+    # echoed back); its warnings still show
+    for name in LIGHTNING_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     resolve_auto(cfg)
+    log.info("precision: %s (trainer.precision)", cfg.trainer.precision)
     reward = check_train(cfg)  # the reward is built before the model: it needs none
     module = hydra.utils.instantiate(cfg.module, reward=reward)
     datamodule = hydra.utils.instantiate(cfg.data)
