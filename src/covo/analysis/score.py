@@ -1,10 +1,12 @@
 """Explain a reward on given responses: `python -m covo.score input=in.jsonl output=out.jsonl`.
 
 Input lines `{"prompt": str, "responses": [str, ...], "answer": str (optional), "response_ids":
-[[int, ...], ...] (optional)}`. The prompt goes through `prompt_template` and the model's chat
-template; each response is tokenised on its own unless its sampled ids are given.
-Per-token log-probs, entropy and self-certainty come from one no-grad forward over prompt +
-response, so curiosity and the certainty rewards see real values. Each output line holds the
+[[int, ...], ...] (optional), "views": {name: [str, ...]} (for a reward that compares views of
+the prompt, self_harmony: the responses to the prompt put through each view)}`. The prompt goes
+through `prompt_template` and the model's chat template; each response is tokenised on its own
+unless its sampled ids are given.
+Per-token log-probs, entropy and self-certainty come from no-grad forwards over prompt +
+responses (`covo.rollout.groups`), so curiosity and the certainty rewards see real values. Each output line holds the
 answer clusters and, per response, its steps, distance matrix D [T][K], ratios, Con, Vol,
 curiosity and reward; `dump_ids=true` adds every token id needed to recompute D. The answer is
 read for diagnostics only (correctness, reward accuracy, AUROC, the distance-curve plot).
@@ -14,11 +16,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
 from covo.analysis.plots import distance_curve_figure, save_figure
@@ -30,25 +31,27 @@ from covo.infra.hardware import set_threads
 from covo.infra.settings import check_score
 from covo.metrics.diagnostics import distance_curves, reward_diagnostics
 from covo.metrics.states import labelled_counts, pool, state_metrics, states_table
-from covo.models.loading import LoadedModel
-from covo.rewards.base import Group, GroupReward, Withheld, label_for
-from covo.rewards.covo.reward import CoVoReward, encode
+from covo.rewards.base import Group, GroupReward, label_for
+from covo.rewards.covo.reward import CoVoReward
 from covo.rewards.covo.scorer import SCORING_DTYPES, PrefixSharedScorer
-from covo.rollout.context_cache import ContextCache, split_cache
-from covo.rollout.sampling import format_prompts, response_token_stats
+from covo.rollout.groups import make_group
+from covo.rollout.views import declared_views, view_groups
 
 CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
 COMPONENTS = ("consistency", "volatility", "curiosity")
-STAT_FIELDS = {
-    "token_logprobs": "logprobs",
-    "token_entropy": "entropy",
-    "token_self_certainty": "self_certainty",
-}
 
 
-def read_records(path: Path) -> Iterator[dict]:
-    """One record per non-blank line, read lazily; a bad line raises `DataError` naming it."""
+def read_records(path: Path, views: Sequence[str] = ()) -> Iterator[dict]:
+    """One record per non-blank line, read lazily; a bad line raises `DataError` naming it.
+    `views`: the views the reward compares, each a list of responses in the line's `views`."""
     for where, record in json_objects(path, ["prompt", "responses"], what="input file"):
+        for name in views:
+            given = (record.get("views") or {}).get(name)
+            if not (isinstance(given, list) and given and all(isinstance(r, str) for r in given)):
+                raise DataError(
+                    f"{where}: 'views.{name}' must list the responses to the prompt put through "
+                    f"the reward's view {name!r}"
+                )
         if not isinstance(record["prompt"], str):
             raise DataError(f"{where}: 'prompt' must be a string")
         responses = record["responses"]
@@ -64,85 +67,6 @@ def read_records(path: Path) -> Iterator[dict]:
         ):
             raise DataError(f"{where}: 'response_ids' must hold one list of token ids per response")
         yield record
-
-
-@torch.no_grad()
-def token_stats(
-    model,
-    prompt_ids: list[int],
-    response_ids: list[int],
-    keep_cache: bool = False,
-    temperature: float = 1.0,
-) -> tuple[dict[str, torch.Tensor], ContextCache | None]:
-    """Per response token: log-prob, entropy, self-certainty under the model at `temperature`
-    ([G] each, CPU); with `keep_cache`, also the keys and values of prompt + response from that
-    forward (None for models whose cache layers are not plain full attention)."""
-    if not response_ids:
-        return {name: torch.zeros(0) for name in STAT_FIELDS.values()}, None
-    ids = prompt_ids + response_ids
-    sequence = torch.tensor([ids], device=model.device)
-    stats = response_token_stats(
-        model,
-        sequence,
-        torch.ones_like(sequence),
-        len(response_ids),
-        temperature,
-        keep_cache=keep_cache,
-    )
-    contexts = split_cache(stats.pop("cache"), [(ids, 0)]) if keep_cache else None
-    stats = {name: values[0].float().cpu() for name, values in stats.items()}
-    return stats, contexts[0] if contexts else None
-
-
-def make_group(
-    loaded: LoadedModel,
-    prompt: str,
-    responses: list[str],
-    truth: str | Withheld | None,
-    response_ids: list[list[int]] | None = None,
-    keep_cache: bool = False,
-) -> Group:
-    """The group a reward sees: `prompt` as the policy reads it, and each response's ids
-    (`response_ids` as sampled, or each text tokenised on its own); `truth` is what the reward
-    is given of the label (`covo.rewards.base.label_for`).
-
-    `keep_cache` keeps every trajectory's keys and values from the statistics forward
-    (`Group.context_caches`; None for an empty response), so a scorer does not feed the
-    trajectories again.
-    """
-    tokenizer = loaded.tokenizer
-    [chat] = format_prompts(tokenizer, [prompt], loaded.chat_template)
-    prompt_ids = encode(tokenizer, chat)
-    if response_ids is None:
-        response_ids = [encode(tokenizer, text) for text in responses]
-    return group_from_ids(loaded.model, prompt_ids, response_ids, responses, truth, keep_cache)
-
-
-def group_from_ids(
-    model,
-    prompt_ids: list[int],
-    response_ids: list[list[int]],
-    texts: list[str],
-    truth: str | Withheld | None,
-    keep_cache: bool = False,
-    temperature: float = 1.0,
-    **where,
-) -> Group:
-    """The group of responses `response_ids` (no EOS) to the prompt `prompt_ids`, with the
-    model's per-token statistics at `temperature` from one no-grad forward per response;
-    `truth` as in `make_group`; `where` sets the group's `step`, `rank` and `index`."""
-    stats, caches = zip(
-        *(token_stats(model, prompt_ids, ids, keep_cache, temperature) for ids in response_ids)
-    )
-    return Group(
-        prompt_ids=list(prompt_ids),
-        response_ids=[list(ids) for ids in response_ids],
-        texts=list(texts),
-        truth=truth,
-        context_caches=list(caches) if keep_cache else None,
-        **{field: [s[name] for s in stats] for field, name in STAT_FIELDS.items()},
-        **where,
-    )
 
 
 def finite(value):
@@ -306,14 +230,17 @@ def score(cfg: DictConfig) -> dict[str, float]:
     tokenizer = loaded.tokenizer
     scorer = PrefixSharedScorer(loaded.model, tokenizer, SCORING_DTYPES[cfg.scoring_dtype])
     equivalence = getattr(reward, "equivalence", None) or AnswerEquivalence()
+    views = declared_views(reward)
     results, labels = [], []
     target.parent.mkdir(parents=True, exist_ok=True)
     with target.open("w", encoding="utf-8") as out:
-        for item in read_records(source):
+        for index, item in enumerate(read_records(source, list(views))):
             label = None if item.get("answer") is None else str(item["answer"])
             prompt = cfg.prompt_template.format(problem=item["prompt"])
             truth = label_for(reward, label)
             group = make_group(loaded, prompt, item["responses"], truth, item.get("response_ids"))
+            group.views = view_groups(loaded, prompt, item, views, truth)
+            group.index = index  # each line its own group (the random control draws afresh)
             res = reward(group, scorer)
             record = explain(item["prompt"], group, res, tokenizer, equivalence, label)
             if cfg.dump_ids:

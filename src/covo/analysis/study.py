@@ -39,6 +39,7 @@ from covo.metrics.diagnostics import prompt_outcome, verdict_counts
 from covo.metrics.states import labelled_counts
 from covo.rewards.base import label_for
 from covo.rewards.covo.scorer import SCORING_DTYPE_RULE, SCORING_DTYPES, PrefixSharedScorer
+from covo.rollout.views import declared_views, view_groups
 
 log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
@@ -125,19 +126,25 @@ def score_prompts(loaded, rewards: dict, records: list[dict], cfg: DictConfig) -
         PrefixSharedScorer(loaded.model, loaded.tokenizer, SCORING_DTYPES[cfg.scoring_dtype])
     )
     keep_cache = any(getattr(reward, "uses_scorer", False) for reward in rewards.values())
+    view_templates = {
+        k: v for reward in rewards.values() for k, v in declared_views(reward).items()
+    }
     extract, equivalence = get_extractor(cfg.extractor), AnswerEquivalence()
     prompts = []
     for n, record in enumerate(records, start=1):
         label, started = str(record["answer"]), time.perf_counter()
         scorer.new_prompt()
+        prompt = cfg.prompt_template.format(problem=record["prompt"])
         group = make_group(
             loaded,
-            cfg.prompt_template.format(problem=record["prompt"]),
+            prompt,
             record["responses"],
             None,  # each reward is given what `label_for` allows it below
             record.get("response_ids"),
             keep_cache,
         )
+        views = {name: view_templates[name] for name in record.get("views", {})}
+        group.views = view_groups(loaded, prompt, record, views, None, keep_cache)
         correct = [equivalence.is_correct(extract(text), label) for text in group.texts]
         entry = {
             "problem": record["prompt"],
@@ -187,8 +194,14 @@ def study(cfg: DictConfig) -> dict:
     loaded = hydra.utils.instantiate(cfg.model)
     loaded.model.to(resolve_device(cfg.device)).eval()
     path, sampled = load_or_sample(loaded, items, cfg)
+    records = read_samples(path, items)
+    views = {k: v for reward in rewards.values() for k, v in declared_views(reward).items()}
+    for name, template in views.items():  # a reward that compares views: their own samples
+        view_path, _ = load_or_sample(loaded, items, cfg, template)
+        for record, sampled_view in zip(records, read_samples(view_path, items)):
+            record.setdefault("views", {})[name] = sampled_view
     started = time.perf_counter()
-    prompts = score_prompts(loaded, rewards, read_samples(path, items), cfg)
+    prompts = score_prompts(loaded, rewards, records, cfg)
     scoring_seconds = time.perf_counter() - started
     b = cfg.bootstrap
     summary = summarize(

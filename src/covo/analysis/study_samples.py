@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,14 +26,15 @@ from covo.analysis.score import read_records
 from covo.data.jsonl import DataError
 from covo.models.loading import LoadedModel
 from covo.rollout.sampling import eos_token_ids, format_prompts, response_mask_from, sample
+from covo.rollout.views import view_prompts
 
 log = logging.getLogger(__name__)
 
 
-def sampling_key(cfg: DictConfig) -> dict:
+def sampling_key(cfg: DictConfig, view: str | None = None) -> dict:
     """Everything that decides the samples: the model's weights, prompts and sampling; not
     where the model is cached, nor knobs that only training reads (adapters start as the
-    identity)."""
+    identity). `view`: the template of a reward's view the prompts are put through."""
     model = OmegaConf.to_container(cfg.model, resolve=True)
     for training_only in ("cache_dir", "dtype", "gradient_checkpointing", "lora"):
         model.pop(training_only, None)
@@ -44,14 +46,21 @@ def sampling_key(cfg: DictConfig) -> dict:
         "prompt_template": cfg.prompt_template,
         "sampling": OmegaConf.to_container(cfg.sampling, resolve=True),
         "seed": cfg.seed,
+        **({"view": view} if view else {}),
     }
 
 
-def samples_path(cfg: DictConfig) -> Path:
-    """`cfg.samples`, or a file in the cache named by a hash of `sampling_key(cfg)`."""
+def samples_path(cfg: DictConfig, view: str | None = None) -> Path:
+    """`cfg.samples` (a view's samples beside it), or a file in the cache named by a hash of
+    `sampling_key(cfg, view)`."""
     if cfg.samples:
-        return Path(cfg.samples).expanduser()
-    digest = hashlib.sha256(json.dumps(sampling_key(cfg), sort_keys=True).encode()).hexdigest()
+        path = Path(cfg.samples).expanduser()
+        if view:
+            digest = hashlib.sha256(view.encode()).hexdigest()[:16]
+            return path.with_name(f"{path.stem}.view-{digest}{path.suffix}")
+        return path
+    key = sampling_key(cfg, view)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
     return Path(cfg.paths.cache_dir).expanduser() / "study" / f"samples-{digest[:16]}.jsonl"
 
 
@@ -79,16 +88,18 @@ def cut_responses(tokens: torch.Tensor, eos: set[int]) -> list[tuple[list[int], 
 
 
 def draw(
-    loaded: LoadedModel, items: list[dict], cfg: DictConfig, start: int
+    loaded: LoadedModel, items: list[dict], cfg: DictConfig, start: int, view: str | None = None
 ) -> Iterator[list[dict]]:
     """Sample `cfg.sampling.num_samples` responses per item from `items[start:]`, one batch of
-    `cfg.sampling.batch_size` problems per generate call; yields the records of each batch."""
+    `cfg.sampling.batch_size` problems per generate call, the prompts put through the view
+    template `view` if given (with a sampling seed of its own); yields each batch's records."""
     model, tokenizer, s = loaded.model, loaded.tokenizer, cfg.sampling
     eos = eos_token_ids(model, tokenizer)
     for first in range(start, len(items), s.batch_size):
         batch = items[first : first + s.batch_size]
-        torch.manual_seed(cfg.seed * 1_000_003 + first)
+        torch.manual_seed(cfg.seed * 1_000_003 + first + (zlib.crc32(view.encode()) if view else 0))
         prompts = [cfg.prompt_template.format(problem=item["problem"]) for item in batch]
+        prompts = view_prompts(prompts, view) if view else prompts
         chat = format_prompts(tokenizer, prompts, loaded.chat_template)
         responses = sample(
             model,
@@ -116,13 +127,16 @@ def draw(
         yield records
 
 
-def load_or_sample(loaded: LoadedModel, items: list[dict], cfg: DictConfig) -> tuple[Path, dict]:
-    """The samples file of this study (drawn now where missing) and its side record.
+def load_or_sample(
+    loaded: LoadedModel, items: list[dict], cfg: DictConfig, view: str | None = None
+) -> tuple[Path, dict]:
+    """The samples file of this study (drawn now where missing) and its side record; with
+    `view`, of the prompts put through that view template (for a reward that compares views).
 
     The side record holds the sampling key, the problems done and the sampling seconds
     summed over the runs that drew them.
     """
-    path = samples_path(cfg)
+    path = samples_path(cfg, view)
     partial = path.with_name(path.name + ".partial")
     side_path = path.with_name(path.name + ".json")
     if path.exists():
@@ -130,12 +144,12 @@ def load_or_sample(loaded: LoadedModel, items: list[dict], cfg: DictConfig) -> t
         return path, json.loads(side_path.read_text()) if side_path.exists() else {}
     done = read_samples(partial, items) if partial.exists() else []
     side = json.loads(side_path.read_text()) if done and side_path.exists() else {}
-    side.update(key=sampling_key(cfg), problems=len(done), seconds=side.get("seconds", 0.0))
+    side.update(key=sampling_key(cfg, view), problems=len(done), seconds=side.get("seconds", 0.0))
     log.info("Sampling %d problems into %s (%d already there)", len(items), path, len(done))
     partial.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with partial.open("a", encoding="utf-8") as out:
-        for records in draw(loaded, items, cfg, len(done)):
+        for records in draw(loaded, items, cfg, len(done), view):
             out.write("".join(json.dumps(r) + "\n" for r in records))  # ASCII: one line each
             out.flush()
             side["problems"] += len(records)

@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from covo.infra.errors import SettingError
-from covo.rewards.base import GroupReward
+from covo.models.loading import LoadedModel
+from covo.rewards.base import Group, GroupReward, Withheld
+from covo.rollout.groups import make_group
 from covo.rollout.sampling import Rollout
 
 PLACEHOLDER = "{prompt}"
@@ -48,6 +50,29 @@ def trained_views(rollout: Rollout, reward) -> list[Rollout]:
 def view_prompts(prompts: list[str], template: str) -> list[str]:
     # replace, not str.format: templates hold LaTeX braces such as \boxed{}
     return [template.replace(PLACEHOLDER, prompt) for prompt in prompts]
+
+
+def view_groups(
+    loaded: LoadedModel,
+    prompt: str,
+    record: dict,
+    views: Mapping[str, str],
+    truth: str | Withheld | None,
+    keep_cache: bool = False,
+) -> dict[str, Group]:
+    """The groups of responses given for `views` in `record["views"]` (name -> a list of
+    responses, or a record with `responses` and `response_ids` where sampled): `prompt` put
+    through each view's template, as the rollout samples them. For the commands that score
+    given responses (`covo.score`, `covo.study`)."""
+    groups = {}
+    for name, template in views.items():
+        given = record["views"][name]
+        texts, ids = (given, None) if isinstance(given, list) else (given["responses"], None)
+        if isinstance(given, dict):
+            ids = given.get("response_ids")
+        [view_prompt] = view_prompts([prompt], template)
+        groups[name] = make_group(loaded, view_prompt, texts, truth, ids, keep_cache)
+    return groups
 
 
 def sample_views(

@@ -37,7 +37,7 @@ from covo.models.lora import MissingExtraError
 from covo.rewards.base import Group, GroupReward, label_for
 from covo.rewards.covo.scorer import SCORING_DTYPE_RULE, SCORING_DTYPES, PrefixSharedScorer
 from covo.rollout.groups import group_from_ids
-from covo.rollout.views import declared_views
+from covo.rollout.views import declared_views, view_prompts
 
 CONF_DIR = Path(__file__).resolve().parents[4] / "conf"
 MISSING = (
@@ -143,6 +143,25 @@ def strip_eos(ids: Sequence[int], eos: set[int]) -> list[int]:
     return ids[:-1] if ids and ids[-1] in eos else ids
 
 
+def cut_at_eos(ids: list[int], eos: set[int]) -> list[int]:
+    """A generated row up to its first EOS (without it)."""
+    for i, token in enumerate(ids):
+        if token in eos:
+            return ids[:i]
+    return ids
+
+
+def put_through(prompt, template: str):
+    """A TRL prompt (text, or a conversation) put through a view's template: the text, or the
+    conversation's last user message."""
+    if isinstance(prompt, str):
+        return view_prompts([prompt], template)[0]
+    messages = [dict(m) for m in prompt]
+    last = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    messages[last]["content"] = view_prompts([messages[last]["content"]], template)[0]
+    return messages
+
+
 class CovoReward:
     """A covo reward (`reward`: conf/reward name or YAML path; `overrides` as in
     `integration_config`) as a TRL reward function. Call `bind(trainer)` once the
@@ -156,11 +175,7 @@ class CovoReward:
             raise MissingExtraError(MISSING)
         cfg = integration_config(reward, overrides)
         self.reward = instantiate(cfg.reward)
-        if declared_views(self.reward):
-            raise ValueError(
-                f"reward {reward} samples extra views of each prompt, which TRL's rollout does"
-                " not produce; use it with covo's trainer"
-            )
+        self.views = declared_views(self.reward)
         self.label_column = cfg.label_column
         self.scoring_dtype = SCORING_DTYPES[cfg.scoring_dtype]
         self.token_budget = cfg.stats_token_budget
@@ -205,6 +220,8 @@ class CovoReward:
         with inference(model):
             policy = lora.base_of(model)  # under peft: the causal LM with its adapters on
             groups = self.groups(trainer, policy, prompt_ids, completion_ids, starts, labels)
+            for group, s in zip(groups, starts):
+                group.views = self.sample_views(trainer, policy, prompts[s], n)
             seconds = {"time/statistics_s": time.perf_counter() - start}
             scorer = PrefixSharedScorer(policy, self.tokenizer(trainer), self.scoring_dtype)
             results = [self.reward(group, scorer) for group in groups]
@@ -251,6 +268,39 @@ class CovoReward:
                 )
             )
         return groups
+
+    def sample_views(self, trainer, policy, prompt, n: int) -> dict[str, Group]:
+        """The groups of the views the reward compares (self_harmony), which TRL's rollout does
+        not sample: here, `n` responses from the live policy to `prompt` put through each view
+        (the last user message of a conversation), at TRL's temperature, top-p and completion
+        length, as covo's rollout samples them. One generate call per group and view."""
+        tokenizer, eos = self.tokenizer(trainer), set(trainer.eos_token_ids)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
+        views = {}
+        for name, template in self.views.items():
+            [ids] = trainer._tokenize_prompts([put_through(prompt, template)])[0]
+            sequence = torch.tensor([list(ids)], device=policy.device)
+            out = policy.generate(
+                sequence,
+                attention_mask=torch.ones_like(sequence),
+                do_sample=True,
+                temperature=trainer.temperature,
+                top_p=trainer.top_p,
+                max_new_tokens=trainer.max_completion_length,
+                num_return_sequences=n,
+                pad_token_id=pad,
+            )[:, sequence.shape[1] :]
+            responses = [cut_at_eos(row, eos) for row in out.tolist()]
+            views[name] = group_from_ids(
+                policy,
+                list(ids),
+                responses,
+                [tokenizer.decode(r, skip_special_tokens=True) for r in responses],
+                None,
+                temperature=trainer.temperature,
+                token_budget=self.token_budget,
+            )
+        return views
 
     def log(self, log_metric, groups, results: list[GroupReward], rewards, labels, seconds, scorer):
         """covo's step metrics of the call; `seconds`: `time/reward_s` (the whole call) and
