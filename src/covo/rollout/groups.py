@@ -4,10 +4,12 @@ batched no-grad forwards.
 
 Per group the prompt, all but its last token, runs once and its keys and values are shared by
 the group's responses. The responses then run right-padded, each behind the prompt's last
-token (whose logits predict the response's first token), longest first, at most
-`token_budget` fed tokens (rows x (longest response + 1)) per forward: that bounds the
-forward's logits, [rows, longest, vocab]. The numbers are those of one forward over
-prompt + response per response.
+token (whose hidden state predicts the response's first token), longest first, at most
+`token_budget` fed tokens (rows x (longest response + 1)) per forward; the output head and
+the statistics run on `LOGIT_CHUNK` positions at a time, so a forward's memory is its
+activations and keys and values, not [rows, longest, vocab] logits. The numbers are those of
+one forward over prompt + response per response. Like `PrefixSharedScorer`, this needs a
+causal LM whose logits are `get_output_embeddings()(base_model(...))`.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from covo.models.loading import LoadedModel
 from covo.rewards.base import Group, Withheld
 from covo.rewards.covo.reward import encode
 from covo.rollout.context_cache import ContextCache, plain_layers, split_cache
-from covo.rollout.engine import STAT_NAMES
-from covo.rollout.sampling import format_prompts, response_token_stats
+from covo.rollout.engine import STAT_NAMES, position_ids_from
+from covo.rollout.sampling import chosen_token_stats, format_prompts
 
 # Group field <- statistic
 STAT_FIELDS = {
@@ -28,7 +30,8 @@ STAT_FIELDS = {
     "token_entropy": "entropy",
     "token_self_certainty": "self_certainty",
 }
-TOKEN_BUDGET = 2048
+TOKEN_BUDGET = 8192
+LOGIT_CHUNK = 256  # positions per output-head call: bounds the [chunk, vocab] logits
 
 
 def forwards(lengths: list[int], token_budget: int) -> list[list[int]]:
@@ -48,10 +51,8 @@ def prompt_prefix(model, prompt_ids: list[int]) -> list[tuple] | None:
     whose cache is not plain full attention."""
     if len(prompt_ids) < 2:
         return None
-    out = model(
-        input_ids=torch.tensor([prompt_ids[:-1]], device=model.device),
-        use_cache=True,
-        logits_to_keep=1,
+    out = model.base_model(
+        input_ids=torch.tensor([prompt_ids[:-1]], device=model.device), use_cache=True
     )
     layers = plain_layers(out.cache)
     return None if layers is None else [(layer.keys, layer.values) for layer in layers]
@@ -64,6 +65,19 @@ def repeated(prefix: list[tuple] | None, rows: int) -> DynamicCache | None:
     return DynamicCache(
         [(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in prefix]
     )
+
+
+def head_stats(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: float) -> dict:
+    """`chosen_token_stats` ([P] each) of the logits `model`'s output head gives `hidden`
+    [P, H] for `targets` [P], `LOGIT_CHUNK` positions at a time."""
+    head = model.get_output_embeddings()
+    parts = [
+        chosen_token_stats(
+            head(hidden[i : i + LOGIT_CHUNK]), targets[i : i + LOGIT_CHUNK], temperature
+        )
+        for i in range(0, len(targets), LOGIT_CHUNK)
+    ]
+    return {name: torch.cat([part[name] for part in parts]) for name in STAT_NAMES}
 
 
 @torch.no_grad()
@@ -89,20 +103,25 @@ def response_stats(
         width = len(responses[0])
         fed = [fed_prompt + ids + [0] * (width - len(ids)) for ids in responses]
         mask = [[1] * (len(prompt_ids) + len(ids)) + [0] * (width - len(ids)) for ids in responses]
-        out = response_token_stats(
-            model,
-            torch.tensor(fed, device=device),
-            torch.tensor(mask, device=device),
-            width,
-            temperature,
-            keep_cache=keep_cache,
+        mask = torch.tensor(mask, device=device)
+        out = model.base_model(
+            input_ids=torch.tensor(fed, device=device),
+            attention_mask=mask,
+            position_ids=position_ids_from(mask)[:, -len(fed[0]) :],
             cache=repeated(prefix, len(rows)),
+            use_cache=keep_cache or prefix is not None,
         )
-        cache = out.pop("cache", None)
-        for j, (r, ids) in enumerate(zip(rows, responses)):
-            stats[r] = {name: values[j, : len(ids)].float().cpu() for name, values in out.items()}
+        # the hidden state before each response token predicts it; padding is not scored
+        start, lengths = len(fed_prompt) - 1, [len(ids) for ids in responses]
+        hidden = out.last_hidden_state
+        predicting = torch.cat([hidden[j, start : start + n] for j, n in enumerate(lengths)])
+        targets = torch.tensor([t for ids in responses for t in ids], device=device)
+        values = head_stats(model, predicting, targets, temperature)
+        split = {name: v.float().cpu().split(lengths) for name, v in values.items()}
+        for j, r in enumerate(rows):
+            stats[r] = {name: parts[j] for name, parts in split.items()}
         if keep_cache:
-            kept = split_cache(cache, [(prompt_ids + ids, 0) for ids in responses])
+            kept = split_cache(out.cache, [(prompt_ids + ids, 0) for ids in responses])
             for r, context in zip(rows, kept or [None] * len(rows)):
                 caches[r] = context
     return stats, caches

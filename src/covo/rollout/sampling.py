@@ -184,6 +184,17 @@ def chosen_logprobs(
     return ChosenLogprobs.apply(logits, targets, float(temperature), chunk)
 
 
+def chosen_token_stats(logits: Tensor, targets: Tensor, temperature: float) -> dict[str, Tensor]:
+    """[..., V] logits and [...] token ids -> the log-prob of each token, the entropy and the
+    self-certainty of each distribution at `temperature` ([...] float32 each)."""
+    logp, entropy, self_certainty = distribution_stats(logits, temperature)
+    return {
+        "logprobs": logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1),
+        "entropy": entropy,
+        "self_certainty": self_certainty,
+    }
+
+
 def response_token_stats(
     model,
     sequences: torch.Tensor,
@@ -192,14 +203,10 @@ def response_token_stats(
     temperature: float = 1.0,
     with_distribution_stats: bool = True,
     keep_cache: bool = False,
-    cache=None,
 ) -> dict:
     """Per response token: log-prob of the sampled token, and (optionally) the entropy and
     KL(uniform || policy) of the policy's next-token distribution. All [R, G], float32.
     With `keep_cache`, also the forward's model cache (keys and values) under "cache".
-    A `cache` holds the keys and values of the columns before `sequences`; `attention_mask`
-    then covers those columns too. The last `response_len` columns are the response tokens
-    (padding after a response's end is masked).
 
     Logits are computed only where a response token is predicted (they dominate memory);
     without the distribution statistics no full-vocabulary log-softmax is formed.
@@ -209,20 +216,14 @@ def response_token_stats(
     out = model(
         input_ids=sequences,
         attention_mask=attention_mask,
-        position_ids=position_ids_from(attention_mask)[:, -length:],
-        cache=cache,
-        use_cache=keep_cache or cache is not None,
+        position_ids=position_ids_from(attention_mask),
+        use_cache=keep_cache,
         logits_to_keep=torch.arange(length - response_len - 1, length - 1, device=sequences.device),
     )
     targets = sequences[:, -response_len:]
     if not with_distribution_stats:
         return {"logprobs": chosen_logprobs(out.logits, targets, temperature)}
-    logp, entropy, self_certainty = distribution_stats(out.logits, temperature)
-    stats = {
-        "logprobs": logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1),
-        "entropy": entropy,
-        "self_certainty": self_certainty,
-    }
+    stats = chosen_token_stats(out.logits, targets, temperature)
     if keep_cache:
         stats["cache"] = out.cache
     return stats

@@ -33,28 +33,19 @@ log = logging.getLogger(__name__)
 SIGNALS = {**TRAINER_SIGNALS, "len_mean": "completions/mean_length", "kl": "kl"}
 ROLLOUT_METRIC = "reward/mean"  # a log holding it saw a covo reward's rollout
 HEALTHY, PRE_COLLAPSE = "last_healthy", "pre_collapse"
-KEYS = ("rules", "min_rules", "window_rollouts", "baseline_rollouts")
+KEYS = ("stop_on_alarm", "min_rules", "window_rollouts", "baseline_rollouts", "save_pre_collapse")
 
 
 class CollapseGuardCallback(TrainerCallback):
-    """covo's collapse guard in a `transformers.Trainer`: `rules`, `min_rules`,
-    `window_rollouts`, `baseline_rollouts` and `save_pre_collapse` as in
-    `covo.callbacks.collapse_guard.CollapseGuard`; the weights are kept under `dirpath` (None:
-    the trainer's `output_dir`)."""
+    """covo's collapse guard in a `transformers.Trainer`: `rules` and `watch`'s knobs
+    (`min_rules`, `window_rollouts`, `baseline_rollouts`, `save_pre_collapse`) as in
+    `covo.callbacks.collapse.CollapseWatch`; the weights are kept under `dirpath` (None: the
+    trainer's `output_dir`)."""
 
     def __init__(
-        self,
-        rules: dict,
-        min_rules: int = 2,
-        window_rollouts: int = 3,
-        baseline_rollouts: int = 3,
-        stop_on_alarm: bool = False,
-        save_pre_collapse: bool = True,
-        dirpath: str | None = None,
+        self, rules: dict, stop_on_alarm: bool = False, dirpath: str | None = None, **watch
     ):
-        self.watch = CollapseWatch(
-            rules, SIGNALS, min_rules, window_rollouts, baseline_rollouts, save_pre_collapse
-        )
+        self.watch = CollapseWatch(rules, SIGNALS, **watch)
         self.stop_on_alarm = stop_on_alarm
         self.dirpath = dirpath
 
@@ -64,12 +55,7 @@ class CollapseGuardCallback(TrainerCallback):
         `save_weights_only`, `_target_`) are covo's trainer's: TRL's `output_dir` is used."""
         prefix = "callbacks.collapse_guard."
         apply_rules(node, [("stop_on_alarm", *BOOL), ("save_pre_collapse", *BOOL)], prefix)
-        return cls(
-            dict(node.rules),
-            **{key: node[key] for key in KEYS[1:]},
-            stop_on_alarm=node.stop_on_alarm,
-            save_pre_collapse=node.save_pre_collapse,
-        )
+        return cls(dict(node.rules), **{key: node[key] for key in KEYS})
 
     def folder(self, args) -> Path:
         return Path(self.dirpath or args.output_dir)
