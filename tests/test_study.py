@@ -4,6 +4,8 @@ numbers that follow from hand-made samples, and re-scoring from the cache."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,8 +16,9 @@ from omegaconf import open_dict
 
 import covo.analysis.study_samples
 from covo.analysis.study import PLOT_FILE, RESULTS_FILE, study
-from covo.analysis.study_samples import load_or_sample
+from covo.analysis.study_samples import load_or_sample, samples_path
 from covo.data.jsonl import DataError
+from covo.models.toy_reasoner import PACKAGED
 
 torch.set_num_threads(1)
 TINY = [
@@ -232,3 +235,19 @@ def test_a_reward_scoring_the_same_branches_reuses_the_calls(tmp_path):
     for with_covo, by_itself in zip(both["prompts"], alone["prompts"]):
         got, want = with_covo["rewards"]["covo_guarded"], by_itself["rewards"]["covo_guarded"]
         assert got["scores"] == want["scores"] and got["hits"] == want["hits"]
+
+
+def test_weights_written_anew_in_the_same_folder_are_sampled_anew(tmp_path):
+    folder = tmp_path / "lab"
+    shutil.copytree(PACKAGED, folder)
+    cfg = compose_config(
+        "study",
+        ["model=toy_reasoner", f"model.weights={folder}", f"paths.cache_dir={tmp_path}"],
+        tmp_path,
+    )
+    before = samples_path(cfg)
+    assert samples_path(cfg) == before  # the same files: the same cached samples
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes())  # a new pretraining run writes the folder again
+    os.utime(weights, ns=(1, 1))
+    assert samples_path(cfg) != before

@@ -25,10 +25,25 @@ from omegaconf import DictConfig, OmegaConf
 from covo.analysis.score import read_records
 from covo.data.jsonl import DataError
 from covo.models.loading import LoadedModel
+from covo.models.toy_reasoner import WEIGHTS
 from covo.rollout.sampling import eos_token_ids, format_prompts, response_mask_from, sample
 from covo.rollout.views import view_prompts
 
 log = logging.getLogger(__name__)
+
+
+def weight_files(model: dict) -> dict[str, list[int]]:
+    """Size and modification time of the weight files of a model config's local folder (a
+    toy lab's, `weights`, a local `name_or_path`): weights written anew into the same folder
+    are other weights, whose samples are not the cached ones."""
+    folder = model.get("weights") or model.get("name_or_path")
+    folder = Path(folder) if folder else WEIGHTS / model["lab"] if "lab" in model else None
+    if folder is None or not folder.is_dir():
+        return {}
+    return {
+        f.name: [f.stat().st_size, f.stat().st_mtime_ns]
+        for f in sorted(folder.glob("*.safetensors"))
+    }
 
 
 def sampling_key(cfg: DictConfig, view: str | None = None) -> dict:
@@ -40,6 +55,7 @@ def sampling_key(cfg: DictConfig, view: str | None = None) -> dict:
         model.pop(training_only, None)
     # the study samples with the weights as loaded: in their master dtype
     model["dtype"] = model.pop("master_dtype", "float32")
+    model["files"] = weight_files(model)
     return {
         "model": model,
         "problems": OmegaConf.to_container(cfg.problems, resolve=True),

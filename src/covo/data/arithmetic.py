@@ -85,13 +85,17 @@ def apply(a: int, op: str, b: int) -> int:
 
 
 def worked_solution(
-    expression: str, rng: random.Random | None = None, slip_rate: float = 0.0
+    expression: str,
+    rng: random.Random | None = None,
+    slip_rate: float = 0.0,
+    slip_scatter: int = 3,
 ) -> tuple[str, int]:
     """One line per operation ("3 + 4 = 7"), products first, then left to right, ending with
     `The answer is: \\boxed{...}`; returns (solution, its final value).
 
-    With `rng` and `slip_rate`, each step's result is off by 1 to 3 with that probability and
-    later steps carry the slip on, so the final value is then wrong.
+    With `rng` and `slip_rate`, each step's result is off by 1 to `slip_scatter` either way
+    (uniformly) with that probability and later steps carry the slip on, so the final value is
+    then wrong.
     """
     terms = expression.split()
     values, ops = [int(t) for t in terms[0::2]], terms[1::2]
@@ -100,7 +104,7 @@ def worked_solution(
     def step(i: int) -> None:
         result = apply(values[i], ops[i], values[i + 1])
         if rng is not None and rng.random() < slip_rate:
-            result += rng.choice([-3, -2, -1, 1, 2, 3])
+            result += rng.choice([*range(-slip_scatter, 0), *range(1, slip_scatter + 1)])
         lines.append(f"{values[i]} {ops[i]} {values[i + 1]} = {result}")
         values[i : i + 2] = [result]
         del ops[i]

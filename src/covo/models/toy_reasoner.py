@@ -1,19 +1,24 @@
-"""The toy reasoner: a small Llama pretrained here on step-by-step arithmetic, shipped.
+"""The toy labs: small Llamas pretrained here on step-by-step arithmetic, shipped.
 
-`load` is `model=toy_reasoner`'s loader. `python -m covo.models.toy_reasoner --seed 0 --out DIR`
-pretrains it from scratch on the `pretrain` part of `conf/data/toy_arithmetic.yaml` (prompts
-put through that config's `prompt_template` and the chat template, as RL will see them), with a
-share of slipped steps so that RL has headroom; the shipped weights came from that command
-(docs/toy_reasoner.md). Pretraining is deterministic on one thread: same seed, same weights.
+`load` is the loader of `model=toy_reasoner` and of every other lab (`model=toy_calibrated`).
+`python -m covo.models.toy_reasoner --out DIR [--slip-rate 0.15 --max-operands 4 ...]`
+pretrains a lab from scratch on the `pretrain` part of the toy problems (prompts put through
+`conf/data/toy_arithmetic.yaml`'s `prompt_template` and the chat template, as RL will see them),
+with a share of slipped steps so that RL has headroom. Every property that decides a
+label-free reward's signal is a flag (`Lab`), recorded in the folder's `pretraining.json`; each
+shipped lab came from its command (docs/toy_reasoner.md). Pretraining is deterministic on one
+thread: same flags, same weights.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
+import math
 import random
+import sys
 import time
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -21,20 +26,96 @@ from omegaconf import OmegaConf
 from tokenizers import pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from covo.data.arithmetic import generate, worked_solution
+from covo.data.arithmetic import OPERATORS, generate, worked_solution
 from covo.eval.grading import MathGrader
 from covo.eval.harness import grade, sample_responses, totals_of
 from covo.models.loading import LoadedModel, chatml_bpe_tokenizer, load_hf
 from covo.rollout.sampling import format_prompts
 
-PACKAGED = Path(__file__).resolve().parent / "weights" / "toy_reasoner"
+WEIGHTS = Path(__file__).resolve().parent / "weights"
+PACKAGED = WEIGHTS / "toy_reasoner"
 DATA_CONF = Path(__file__).resolve().parents[3] / "conf" / "data" / "toy_arithmetic.yaml"
+PARTS = {"pretrain": 8, "train": 1, "val": 1}  # as conf/data/toy_*.yaml split the problems
+SCHEDULES = ("constant", "cosine")
 
 
-def load(weights: str | None = None, **options) -> LoadedModel:
-    """The packaged toy reasoner (or the folder `weights`); `options` as `load_hf`'s."""
-    loaded = load_hf(str(weights or PACKAGED), **options)
-    loaded.name = "toy_reasoner"
+class LabError(ValueError):
+    """A pretraining flag out of its range; the message names the flag."""
+
+
+@dataclass(frozen=True)
+class Lab:
+    """What decides a lab's behaviour, and so a label-free reward's signal on it; written
+    into `pretraining.json` beside the weights. The defaults are the shipped toy reasoner's.
+
+    Problems: `min_operands`..`max_operands` one-digit-to-`max_value` operands joined by
+    `operators`, from the `pretrain` part. Slips: each step of a worked solution is off with
+    probability `slip_rate` by 1..`slip_scatter` either way, and later steps carry it on, so
+    wrong answers scatter over 2 * `slip_scatter` values per slipped step. Model: a Llama of
+    `num_layers` x `hidden_size`. Optimisation: `steps` AdamW steps of `batch_size`, lr `lr`
+    after `warmup` steps, then `constant` or `cosine` down to lr / 10.
+    """
+
+    seed: int = 0
+    steps: int = 500
+    batch_size: int = 64
+    lr: float = 3e-3
+    warmup: int = 50
+    schedule: str = "constant"
+    slip_rate: float = 0.15
+    slip_scatter: int = 3
+    min_operands: int = 3
+    max_operands: int = 4
+    max_value: int = 9
+    operators: str = "+-"
+    hidden_size: int = 128
+    num_layers: int = 4
+    vocab_size: int = 384
+
+    def __post_init__(self):
+        def need(ok: bool, name: str, what: str) -> None:
+            if not ok:
+                value = getattr(self, name)
+                raise LabError(f"--{name.replace('_', '-')} must be {what}, got {value!r}")
+
+        for name in ("steps", "batch_size", "slip_scatter", "num_layers", "vocab_size"):
+            need(getattr(self, name) >= 1, name, "an integer >= 1")
+        need(self.warmup >= 0, "warmup", "an integer >= 0")
+        need(self.lr > 0, "lr", "> 0")
+        need(self.schedule in SCHEDULES, "schedule", " or ".join(SCHEDULES))
+        need(0 <= self.slip_rate < 1, "slip_rate", "in [0, 1)")
+        need(self.min_operands >= 2, "min_operands", "an integer >= 2")
+        need(self.min_operands <= self.max_operands, "max_operands", ">= --min-operands")
+        need(self.max_value >= 1, "max_value", "an integer >= 1")
+        need(
+            bool(self.operators) and set(self.operators) <= set(OPERATORS),
+            "operators",
+            f"some of {''.join(OPERATORS)}",
+        )
+        need(self.hidden_size >= 4 and self.hidden_size % 4 == 0, "hidden_size", "a multiple of 4")
+
+    def problems(self) -> dict:
+        """The problem generator's settings (`covo.data.arithmetic.generate`) of the corpus."""
+        return {
+            "min_operands": self.min_operands,
+            "max_operands": self.max_operands,
+            "max_value": self.max_value,
+            "operators": list(self.operators),
+            "parts": PARTS,
+        }
+
+    def lr_factor(self, step: int) -> float:
+        warm = min(1.0, (step + 1) / self.warmup) if self.warmup else 1.0
+        if self.schedule == "constant" or step < self.warmup:
+            return warm
+        progress = (step - self.warmup) / max(1, self.steps - self.warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def load(weights: str | None = None, lab: str = "toy_reasoner", **options) -> LoadedModel:
+    """The packaged lab `lab` (or the folder `weights`); `options` as `load_hf`'s."""
+    loaded = load_hf(str(weights or WEIGHTS / lab), **options)
+    loaded.name = lab
     return loaded
 
 
@@ -48,25 +129,21 @@ def build_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     )
 
 
-def data_settings() -> tuple[dict, str]:
-    """The problem generator's settings (without size, seed, split) and the prompt template of
-    `conf/data/toy_arithmetic.yaml`, the RL data the model is pretrained for."""
-    conf = OmegaConf.load(DATA_CONF)
-    train = OmegaConf.to_container(conf.train)
-    settings = {k: v for k, v in train.items() if k not in ("_target_", "num_problems", "seed")}
-    settings.update(split="pretrain", distinct=False)
-    return settings, conf.prompt_template
+def prompt_template() -> str:
+    """The prompt template of the toy data configs (`conf/data/toy_arithmetic.yaml`)."""
+    return OmegaConf.load(DATA_CONF).prompt_template
 
 
-def corpus(num: int, seed: int, slip_rate: float) -> list[tuple[str, str]]:
+def corpus(lab: Lab, num: int) -> list[tuple[str, str]]:
     """`num` (prompt, worked solution) pairs from the pretraining part; solutions slip as
     `worked_solution` says."""
-    settings, template = data_settings()
-    rng = random.Random(f"{seed}/slips")
+    template = prompt_template()
+    rng = random.Random(f"{lab.seed}/slips")
     pairs = []
-    for item in generate(num, seed, **settings):
+    problems = generate(num, lab.seed, split="pretrain", distinct=False, **lab.problems())
+    for item in problems:
         expression = item["problem"].removeprefix("Compute ").removesuffix(".")
-        solution, _ = worked_solution(expression, rng, slip_rate)
+        solution, _ = worked_solution(expression, rng, lab.slip_rate, lab.slip_scatter)
         pairs.append((template.format(problem=item["problem"]), solution))
     return pairs
 
@@ -89,31 +166,20 @@ def encode(
 
 
 def pretrain(
-    seed: int = 0,
-    steps: int = 500,
-    batch_size: int = 64,
-    lr: float = 3e-3,
-    warmup: int = 50,
-    slip_rate: float = 0.15,
-    hidden_size: int = 128,
-    num_layers: int = 4,
-    vocab_size: int = 384,
-    log_every: int = 100,
-    save_every: int = 0,
-    out: Path | None = None,
+    lab: Lab, log_every: int = 100, save_every: int = 0, out: Path | None = None
 ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast, dict]:
-    """Train from scratch: `steps` AdamW steps (linear warm-up, then constant lr) over fresh
-    batches of the corpus. Returns model, tokenizer and a record of the run. With `save_every`,
-    the weights of every such step go to `out`/step_N too (what a shorter run would give, the
-    lr being constant after the warm-up)."""
-    torch.manual_seed(seed)
-    pairs = corpus(steps * batch_size, seed, slip_rate)
-    tokenizer = build_tokenizer([p + s for p, s in pairs[:2000]], vocab_size)
+    """Train from scratch: `lab.steps` AdamW steps over fresh batches of the corpus. Returns
+    model, tokenizer and a record of the run (the lab's settings, loss, time). With
+    `save_every`, the weights of every such step go to `out`/step_N too (what a shorter run
+    would give when the schedule is constant after the warm-up)."""
+    torch.manual_seed(lab.seed)
+    pairs = corpus(lab, lab.steps * lab.batch_size)
+    tokenizer = build_tokenizer([p + s for p, s in pairs[:2000]], lab.vocab_size)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=4 * hidden_size,
-        num_hidden_layers=num_layers,
+        hidden_size=lab.hidden_size,
+        intermediate_size=4 * lab.hidden_size,
+        num_hidden_layers=lab.num_layers,
         num_attention_heads=4,
         num_key_value_heads=4,
         max_position_embeddings=256,
@@ -123,12 +189,15 @@ def pretrain(
         pad_token_id=tokenizer.pad_token_id,
     )
     model = LlamaForCausalLM(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=lab.lr, betas=(0.9, 0.98), weight_decay=0.0
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lab.lr_factor)
     start, cpu_start, losses = time.perf_counter(), time.process_time(), []
     model.train()
-    for step in range(steps):
-        ids, labels = encode(tokenizer, pairs[step * batch_size : (step + 1) * batch_size])
+    for step in range(lab.steps):
+        batch = pairs[step * lab.batch_size : (step + 1) * lab.batch_size]
+        ids, labels = encode(tokenizer, batch)
         loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -139,19 +208,15 @@ def pretrain(
         if log_every and (step + 1) % log_every == 0:
             recent = sum(losses[-log_every:]) / log_every
             print(
-                f"step {step + 1}/{steps} loss {recent:.4f} ({time.perf_counter() - start:.0f} s)",
+                f"step {step + 1}/{lab.steps} loss {recent:.4f} "
+                f"({time.perf_counter() - start:.0f} s)",
                 flush=True,
             )
         if save_every and (step + 1) % save_every == 0:
             model.save_pretrained(out / f"step_{step + 1}")
             tokenizer.save_pretrained(out / f"step_{step + 1}")
     record = {
-        "seed": seed,
-        "steps": steps,
-        "batch_size": batch_size,
-        "lr": lr,
-        "warmup": warmup,
-        "slip_rate": slip_rate,
+        **asdict(lab),
         "parameters": sum(p.numel() for p in model.parameters()),
         "final_loss": sum(losses[-50:]) / len(losses[-50:]),
         "seconds": round(time.perf_counter() - start, 1),
@@ -199,19 +264,26 @@ def heldout(
     return metrics
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Pretrain the toy reasoner (one thread).")
-    defaults = inspect.signature(pretrain).parameters
-    parser.add_argument("--seed", type=int, default=defaults["seed"].default)
+def parse_lab(argv: list[str] | None = None) -> tuple[Lab, argparse.Namespace]:
+    """The lab of the command line (every field of `Lab` is a flag) and the other flags."""
+    parser = argparse.ArgumentParser(description="Pretrain a toy lab (one thread).")
     parser.add_argument("--out", type=Path, required=True, help="the folder to write")
-    parser.add_argument("--steps", type=int, default=defaults["steps"].default)
-    parser.add_argument("--slip-rate", type=float, default=defaults["slip_rate"].default)
     parser.add_argument("--save-every", type=int, default=0, help="also keep every N steps")
+    for field in fields(Lab):
+        flag = "--" + field.name.replace("_", "-")
+        parser.add_argument(flag, type=type(field.default), default=field.default)
     args = parser.parse_args(argv)
+    lab = Lab(**{f.name: getattr(args, f.name) for f in fields(Lab)})
+    return lab, args
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        lab, args = parse_lab(argv)
+    except LabError as err:
+        sys.exit(f"error: {err}")
     torch.set_num_threads(1)
-    model, tokenizer, record = pretrain(
-        args.seed, args.steps, slip_rate=args.slip_rate, save_every=args.save_every, out=args.out
-    )
+    model, tokenizer, record = pretrain(lab, save_every=args.save_every, out=args.out)
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
     (args.out / "pretraining.json").write_text(json.dumps(record, indent=2) + "\n")
