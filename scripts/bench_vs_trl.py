@@ -18,6 +18,10 @@ variants alternate, and each round rotates their order.
                   off as in covo_rewarded): the same work as covo_rewarded; its reward phase
                   includes its statistics pass (also shown under statistics)
   floor           one `generate` call plus one forward and backward of the same tokens
+  reward_paths    no training: each step's rollout (covo's sampler, the work above) judged by
+                  CoVo both ways in one process, on the same completions: covo's trainer's
+                  scoring (statistics and keys/values from decoding) and the TRL integration's
+                  (its batched statistics pass, then the reward), alternating which goes first
   covo_before     ours from another source tree (--before-src), group filter off
 
 With --work default, ours (and covo_before) run the default training config instead
@@ -27,9 +31,10 @@ Per variant: median s/step over steps 2..N, completion tokens per second, mean c
 length, peak RSS, the phases (generate, statistics, reward, update) where known, and the
 ratios to TRL and to the floor; with both covo_rewarded and trl_covo, the ratio of their
 reward phases. TRL is the optional `bench` extra (`pip install -e .[bench]`).
-The covo_rewarded and trl_covo variants run only when named:
+The covo_rewarded, trl_covo and reward_paths variants run only when named:
 
 python scripts/bench_vs_trl.py --variants trl_covo covo_rewarded --steps 3 --core 1
+python scripts/bench_vs_trl.py --variants reward_paths --steps 4 --core 1
 
 python scripts/bench_vs_trl.py --steps 6 --rounds 1 [--before-src OLD/src]
 python scripts/bench_vs_trl.py --work default --steps 4 --before-src OLD/src
@@ -326,6 +331,78 @@ def child_floor(data: Path, steps: int) -> dict:
     return {"steps": rows}
 
 
+def judged_as_covo(reward, model, tokenizer, rollout, step: int) -> tuple[list, dict]:
+    """covo's trainer's reward phase: its scoring of the rollout."""
+    from covo.rewards.scoring import score_rollout
+
+    start = time.perf_counter()
+    scored = score_rollout(reward, model, tokenizer, rollout, [None] * PROMPTS, step, 0)
+    return scored.rewards.tolist(), {"reward_s": time.perf_counter() - start}
+
+
+def judged_through_trl(reward, model, tokenizer, rollout, budget: int) -> tuple[list, dict]:
+    """The TRL integration's reward phase on the same completions: its statistics pass
+    (`group_from_ids`), then the reward on those groups."""
+    from covo.rewards.base import label_for
+    from covo.rewards.covo.scorer import PrefixSharedScorer
+    from covo.rollout.groups import group_from_ids
+
+    start, groups = time.perf_counter(), []
+    for b, prompt_ids in enumerate(rollout.prompt_ids):
+        rows = slice(b * SAMPLES, (b + 1) * SAMPLES)
+        responses, texts = rollout.response_ids[rows], rollout.texts[rows]
+        truth = label_for(reward, None)
+        groups.append(
+            group_from_ids(
+                model, prompt_ids, responses, texts, truth, True, 1.0, token_budget=budget
+            )
+        )
+    statistics_s = time.perf_counter() - start
+    scorer = PrefixSharedScorer(model, tokenizer)
+    rewards = [r for group in groups for r in reward(group, scorer).rewards]
+    seconds = {"trl_reward_s": time.perf_counter() - start, "trl_statistics_s": statistics_s}
+    return rewards, seconds
+
+
+def child_reward_paths(data: Path, steps: int) -> dict:
+    """Each step's rollout judged by `reward=covo_last_number` both ways, on the same
+    completions, alternating which goes first; the rewards must agree."""
+    import functools
+
+    import torch
+
+    from covo.infra.checks import instantiate
+    from covo.integrations.trl import integration_config
+    from covo.models.loading import load_smollm2
+    from covo.rollout.sampling import build_rollout, format_prompts
+
+    loaded = load_smollm2(cache_dir=str(Path("~/.cache/covo").expanduser()))
+    model, tok = loaded.model.eval(), loaded.tokenizer
+    cfg = integration_config("covo_last_number")
+    reward = instantiate(cfg.reward)
+    items = [json.loads(line) for line in data.read_text().splitlines()]
+    torch.manual_seed(0)
+    rows = []
+    for step in range(steps):
+        batch = [i["problem"] for i in items[step * PROMPTS : (step + 1) * PROMPTS]]
+        prompts = format_prompts(tok, batch, True)
+        rollout = build_rollout(model, tok, prompts, SAMPLES, NEW_TOKENS, 1.0, 1.0, keep_cache=True)
+        judges = [
+            functools.partial(judged_as_covo, reward, model, tok, rollout, step),
+            functools.partial(
+                judged_through_trl, reward, model, tok, rollout, cfg.stats_token_budget
+            ),
+        ]
+        if step % 2:  # alternate which goes first: the load of a shared machine drifts
+            judges.reverse()
+        (first, a), (second, b) = [judge() for judge in judges]
+        if max(abs(x - y) for x, y in zip(first, second)) > 1e-4:
+            sys.exit(f"step {step + 1}: the two paths' rewards differ: {first} {second}")
+        row = {**a, **b, "tokens": float(sum(map(len, rollout.response_ids)))}
+        rows.append({**row, "step_s": row["reward_s"] + row["trl_reward_s"]})
+    return {"steps": rows}
+
+
 def child(args) -> None:
     import torch
 
@@ -341,6 +418,8 @@ def child(args) -> None:
     elif args.child in ("trl", "trl_no_gc", "trl_covo"):
         checkpointing = None if args.child == "trl" else False
         result = child_trl(args.data, args.steps, checkpointing, out_dir, args.child == "trl_covo")
+    elif args.child == "reward_paths":
+        result = child_reward_paths(args.data, args.steps)
     else:
         result = child_floor(args.data, args.steps)
     result["peak_rss_gb"] = peak_rss_gb()
@@ -378,7 +457,7 @@ def summarise(runs: list[dict]) -> dict:
         ),
         "peak_rss_gb": max(run["peak_rss_gb"] for run in runs),
     }
-    for phase in [p + "_s" for p in PHASES]:
+    for phase in [p + "_s" for p in PHASES] + ["trl_statistics_s", "trl_reward_s"]:
         if all(phase in row for row in steps):
             summary[phase] = statistics.median(row[phase] for row in steps)
     return summary
@@ -434,6 +513,13 @@ def main() -> None:
             ratio = table[ours]["s_per_step"] / table[peer]["s_per_step"]
             rss = table[ours]["peak_rss_gb"] / table[peer]["peak_rss_gb"]
             print(f"{ours} / {peer}: step {ratio:.3f}, peak RSS {rss:.3f}")
+    if "reward_paths" in table:
+        row = table["reward_paths"]
+        print(
+            f"same completions: TRL integration {row['trl_reward_s']:.1f} s (statistics"
+            f" {row['trl_statistics_s']:.1f} s) / covo's trainer {row['reward_s']:.1f} s ="
+            f" {row['trl_reward_s'] / row['reward_s']:.2f}"
+        )
     if {"covo_rewarded", "trl_covo"} <= set(table):
         trl_s, ours_s = table["trl_covo"]["reward_s"], table["covo_rewarded"]["reward_s"]
         print(
