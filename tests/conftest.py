@@ -71,3 +71,26 @@ class ConstantOnRollouts:
         if group.step in self.rollouts:
             result.rewards = [self.value] * len(result.rewards)
         return result
+
+
+def grpo_config(output_dir: Path, **changes):
+    """TRL's GRPOConfig of the TRL tests (the `trl` extra): CPU, fp32, 2 groups of 4 a step, 16
+    new tokens, 2 steps, no KL, a log every step, no checkpoints; `changes` override."""
+    from trl import GRPOConfig
+
+    settings = dict(
+        output_dir=str(output_dir),
+        use_cpu=True,
+        bf16=False,
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=16,
+        max_steps=2,
+        beta=0.0,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+    return GRPOConfig(**{**settings, **changes})

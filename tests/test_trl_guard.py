@@ -6,42 +6,23 @@ from __future__ import annotations
 
 import logging
 import re
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import grpo_config
 
 pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402  (installed with trl)
 from safetensors.torch import load_file  # noqa: E402
 from transformers import TrainerCallback, TrainerControl, TrainerState  # noqa: E402
-from trl import GRPOConfig  # noqa: E402
 
 from covo.infra.errors import SettingError  # noqa: E402
 from covo.integrations.trl import CollapseGuardCallback, CovoReward, grpo_trainer  # noqa: E402
 from covo.models.loading import build_tiny  # noqa: E402
 
 torch.set_num_threads(1)
-N = 4
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
-
-
-def grpo_config(tmp: Path, **changes) -> GRPOConfig:
-    settings = dict(
-        output_dir=str(tmp),
-        use_cpu=True,
-        bf16=False,
-        per_device_train_batch_size=2 * N,
-        num_generations=N,
-        max_completion_length=16,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
-    )
-    return GRPOConfig(**{**settings, **changes})
 
 
 def dataset() -> Dataset:

@@ -15,11 +15,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT, compose_config
+from conftest import ROOT, compose_config, grpo_config
 
 pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402  (installed with trl)
-from trl import GRPOConfig  # noqa: E402
 
 from covo.analysis.score import make_group, score  # noqa: E402
 from covo.integrations.trl import (  # noqa: E402
@@ -60,25 +59,6 @@ ITEMS = [
         "answer": "12",
     },
 ]
-
-
-def grpo_config(tmp: Path, **changes) -> GRPOConfig:
-    settings = dict(
-        output_dir=str(tmp),
-        use_cpu=True,
-        bf16=False,
-        per_device_train_batch_size=2 * N,
-        num_generations=N,
-        max_completion_length=16,
-        max_steps=2,
-        beta=0.0,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
-    )
-    return GRPOConfig(**{**settings, **changes})
 
 
 def dataset() -> Dataset:
