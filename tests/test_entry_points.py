@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import CONF_DIR, compose_config
+from conftest import CONF_DIR, compose_config, grpo_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from covo.analysis.outcomes import check as check_outcomes
@@ -199,26 +199,11 @@ class Recording:
 @pytest.mark.parametrize("name", REWARDS)
 def test_trl(name, tmp_path, scored):
     pytest.importorskip("trl")
-    from trl import GRPOConfig
-
     from covo.integrations.trl import CovoReward, grpo_trainer
 
     loaded = build_tiny()
     reward = CovoReward(name)
-    args = GRPOConfig(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        bf16=False,
-        per_device_train_batch_size=2 * N,
-        num_generations=N,
-        max_completion_length=8,
-        max_steps=1,
-        beta=0.0,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
-    )
+    args = grpo_config(tmp_path, max_completion_length=8, max_steps=1)
     from datasets import Dataset
 
     data = Dataset.from_list(
