@@ -82,6 +82,8 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
     # echoed back); its warnings still show
     for name in LIGHTNING_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    # ... except which processes of a distributed run joined (MEMBER: 2/2): the run's own
+    logging.getLogger("lightning.fabric.utilities.distributed").setLevel(logging.INFO)
     resolve_auto(cfg)
     log.info("precision: %s (trainer.precision)", cfg.trainer.precision)
     reward = check_train(cfg)  # the reward is built before the model: it needs none
