@@ -130,7 +130,7 @@ def test_bad_pretraining_flags_end_with_one_line_naming_the_flag(flags, message,
         text=True,
         timeout=120,
     )
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
     assert not (tmp_path / "lab").exists()  # nothing was written

@@ -281,7 +281,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         lab, args = parse_lab(argv)
     except LabError as err:
-        sys.exit(f"error: {err}")
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     torch.set_num_threads(1)
     model, tokenizer, record = pretrain(lab, save_every=args.save_every, out=args.out)
     model.save_pretrained(args.out)
