@@ -67,9 +67,9 @@ def view_groups(
     groups = {}
     for name, template in views.items():
         given = record["views"][name]
-        texts, ids = (given, None) if isinstance(given, list) else (given["responses"], None)
-        if isinstance(given, dict):
-            ids = given.get("response_ids")
+        sampled = isinstance(given, dict)
+        texts = given["responses"] if sampled else given
+        ids = given.get("response_ids") if sampled else None
         [view_prompt] = view_prompts([prompt], template)
         groups[name] = make_group(loaded, view_prompt, texts, truth, ids, keep_cache)
     return groups
