@@ -26,6 +26,31 @@ def compose_config(name: str, overrides: list[str], output_dir: Path) -> DictCon
     return cfg
 
 
+# two prompts with 4 responses each, boxed answers that form clusters (the reward tests' groups)
+GROUPS_OF_FOUR = [
+    {
+        "prompt": "What is 12 + 7?",
+        "responses": [
+            "First, 12 + 7 = 19.\nSo the total is 19.\nThe answer is: \\boxed{19}",
+            "We compute 12 + 7 = 18.\nThus \\boxed{18}",
+            "Step 1: add the numbers.\nStep 2: check.\nThe answer is: \\boxed{19}",
+            "No idea.",
+        ],
+        "answer": "19",
+    },
+    {
+        "prompt": "What is 3 * 4?",
+        "responses": [
+            "3 * 4 = 12.\n\nThe answer is: \\boxed{12}",
+            "3 * 4 = 7.\nSo \\boxed{7}",
+            "Add 3 four times: 12.\nCheck: 12.\n\\boxed{12}",
+            "We compute 3 * 4 - 5 = 7.\nThe answer is: \\boxed{7}",
+        ],
+        "answer": "12",
+    },
+]
+
+
 class PeekingMajority(MajorityReward):
     """A label-free reward with a bug: it looks at the label."""
 

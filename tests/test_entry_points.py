@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import CONF_DIR, compose_config, grpo_config
+from conftest import CONF_DIR, GROUPS_OF_FOUR, compose_config, grpo_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from covo.analysis.outcomes import check as check_outcomes
@@ -34,34 +34,15 @@ from covo.rollout.views import declared_views, view_groups
 torch.set_num_threads(1)
 REWARDS = sorted(path.stem for path in (CONF_DIR / "reward").glob("*.yaml"))
 N = 4
-ITEMS = [
-    {
-        "prompt": "What is 12 + 7?",
-        "responses": [
-            "First, 12 + 7 = 19.\nSo the total is 19.\nThe answer is: \\boxed{19}",
-            "We compute 12 + 7 = 18.\nThus \\boxed{18}",
-            "Step 1: add the numbers.\nStep 2: check.\nThe answer is: \\boxed{19}",
-            "No idea.",
-        ],
-        "answer": "19",
-        "views": {"reframed": ["Restated: 7 + 12.\n7 + 12 = 19.\n\\boxed{19}", "\\boxed{18}"]},
-    },
-    {
-        "prompt": "What is 3 * 4?",
-        "responses": [
-            "3 * 4 = 12.\n\nThe answer is: \\boxed{12}",
-            "3 * 4 = 7.\nSo \\boxed{7}",
-            "Add 3 four times: 12.\nCheck: 12.\n\\boxed{12}",
-            "We compute 3 * 4 - 5 = 7.\nThe answer is: 7",
-        ],
-        "answer": "12",
-        "views": {"reframed": ["Restated: 4 * 3.\n\\boxed{12}", "4 * 3 = 7.\n\\boxed{7}"]},
-    },
+VIEWS = [  # a reframed view's responses per item (self_harmony compares them)
+    ["Restated: 7 + 12.\n7 + 12 = 19.\n\\boxed{19}", "\\boxed{18}"],
+    ["Restated: 4 * 3.\n\\boxed{12}", "4 * 3 = 7.\n\\boxed{7}"],
 ]
+ITEMS = [{**item, "views": {"reframed": view}} for item, view in zip(GROUPS_OF_FOUR, VIEWS)]
 
 
 def test_every_reward_option_is_covered():
-    # the parametrisation reads the folder: the options the issue named are among them
+    # the parametrisation reads the folder: it finds the rewards the README lists
     assert {"random", "covo", "majority", "ground_truth", "self_harmony"} <= set(REWARDS)
     assert len(REWARDS) >= 18
 

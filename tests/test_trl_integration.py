@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT, compose_config, grpo_config
+from conftest import GROUPS_OF_FOUR, ROOT, compose_config, grpo_config
 
 pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402  (installed with trl)
@@ -37,28 +37,7 @@ from covo.rollout.sampling import format_prompts  # noqa: E402
 
 torch.set_num_threads(1)
 N = 4
-ITEMS = [
-    {
-        "prompt": "What is 12 + 7?",
-        "responses": [
-            "First, 12 + 7 = 19.\nSo the total is 19.\nThe answer is: \\boxed{19}",
-            "We compute 12 + 7 = 18.\nThus \\boxed{18}",
-            "Step 1: add the numbers.\nStep 2: check.\nThe answer is: \\boxed{19}",
-            "No idea.",
-        ],
-        "answer": "19",
-    },
-    {
-        "prompt": "What is 3 * 4?",
-        "responses": [
-            "3 * 4 = 12.\n\nThe answer is: \\boxed{12}",
-            "3 * 4 = 7.\nSo \\boxed{7}",
-            "Add 3 four times: 12.\nCheck: 12.\n\\boxed{12}",
-            "We compute 3 * 4 - 5 = 7.\nThe answer is: \\boxed{7}",
-        ],
-        "answer": "12",
-    },
-]
+ITEMS = GROUPS_OF_FOUR
 
 
 def dataset() -> Dataset:
