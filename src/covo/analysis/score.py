@@ -6,10 +6,11 @@ the prompt, self_harmony: the responses to the prompt put through each view)}`. 
 through `prompt_template` and the model's chat template; each response is tokenised on its own
 unless its sampled ids are given.
 Per-token log-probs, entropy and self-certainty come from no-grad forwards over prompt +
-responses (`covo.rollout.groups`), so curiosity and the certainty rewards see real values. Each output line holds the
-answer clusters and, per response, its steps, distance matrix D [T][K], ratios, Con, Vol,
-curiosity and reward; `dump_ids=true` adds every token id needed to recompute D. The answer is
-read for diagnostics only (correctness, reward accuracy, AUROC, the distance-curve plot).
+responses (`covo.rollout.groups`), so curiosity and the certainty rewards see real values.
+Each output line holds the answer clusters and, per response, its steps, distance matrix
+D [T][K], ratios, Con, Vol, curiosity and reward; `dump_ids=true` adds every token id needed
+to recompute D. The answer is read for diagnostics only (correctness, reward accuracy,
+AUROC, the distance-curve plot).
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ from covo.metrics.diagnostics import prompt_outcome, verdict_counts
 from covo.metrics.states import labelled_counts
 from covo.rewards.base import label_for
 from covo.rewards.covo.scorer import SCORING_DTYPE_RULE, SCORING_DTYPES, PrefixSharedScorer
-from covo.rollout.views import declared_views, view_groups
+from covo.rollout.views import all_views, view_groups
 
 log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
@@ -126,9 +126,7 @@ def score_prompts(loaded, rewards: dict, records: list[dict], cfg: DictConfig) -
         PrefixSharedScorer(loaded.model, loaded.tokenizer, SCORING_DTYPES[cfg.scoring_dtype])
     )
     keep_cache = any(getattr(reward, "uses_scorer", False) for reward in rewards.values())
-    view_templates = {
-        k: v for reward in rewards.values() for k, v in declared_views(reward).items()
-    }
+    view_templates = all_views(rewards.values())
     extract, equivalence = get_extractor(cfg.extractor), AnswerEquivalence()
     prompts = []
     for n, record in enumerate(records, start=1):
@@ -195,8 +193,8 @@ def study(cfg: DictConfig) -> dict:
     loaded.model.to(resolve_device(cfg.device)).eval()
     path, sampled = load_or_sample(loaded, items, cfg)
     records = read_samples(path, items)
-    views = {k: v for reward in rewards.values() for k, v in declared_views(reward).items()}
-    for name, template in views.items():  # a reward that compares views: their own samples
+    # a reward that compares views of the prompt: their own samples, cached beside
+    for name, template in all_views(rewards.values()).items():
         view_path, _ = load_or_sample(loaded, items, cfg, template)
         for record, sampled_view in zip(records, read_samples(view_path, items)):
             record.setdefault("views", {})[name] = sampled_view

@@ -24,8 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from covo.analysis.score import read_records
 from covo.data.jsonl import DataError
+from covo.models import toy_reasoner
 from covo.models.loading import LoadedModel
-from covo.models.toy_reasoner import WEIGHTS
 from covo.rollout.sampling import eos_token_ids, format_prompts, response_mask_from, sample
 from covo.rollout.views import view_prompts
 
@@ -36,9 +36,13 @@ def weight_files(model: dict) -> dict[str, list[int]]:
     """Size and modification time of the weight files of a model config's local folder (a
     toy lab's, `weights`, a local `name_or_path`): weights written anew into the same folder
     are other weights, whose samples are not the cached ones."""
-    folder = model.get("weights") or model.get("name_or_path")
-    folder = Path(folder) if folder else WEIGHTS / model["lab"] if "lab" in model else None
-    if folder is None or not folder.is_dir():
+    if "lab" in model:
+        folder = toy_reasoner.folder(model.get("weights"), model["lab"])
+    elif model.get("name_or_path"):
+        folder = Path(model["name_or_path"])
+    else:
+        return {}
+    if not folder.is_dir():  # a hub name, not a folder
         return {}
     return {
         f.name: [f.stat().st_size, f.stat().st_mtime_ns]

@@ -112,9 +112,14 @@ class Lab:
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def folder(weights: str | None = None, lab: str = "toy_reasoner") -> Path:
+    """The folder `load` reads: `weights`, else the packaged lab `lab`."""
+    return Path(weights) if weights else WEIGHTS / lab
+
+
 def load(weights: str | None = None, lab: str = "toy_reasoner", **options) -> LoadedModel:
     """The packaged lab `lab` (or the folder `weights`); `options` as `load_hf`'s."""
-    loaded = load_hf(str(weights or WEIGHTS / lab), **options)
+    loaded = load_hf(str(folder(weights, lab)), **options)
     loaded.name = lab
     return loaded
 

@@ -38,6 +38,11 @@ def declared_views(reward) -> dict[str, str]:
     return check_views(getattr(reward, "views", None))
 
 
+def all_views(rewards) -> dict[str, str]:
+    """The views any of `rewards` declares, by name."""
+    return {name: template for r in rewards for name, template in declared_views(r).items()}
+
+
 def trains_views(reward) -> bool:
     return bool(getattr(reward, "train_views", False)) and bool(declared_views(reward))
 
