@@ -15,24 +15,46 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-KINDS = ("above", "below", "drop", "rise")
+KINDS = ("above", "below", "drop", "rise", "slope_above", "slope_below", "accel_above")
+TRENDS = ("slope_above", "slope_below", "accel_above")  # rules over the signal's recent values
 
 
 @dataclass(frozen=True)
 class Rule:
     """`signal` above / below `value`, or dropped / risen by more than `value` (a fraction) of
-    its start, the mean of its first `baseline_rollouts` values; `alone`: it saturates a step on
-    its own instead of counting towards `min_rules`."""
+    its start, the mean of its first `baseline_rollouts` values; or a trend over its last `over`
+    values: their least-squares slope per rollout at or above / at or below `value`
+    (`slope_above`, `slope_below`), or that slope minus the slope of the `over` values before
+    them at or above `value` (`accel_above`: the signal speeds up). `alone`: it saturates a step
+    on its own instead of counting towards `min_rules`."""
 
     signal: str
     kind: str
     value: float
     alone: bool = False
+    over: int = 5
 
-    def holds(self, current: float, start: float | None) -> bool:
-        if self.kind == "above":
+    def measure(self, series: Sequence[float]) -> float:
+        """The number the rule compares with `value`: the latest value, or the trend (NaN
+        until the signal has enough values)."""
+        if self.kind not in TRENDS:
+            return series[-1]
+        recent = list(series[-self.over :])
+        if len(recent) < self.over:
+            return math.nan
+        if self.kind != "accel_above":
+            return slope(recent)
+        before = list(series[-2 * self.over : -self.over])
+        return slope(recent) - slope(before) if len(before) == self.over else math.nan
+
+    def holds(self, series: Sequence[float], start: float | None) -> bool:
+        """Whether the rule holds on the signal's values so far (oldest first)."""
+        current = self.measure(series)
+        if math.isnan(current):
+            return False
+        if self.kind in ("above", "slope_above", "accel_above"):
             return current >= self.value
-        if self.kind == "below":
+        if self.kind in ("below", "slope_below"):
             return current <= self.value
         if start is None:  # relative rules wait for the start value
             return False
@@ -40,29 +62,39 @@ class Rule:
             return current <= (1.0 - self.value) * start
         return current >= (1.0 + self.value) * start
 
-    def describe(self, current: float, start: float | None) -> str:
+    def describe(self, series: Sequence[float], start: float | None) -> str:
+        current = self.measure(series)
         if self.kind in ("above", "below"):
             sign = ">=" if self.kind == "above" else "<="
             return f"{self.signal} {current:.3g} {sign} {self.value:g}"
+        if self.kind in TRENDS:
+            what = "acceleration" if self.kind == "accel_above" else "slope"
+            sign = "<=" if self.kind == "slope_below" else ">="
+            trend = f"{current:.3g}/rollout {sign} {self.value:g}"
+            return f"{self.signal} {what} {trend} (last {self.over})"
         return f"{self.signal} {current:.3g} ({self.kind} > {self.value:.0%} from {start:.3g})"
 
 
 def parse_rules(rules: dict) -> list[Rule]:
-    """`{signal: {kind: value}}` -> rules; a signal may hold a list of such specs, and a spec
-    may add `alone: true`; ValueError naming the bad entry."""
+    """`{signal: {kind: value}}` -> rules; a signal may hold a list of such specs, a spec may add
+    `alone: true`, and a trend spec `over: n` (n >= 2 rollouts, default 5); ValueError naming
+    the bad entry."""
     parsed = []
     for signal, specs in dict(rules).items():
         for spec in specs if isinstance(specs, Sequence) else [specs]:
             spec = dict(spec or {})
             alone = spec.pop("alone", False)
-            if len(spec) != 1 or next(iter(spec)) not in KINDS or not isinstance(alone, bool):
+            over = spec.pop("over", None)
+            kind = next(iter(spec), None)
+            window_ok = over is None or (kind in TRENDS and type(over) is int and over >= 2)
+            if len(spec) != 1 or kind not in KINDS or not isinstance(alone, bool) or not window_ok:
                 raise ValueError(
                     f"callbacks.collapse_guard.rules.{signal} must be one of "
-                    f"{{{', '.join(f'{k}: x' for k in KINDS)}}} (optionally with alone: true), "
-                    f"or a list of them, got {specs}"
+                    f"{{{', '.join(f'{k}: x' for k in KINDS)}}} (optionally with alone: true; "
+                    f"a slope or accel rule with over: n >= 2), or a list of them, got {specs}"
                 )
-            ((kind, value),) = spec.items()
-            parsed.append(Rule(str(signal), kind, float(value), alone))
+            value = float(spec[kind])
+            parsed.append(Rule(str(signal), kind, value, alone, 5 if over is None else over))
     return parsed
 
 
@@ -111,13 +143,18 @@ class CollapseDetector:
         seen = [step[signal] for step in self.history if signal in step][: self.baseline_steps]
         return math.fsum(seen) / len(seen) if len(seen) == self.baseline_steps else None
 
+    def series(self, signal: str) -> list[float]:
+        """The signal's values so far, oldest first."""
+        return [step[signal] for step in self.history if signal in step]
+
     def update(self, values: dict[str, float]) -> Verdict:
         values = {k: float(v) for k, v in values.items() if math.isfinite(float(v))}
         self.history.append(values)
         met = [
             rule
             for rule in self.rules
-            if rule.signal in values and rule.holds(values[rule.signal], self.start(rule.signal))
+            if rule.signal in values
+            and rule.holds(self.series(rule.signal), self.start(rule.signal))
         ]
         counted = sum(not rule.alone for rule in met)
         self.saturated.append(counted >= self.min_rules or any(rule.alone for rule in met))
@@ -200,7 +237,7 @@ class CollapseWatch:
         """The warning: the step, each rule that held with its value, what was kept."""
         detector = self.detector
         held = "; ".join(
-            rule.describe(detector.history[-1][rule.signal], detector.start(rule.signal))
+            rule.describe(detector.series(rule.signal), detector.start(rule.signal))
             for rule in verdict.met
         )
         return (
