@@ -22,6 +22,7 @@ import covo.callbacks.heldout_eval as heldout_module
 from covo.analysis.outcome_metrics import (
     aggregate,
     fall_step,
+    markdown,
     replay_alarm,
     replayed_guards,
     run_numbers,
@@ -122,8 +123,13 @@ def test_the_guard_against_the_first_fall():
     assert [numbers["ground_truth", s]["guard"] for s in range(3)] == ["quiet", "missed", "quiet"]
     # ground truth seed 1: 0.45 -> 0.40 at step 15, exactly 0.05 below its peak: a fall
     assert numbers["ground_truth", 1]["fall_step"] == 15
-    summary = aggregate(RUNS, ["majority"], [], 0.05, 0.95)["rewards"]["majority"]
+    results = aggregate(RUNS, ["majority"], [], 0.05, 0.95)
+    summary = results["rewards"]["majority"]
     assert summary["guard"] == {"caught": 1, "late": 0, "missed": 1, "false_alarm": 1, "quiet": 0}
+    # the table's fall step: mean of 10 and 15 over the 2 of 3 runs that fell, t(0.975, 1)
+    # 12.706 x standard error 2.5 either side
+    row = next(line for line in markdown(results, []).splitlines() if line.startswith("| majority"))
+    assert row.split(" | ")[6] == "12.5 [-19.3, 44.3] (n=2)"
     # an alarm after the fall is late; a 0.1 threshold sees no fall in seed 1
     assert run_numbers({**RUNS[3], "alarm_step": 15}, 0.05)["guard"] == "late"
     assert fall_step(RUNS[4]["curve"], 0.1) == 15 and fall_step(RUNS[4]["curve"], 0.11) is None

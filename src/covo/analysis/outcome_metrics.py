@@ -219,7 +219,8 @@ def markdown(results: dict, baselines: list[str]) -> str:
     """The outcome table, the guard table, and per-run guard lines."""
     rewards, diffs = results["rewards"], results["paired"]
     against = [b for b in baselines if b in diffs]
-    head = ["reward", "runs", "base acc", "gain end", "gain peak", "peak step", "alarm step"]
+    head = ["reward", "runs", "base acc", "gain end", "gain peak", "peak step", "fall step"]
+    head += ["alarm step"]
     head += [f"gain end - {b}" for b in against]
     lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
     for name, s in rewards.items():
@@ -227,7 +228,8 @@ def markdown(results: dict, baselines: list[str]) -> str:
             lines.append(f"| {name} | 0 |" + " - |" * (len(head) - 2))
             continue
         row = [name, str(s["runs"]), cell(s["base"]), cell(s["gain_end"]), cell(s["gain_peak"])]
-        row += [cell(s["peak_step"], 1), cell(s["alarm_step"], 1, s["runs"])]
+        row += [cell(s["peak_step"], 1), cell(s["fall_step"], 1, s["runs"])]
+        row += [cell(s["alarm_step"], 1, s["runs"])]
         row += [cell(diffs[b][name]["gain_end"]) if name in diffs[b] else "-" for b in against]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n\n" + guard_markdown(rewards)

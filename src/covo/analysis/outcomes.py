@@ -6,7 +6,8 @@ pinned to one core (`taskset -c`, `threads=1`), `jobs` at once, with the held-ou
 callback (`callbacks=heldout_eval`: sampled accuracy at T = 1, greedy accuracy and maj@N at
 step 0 and every `eval_every` optimizer steps). A run is finished when its `result.json`
 exists; rerunning the same command skips those and resumes the others from their last
-checkpoint. Then per reward: accuracy gain at the end and at the peak, the peak step and the
+checkpoint. Then per reward: accuracy gain at the end and at the peak, the peak step, the first
+step `fall` (0.05) below the running peak (fall step, over the runs that fell) and the
 collapse guard's first alarm step with 95% t-intervals over seeds, paired differences against
 each of `baselines`, and for the guard the alarm against the first 5-point fall of held-out
 accuracy (`covo.analysis.outcome_metrics`). Writes `outcomes.json` and `learning_curves.png`
