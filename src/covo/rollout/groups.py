@@ -146,12 +146,29 @@ def group_from_ids(
     stats, caches = response_stats(
         model, prompt_ids, response_ids, temperature, keep_cache, token_budget
     )
+    return group_of(
+        prompt_ids, response_ids, texts, truth, stats, caches if keep_cache else None, **where
+    )
+
+
+def group_of(
+    prompt_ids: list[int],
+    response_ids: list[list[int]],
+    texts: list[str],
+    truth: str | Withheld | None,
+    stats: list[dict[str, torch.Tensor]],
+    caches: list[ContextCache | None] | None,
+    **where,
+) -> Group:
+    """The group of responses whose statistics ({name: [G_i]} per response, `STAT_NAMES`)
+    and kept keys and values (or None) were computed already: by `response_stats`, or while
+    sampling."""
     return Group(
         prompt_ids=list(prompt_ids),
         response_ids=[list(ids) for ids in response_ids],
         texts=list(texts),
         truth=truth,
-        context_caches=caches if keep_cache else None,
+        context_caches=caches,
         **{field: [s[name] for s in stats] for field, name in STAT_FIELDS.items()},
         **where,
     )

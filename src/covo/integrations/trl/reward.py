@@ -4,13 +4,14 @@ TRL calls a reward function on each process with that process's rows. A covo rew
 prompt's whole group with the live policy, so the rows must hold whole groups: `bind` refuses
 a configuration that can split one across processes, and every call refuses rows that are not
 whole contiguous groups. The policy's per-token statistics (and the keys and values CoVo's
-scorer reuses) come from batched no-grad forwards over the call's completions, each group's
-prompt once (`covo.rollout.groups`, at most `stats_token_budget` tokens a forward); they and
-CoVo's scorer run on the trainer's model (unwrapped from DDP; under peft the adapted model), in
-eval mode, each module's mode restored after. Labels (`label_column`) reach only rewards that
-set `needs_labels`; the diagnostics read them too, as in covo's own trainer. Each reward's
-components and diagnostics, and the completions' token entropy and self-certainty, are logged
-through TRL's `log_metric` under covo's names.
+scorer reuses) come from TRL's own generate call when it provably produced these rows
+(`covo.integrations.trl.capture`), else from batched no-grad forwards over the call's
+completions, each group's prompt once (`covo.rollout.groups`, at most `stats_token_budget`
+tokens a forward); those forwards and CoVo's scorer run on the trainer's model (unwrapped from
+DDP; under peft the adapted model), in eval mode, each module's mode restored after. Labels
+(`label_column`) reach only rewards that set `needs_labels`; the diagnostics read them too, as
+in covo's own trainer. Each reward's components and diagnostics, and the completions' token
+entropy and self-certainty, are logged through TRL's `log_metric` under covo's names.
 """
 
 from __future__ import annotations
@@ -30,13 +31,14 @@ from omegaconf import DictConfig, OmegaConf
 from covo.answers import AnswerEquivalence
 from covo.infra.checks import INT_GE1, apply_rules, instantiate
 from covo.infra.errors import SettingError, installed
+from covo.integrations.trl.capture import GenerationCapture
 from covo.integrations.trl.guard import CollapseGuardCallback
 from covo.metrics.step import group_token_metrics, reward_metrics
 from covo.models import lora
 from covo.models.lora import MissingExtraError
 from covo.rewards.base import Group, GroupReward, label_for
 from covo.rewards.covo.scorer import SCORING_DTYPE_RULE, SCORING_DTYPES, PrefixSharedScorer
-from covo.rollout.groups import group_from_ids
+from covo.rollout.groups import group_from_ids, group_of
 from covo.rollout.views import declared_views, view_prompts
 
 CONF_DIR = Path(__file__).resolve().parents[4] / "conf"
@@ -186,11 +188,13 @@ class CovoReward:
         self.equivalence = getattr(self.reward, "equivalence", None) or AnswerEquivalence()
         self.__name__ = Path(reward).stem  # TRL's name for it: rewards/<name>/mean
         self.trainer = None
+        self.capture: GenerationCapture | None = None
 
     def bind(self, trainer) -> CovoReward:
         """Score with `trainer`'s live policy; refuses a setup that can split a group. Puts
         the guard first among the trainer's callbacks, so the ones that report a log (printer,
-        TensorBoard, W&B) see its values."""
+        TensorBoard, W&B) see its values, and a `GenerationCapture` in place of the policy's
+        `generate` (once per model, however often bound)."""
         if not any(func is self for func in trainer.reward_funcs):
             raise ValueError("bind: this CovoReward is not among the trainer's reward_funcs")
         args = trainer.args
@@ -199,6 +203,7 @@ class CovoReward:
         )
         check_strategy(trainer.accelerator)
         self.trainer = trainer
+        self.capture = GenerationCapture.install(trainer, keep_cache=self.uses_scorer)
         callbacks = trainer.callback_handler.callbacks
         if self.guard is not None and self.guard not in callbacks:
             callbacks.insert(0, self.guard)
@@ -219,16 +224,19 @@ class CovoReward:
         prompt_ids = trainer._tokenize_prompts(prompts)[0]
         with inference(model):
             policy = lora.base_of(model)  # under peft: the causal LM with its adapters on
-            groups = self.groups(trainer, policy, prompt_ids, completion_ids, starts, labels)
+            groups, captured = self.groups(
+                trainer, policy, prompt_ids, completion_ids, starts, labels
+            )
             for group, s in zip(groups, starts):
                 group.views = self.sample_views(trainer, policy, prompts[s], n)
-            seconds = {"time/statistics_s": time.perf_counter() - start}
+            own = {"time/statistics_s": time.perf_counter() - start}
+            own["perf/stats_from_generate"] = float(captured)
             scorer = PrefixSharedScorer(policy, self.tokenizer(trainer), self.scoring_dtype)
             results = [self.reward(group, scorer) for group in groups]
         rewards = [float(r) for res in results for r in res.rewards]
         if log_metric is not None:
-            seconds["time/reward_s"] = time.perf_counter() - start
-            self.log(log_metric, groups, results, rewards, labels, seconds, scorer)
+            own["time/reward_s"] = time.perf_counter() - start
+            self.log(log_metric, groups, results, rewards, labels, own, scorer)
         return rewards
 
     @staticmethod
@@ -247,27 +255,46 @@ class CovoReward:
             return [None] * len(starts)
         return [None if values[s] is None else str(values[s]) for s in starts]
 
-    def groups(self, trainer, policy, prompt_ids, completion_ids, starts, labels) -> list[Group]:
+    def groups(
+        self, trainer, policy, prompt_ids, completion_ids, starts, labels
+    ) -> tuple[list[Group], bool]:
+        """One group per start, and whether its statistics (and kept keys and values) came
+        from TRL's generate call rather than the batched forwards."""
         tokenizer, eos, n = self.tokenizer(trainer), set(trainer.eos_token_ids), starts.step
+        responses = [strip_eos(ids, eos) for ids in completion_ids]
+        captured = self.capture and self.capture.take(
+            prompt_ids, completion_ids, responses, self.uses_scorer
+        )
         groups = []
         for index, (s, label) in enumerate(zip(starts, labels)):
-            responses = [strip_eos(completion_ids[r], eos) for r in range(s, s + n)]
+            rows = range(s, s + n)
+            args = (
+                list(prompt_ids[s]),
+                responses[s : s + n],
+                [tokenizer.decode(responses[r], skip_special_tokens=True) for r in rows],
+                label_for(self.reward, label),
+            )
+            where = dict(
+                step=trainer.state.global_step,
+                rank=trainer.accelerator.process_index,
+                index=index,
+            )
+            if captured:
+                stats, caches = captured
+                caches = [caches[r] for r in rows] if caches else None
+                groups.append(group_of(*args, [stats[r] for r in rows], caches, **where))
+                continue
             groups.append(
                 group_from_ids(
                     policy,
-                    list(prompt_ids[s]),
-                    responses,
-                    [tokenizer.decode(ids, skip_special_tokens=True) for ids in responses],
-                    label_for(self.reward, label),
+                    *args,
                     keep_cache=self.uses_scorer,
                     temperature=trainer.temperature,
                     token_budget=self.token_budget,
-                    step=trainer.state.global_step,
-                    rank=trainer.accelerator.process_index,
-                    index=index,
+                    **where,
                 )
             )
-        return groups
+        return groups, bool(captured)
 
     def sample_views(self, trainer, policy, prompt, n: int) -> dict[str, Group]:
         """The groups of the views the reward compares (self_harmony), which TRL's rollout does
@@ -302,11 +329,12 @@ class CovoReward:
             )
         return views
 
-    def log(self, log_metric, groups, results: list[GroupReward], rewards, labels, seconds, scorer):
-        """covo's step metrics of the call; `seconds`: `time/reward_s` (the whole call) and
-        `time/statistics_s` (its part up to the groups' statistics)."""
+    def log(self, log_metric, groups, results: list[GroupReward], rewards, labels, own, scorer):
+        """covo's step metrics of the call; `own`: `time/reward_s` (the whole call),
+        `time/statistics_s` (its part up to the groups' statistics) and
+        `perf/stats_from_generate` (1 when those came from TRL's generate call, else 0)."""
         metrics = reward_metrics(results, torch.tensor(rewards), labels, self.equivalence)
-        metrics |= group_token_metrics(groups) | seconds
+        metrics |= group_token_metrics(groups) | own
         if scorer.tokens_processed:
             metrics["perf/scoring_tokens"] = float(scorer.tokens_processed)
             metrics["perf/scoring_reused_tokens"] = float(scorer.reused_tokens)
