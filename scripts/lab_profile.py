@@ -2,6 +2,8 @@
 
     taskset -c 0 python scripts/lab_profile.py model=toy_calibrated data=toy_calibrated
     python scripts/lab_profile.py --from logs/study/runs/<time>/study.json   # a finished study
+    python -m covo.study model=smollm2_135m threads=1 reward_extractor=boxed_or_last_number \
+        'rewards=[majority,covo,seq_logprob]'     # a real model (then --from its study.json)
 
 The study samples N responses per problem at T = 1 on the first `problems` problems of the
 data config's validation split (its prompt template; answers read as `\\boxed{}`), scores them
@@ -94,8 +96,12 @@ def main() -> None:
     parser.add_argument("--problems", type=int, default=64)
     parser.add_argument("--from", dest="done", type=Path, help="a finished study.json")
     args = parser.parse_args()
-    if args.done:
+    if args.done:  # states too where its samples are still there (its model is loaded)
         results, states = json.loads(args.done.read_text()), None
+        samples = Path(results["samples"])
+        if samples.is_file():
+            model = OmegaConf.create(results["config"]["model"])
+            states = mean_states(samples, instantiate(model).tokenizer)
     else:
         named = dict(
             o.split("=", 1) for o in args.overrides if o.split("=")[0] in ("model", "data")

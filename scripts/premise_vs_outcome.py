@@ -8,13 +8,15 @@ Premise, per reward, from a study of the same model (`scripts/lab_profile.py` wr
 AUROC (does its score rank right answers above wrong ones) and label accuracy (is its top
 answer right). Outcome, per reward and outcome study: held-out sampled-accuracy gain at the
 end and at the peak, with the 95% t-intervals over seeds. Prints one markdown row per reward
-and study and draws gain at the end against AUROC, one marker per study.
+and study, each study's rank correlation of AUROC and gain over the label-free rewards, and
+draws gain at the end against AUROC, one marker per study.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -29,6 +31,33 @@ def cell(c: dict | None) -> str:
     return f"{c['value']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]"
 
 
+def ranks(values: list[float]) -> list[float]:
+    """1-based ranks, ties sharing their mean rank."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    out = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            out[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def spearman(xs: list[float], ys: list[float]) -> float:
+    """Spearman's rank correlation: Pearson's of the ranks (NaN under 3 points)."""
+    if len(xs) < 3:
+        return math.nan
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sx = math.sqrt(sum((a - mx) ** 2 for a in rx))
+    sy = math.sqrt(sum((b - my) ** 2 for b in ry))
+    return cov / (sx * sy) if sx and sy else math.nan
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--study", type=Path, required=True)
@@ -41,6 +70,7 @@ def main() -> None:
     ax = fig.add_subplot()
     print("| reward | AUROC | label accuracy | study | runs | gain at the end | gain at the peak |")
     print("|---|---:|---:|---|---:|---:|---:|")
+    correlations = []
     for marker, path in zip("osD^v", args.outcomes):
         outcomes = json.loads(path.read_text())
         study = path.parent.name
@@ -67,6 +97,12 @@ def main() -> None:
                     alpha=0.5,
                 )
         ax.scatter(xs, ys, marker=marker, label=study)
+        free = [(x, y) for x, y, name in zip(xs, ys, names) if name != "ground_truth"]
+        rho = spearman([x for x, _ in free], [y for _, y in free])
+        correlations.append(
+            f"{study}: Spearman rho of AUROC and gain at the end over the "
+            f"{len(free)} label-free rewards {rho:+.2f}"
+        )
         for x, y, name in zip(xs, ys, names):
             ax.annotate(name, (x, y), xytext=(4, 2), textcoords="offset points", fontsize=7)
     ax.axhline(0.0, color="gray", linestyle="--", linewidth=1)
@@ -74,6 +110,7 @@ def main() -> None:
     ax.set_ylabel("outcome: held-out accuracy gain at the end")
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
+    print("\n" + "\n".join(correlations))
     if args.out:
         save_figure(fig, args.out)
         print(f"\nfigure: {args.out}")
