@@ -248,6 +248,7 @@ def child_trl(
             if logs and "time/reward_s" in logs and rows:  # logged by the covo reward
                 rows[-1]["reward_s"] = float(logs["time/reward_s"])
                 rows[-1]["statistics_s"] = float(logs["time/statistics_s"])
+                rows[-1]["from_generate"] = float(logs.get("perf/stats_from_generate", 0.0))
 
     setup = dict(
         model=loaded.model,
@@ -522,9 +523,11 @@ def main() -> None:
         )
     if {"covo_rewarded", "trl_covo"} <= set(table):
         trl_s, ours_s = table["trl_covo"]["reward_s"], table["covo_rewarded"]["reward_s"]
+        captured = [row.get("from_generate", 0.0) for r in runs["trl_covo"] for row in r["steps"]]
         print(
             f"reward phase trl_covo / covo_rewarded: {trl_s:.1f} s / {ours_s:.1f} s = "
-            f"{trl_s / ours_s:.2f}"
+            f"{trl_s / ours_s:.2f} (trl_covo's statistics from TRL's generate in "
+            f"{sum(captured):g} of {len(captured)} steps)"
         )
     if args.json:
         Path(args.json).write_text(json.dumps({"runs": runs, "table": table}, indent=1))
