@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import GROUPS_OF_FOUR
-from test_trl_integration import N, oracle_group, trainer_with
+from test_trl_integration import N, adapted_tiny, oracle_group, trainer_with
 
 pytest.importorskip("trl")
 from covo.integrations.trl import CovoReward  # noqa: E402
@@ -134,14 +134,7 @@ def test_a_capture_of_other_ids_falls_back(tmp_path):
 def test_under_peft_the_capture_runs_unless_dropout_is_on(dropout, tmp_path):
     """LoRA adapters (B random): the adapted policy's statistics from generate; with LoRA
     dropout on, TRL samples with units dropped, so the batched forward (eval mode) is used."""
-    pytest.importorskip("peft")
-    lora = {"r": 4, "alpha": 8, "dropout": dropout, "target_modules": "all-linear"}
-    adapted = build_tiny(lora=lora)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in adapted.model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    adapted = adapted_tiny(dropout)
     [call] = step_through_trl("self_certainty", tmp_path, 0.7, adapted)
     (got, logged, groups), (expected, _, fallback_groups) = call["capture"], call["fallback"]
     assert logged["perf/stats_from_generate"] == float(dropout == 0.0)

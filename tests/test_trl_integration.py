@@ -241,17 +241,23 @@ def test_rewards_that_read_token_statistics_equal_the_per_completion_path(name, 
         assert matrices  # distances were compared
 
 
-def test_under_peft_the_adapted_policy_scores(tmp_path):
-    """With LoRA adapters (B random, so they change the policy), the rewards are those of the
-    merged model scored by covo's own code, and not those of the base model."""
+def adapted_tiny(dropout: float = 0.0):
+    """The tiny model with LoRA adapters whose B is random (so they change the policy)."""
     pytest.importorskip("peft")
-    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
+    lora = {"r": 4, "alpha": 8, "dropout": dropout, "target_modules": "all-linear"}
     adapted = build_tiny(lora=lora)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in adapted.model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return adapted
+
+
+def test_under_peft_the_adapted_policy_scores(tmp_path):
+    """With LoRA adapters (B random, so they change the policy), the rewards are those of the
+    merged model scored by covo's own code, and not those of the base model."""
+    adapted = adapted_tiny()
     reward = CovoReward("covo_paper")
     trainer = trainer_with(reward, tmp_path, adapted)
     inputs, prompts, completions, ids = trl_rows(adapted.tokenizer)
