@@ -10,7 +10,8 @@ TensorBoard logs and prints, per seed, the first and the last validation and the
 them, then the mean, the minimum and the seeds below `--floor`. A seed with a finished
 `rise.json` is not run again, so an interrupted sweep resumes. `--fp32` forces the float32
 path on a CPU with bf16 (torch held to AVX2 and `COVO_NATIVE_BF16=0`, docs/precision.md).
-Extra arguments after `--` are more Hydra overrides for every run.
+Extra arguments after `--` are more Hydra overrides for every run. `--plot PATH` draws every
+seed's curve and their mean.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from queue import Queue
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from covo.analysis.plots import save_figure
 from covo.analysis.report import read_scalars
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,6 +72,23 @@ def run_seed(seed: int, out: Path, core: int, fp32: bool, overrides: list[str]) 
     return result
 
 
+def spread_figure(results: list[dict]) -> Figure:
+    """Every seed's greedy val/accuracy curve (thin) and their mean (thick)."""
+    fig = Figure(figsize=(6.0, 3.6), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for r in results:
+        ax.plot(r["steps"], r["accuracy"], color="tab:blue", alpha=0.35, linewidth=1)
+    steps = results[0]["steps"]
+    mean = [statistics.fmean(r["accuracy"][i] for r in results) for i in range(len(steps))]
+    ax.plot(steps, mean, color="tab:blue", linewidth=2.5, label=f"mean of {len(results)} seeds")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("greedy val/accuracy (64 problems)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
@@ -74,6 +96,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "logs" / "watch_it_learn")
     parser.add_argument("--fp32", action="store_true")
     parser.add_argument("--floor", type=float, default=0.05)
+    parser.add_argument("--plot", type=Path, help="draw every seed's curve here")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     free: Queue = Queue()
@@ -98,6 +121,9 @@ def main() -> None:
         f"\nrise: mean {statistics.fmean(rises):+.3f}, min {min(rises):+.3f}, max {max(rises):+.3f}"
         f" over {len(rises)} seeds; below {args.floor:+.2f}: {low or 'none'}"
     )
+    if args.plot:
+        save_figure(spread_figure(results), args.plot)
+        print(f"plot: {args.plot}")
 
 
 if __name__ == "__main__":
