@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from scipy import stats
 
 from covo.analysis.plots import save_figure
 
@@ -29,33 +29,6 @@ def cell(c: dict | None) -> str:
     if not c or c.get("value") is None:
         return "-"
     return f"{c['value']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]"
-
-
-def ranks(values: list[float]) -> list[float]:
-    """1-based ranks, ties sharing their mean rank."""
-    order = sorted(range(len(values)), key=values.__getitem__)
-    out = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            out[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return out
-
-
-def spearman(xs: list[float], ys: list[float]) -> float:
-    """Spearman's rank correlation: Pearson's of the ranks (NaN under 3 points)."""
-    if len(xs) < 3:
-        return math.nan
-    rx, ry = ranks(xs), ranks(ys)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    sx = math.sqrt(sum((a - mx) ** 2 for a in rx))
-    sy = math.sqrt(sum((b - my) ** 2 for b in ry))
-    return cov / (sx * sy) if sx and sy else math.nan
 
 
 def main() -> None:
@@ -98,7 +71,7 @@ def main() -> None:
                 )
         ax.scatter(xs, ys, marker=marker, label=study)
         free = [(x, y) for x, y, name in zip(xs, ys, names) if name != "ground_truth"]
-        rho = spearman([x for x, _ in free], [y for _, y in free])
+        rho = stats.spearmanr([x for x, _ in free], [y for _, y in free]).statistic
         correlations.append(
             f"{study}: Spearman rho of AUROC and gain at the end over the "
             f"{len(free)} label-free rewards {rho:+.2f}"
