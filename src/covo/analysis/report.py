@@ -26,6 +26,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from covo.analysis.intervals import seed_interval
 from covo.eval.results import collect_totals, markdown_table
 from covo.infra.errors import DataError, exit_on_user_error
+from covo.metrics.loggers import METRICS_FILE, read_jsonl_scalars
 
 MAIN_TAGS = ("reward/mean", "diag/accuracy", "val/accuracy", "train/kl", "rollout/len_mean")
 # a tag whose `/`- or `_`-separated parts include one of these is better when lower
@@ -47,10 +48,18 @@ Series = list[tuple[int, float]]
 
 def read_scalars(run_dir: Path) -> dict[str, Series]:
     """Every scalar tag below `run_dir` -> [(step, value)] sorted by step; at a step logged
-    twice (a resumed run) the later event wins."""
+    twice (a resumed run) the later value wins. Read from the run's `metrics.jsonl` (written
+    whatever the logger), else from TensorBoard event files (runs from before that file)."""
+    files = sorted(run_dir.rglob(METRICS_FILE))
+    if files:
+        scalars: dict[str, dict[int, float]] = {}
+        for path in files:
+            for tag, points in read_jsonl_scalars(path).items():
+                scalars.setdefault(tag, {}).update(points)
+        return {tag: sorted(points.items()) for tag, points in scalars.items()}
     event_dirs = sorted({p.parent for p in run_dir.rglob("events.out.tfevents.*")})
     if not event_dirs:
-        raise DataError(f"no TensorBoard event files under {run_dir}")
+        raise DataError(f"no {METRICS_FILE} or TensorBoard event files under {run_dir}")
     by_step: dict[str, dict[int, float]] = {}
     for directory in event_dirs:
         events = EventAccumulator(str(directory), size_guidance={"scalars": 0})
@@ -170,11 +179,11 @@ def run_values(scalars: dict[str, Series]) -> dict[str, float]:
 
 def seed_groups(multirun_dir: Path) -> tuple[dict[tuple, dict[str, list]], list[Path]]:
     """Runs grouped by their overrides without `seed` (a sorted tuple) -> metric -> one value
-    per seed, `seeds` -> the seeds; jobs without TensorBoard events are returned apart."""
+    per seed, `seeds` -> the seeds; jobs without logged scalars are returned apart."""
     groups: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     skipped = []
     for job, overrides in job_overrides(multirun_dir).items():
-        if not any(job.rglob("events.out.tfevents.*")):
+        if not any(job.rglob(METRICS_FILE)) and not any(job.rglob("events.out.tfevents.*")):
             skipped.append(job)
             continue
         seeds = [o.split("=", 1)[1] for o in overrides if o.startswith("seed=")]

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from covo.eval.grading import ChoiceGrader, MathGrader
 from covo.eval.metrics import item_metrics, mean_metrics
-from covo.eval.results import RESULTS_FILE, markdown_table, write_json, write_tensorboard
+from covo.eval.results import RESULTS_FILE, markdown_table, write_json, write_scalars
 from covo.infra.errors import DataError, SettingError
 from covo.infra.hardware import set_threads
 from covo.infra.settings import check_eval
@@ -165,7 +165,8 @@ def totals_of(records: list[dict]) -> dict[str, float]:
 def evaluate(cfg: DictConfig) -> dict:
     """Evaluate the configured model on every benchmark in `cfg.benchmarks`.
 
-    Writes `eval_results.json` and TensorBoard scalars under `paths.output_dir`, prints the
+    Writes `eval_results.json` and its scalars (TensorBoard, `metrics.jsonl`) under
+    `paths.output_dir`, prints the
     Markdown table, and returns the results dict.
     """
     ks = check_eval(cfg)
@@ -199,7 +200,7 @@ def evaluate(cfg: DictConfig) -> dict:
         "records": records,
     }
     write_json(results, out / RESULTS_FILE)
-    write_tensorboard(totals, out / "tensorboard", step)
+    write_scalars(totals, out, step)
     table = markdown_table(totals)
     print(f"\n{loaded.name} (metrics in %):\n{table}")
     log.info("results: %s", out / RESULTS_FILE)

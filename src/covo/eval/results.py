@@ -1,4 +1,5 @@
-"""Evaluation outputs: the per-run JSON file, TensorBoard scalars and the Markdown table."""
+"""Evaluation outputs: the per-run JSON file, the scalars (TensorBoard and `metrics.jsonl`)
+and the Markdown table."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 from torch.utils.tensorboard import SummaryWriter
 
 from covo.infra.errors import DataError
+from covo.metrics.loggers import JsonlLogger
 
 RESULTS_FILE = "eval_results.json"
 # fractions shown in percent; `items` is a count
@@ -59,16 +61,23 @@ def write_json(results: dict, path: Path) -> None:
     path.write_text(json.dumps(results, indent=1, ensure_ascii=False))
 
 
-def write_tensorboard(totals: dict[str, dict[str, float]], log_dir: Path, step: int) -> None:
-    """`eval/<benchmark>/<metric>` scalars, plus `eval/mean/<metric>` with several benchmarks."""
+def write_scalars(totals: dict[str, dict[str, float]], out_dir: Path, step: int) -> None:
+    """`eval/<benchmark>/<metric>` scalars, plus `eval/mean/<metric>` with several benchmarks,
+    at x = the checkpoint's optimizer step: TensorBoard events in `out_dir/tensorboard` and one
+    line of `out_dir/metrics.jsonl` (what `covo.report` reads whatever the logger)."""
     rows = dict(totals)
     if len(totals) > 1:
         rows["mean"] = mean_row(totals)
-    with SummaryWriter(log_dir=str(log_dir)) as writer:
-        for name, row in rows.items():
-            for key, value in row.items():
-                if key not in COUNT_COLUMNS:
-                    writer.add_scalar(f"eval/{name}/{key}", value, global_step=step)
+    scalars = {
+        f"eval/{name}/{key}": value
+        for name, row in rows.items()
+        for key, value in row.items()
+        if key not in COUNT_COLUMNS
+    }
+    with SummaryWriter(log_dir=str(out_dir / "tensorboard")) as writer:
+        for tag, value in scalars.items():
+            writer.add_scalar(tag, value, global_step=step)
+    JsonlLogger(out_dir).log_metrics(scalars, step=step)
 
 
 def collect_totals(root: Path) -> dict[str, dict[str, float]]:

@@ -17,6 +17,7 @@ from covo.infra.errors import SettingError
 from covo.infra.hardware import auto_precision
 from covo.infra.resume import AtomicCheckpointIO, seed_rank
 from covo.infra.settings import PRECISION_COMPUTE, check_train
+from covo.metrics.loggers import logger_outputs, with_jsonl
 from covo.models.export import export_policy
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
         cfg.trainer,
         **({"precision": None} if precision is not None else {}),
         strategy=hydra.utils.instantiate(cfg.strategy),
-        logger=instantiate_dict(cfg.logger) or False,
+        logger=with_jsonl(instantiate_dict(cfg.logger), cfg.paths.output_dir),
         callbacks=callbacks,
         enable_checkpointing=bool(cfg.callbacks),
         plugins=plugins,
@@ -131,8 +132,7 @@ def train(cfg: DictConfig) -> dict:
         write_config(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     outputs = {"output_dir": str(cfg.paths.output_dir)}
-    if trainer.logger is not None:
-        outputs["tensorboard_dir"] = trainer.logger.log_dir
+    outputs |= logger_outputs(trainer.loggers)
     if cfg.export_dir:
         export_policy(module, Path(cfg.export_dir), trainer, cfg.export_adapters)
         outputs["export_dir"] = str(cfg.export_dir)

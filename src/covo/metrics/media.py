@@ -1,5 +1,5 @@
-"""TensorBoard media of a training step: samples as text, reward-component histograms, the
-distance-curve figure."""
+"""Media of a training step, for every logger that shows media: samples as a table,
+reward-component histograms, the distance-curve figure."""
 
 from __future__ import annotations
 
@@ -27,23 +27,30 @@ class MediaWriter:
 
     def __call__(
         self,
-        board,
+        boards: list,
         step: int,
         rollout: Rollout,
         results: list[GroupReward],
         labels: list[str | None],
         equivalence: AnswerEquivalence,
     ) -> None:
-        """Media due at optimizer step `step` into the SummaryWriter `board`; plots need every
-        prompt's label."""
+        """Media due at optimizer step `step` into each of `boards` (TensorBoard's SummaryWriter
+        or an object with its `add_text`, `add_histogram`, `add_image`: `covo.metrics.loggers`);
+        plots need every prompt's label."""
         before, self.last_step = self.last_step, step
         if crossed(before, step, self.samples_every_n_steps):
-            board.add_text("samples", sample_table(rollout, results, labels), step)
+            table = sample_table(rollout, results, labels)
+            for board in boards:
+                board.add_text("samples", table, step)
         if not crossed(before, step, self.plots_every_n_steps) or None in labels:
             return
-        for name, values in consistency_volatility_values(results, labels, equivalence).items():
-            board.add_histogram(f"diag/{name}", torch.tensor(values), step)
+        values = consistency_volatility_values(results, labels, equivalence)
         curves = distance_curves(results, labels, equivalence)
+        image = None
         if curves["correct_trajectories"] + curves["incorrect_trajectories"] > 0:
             image = figure_to_array(distance_curve_figure(curves))
-            board.add_image("diag/distance_curves", image, step, dataformats="HWC")
+        for board in boards:
+            for name, series in values.items():
+                board.add_histogram(f"diag/{name}", torch.tensor(series), step)
+            if image is not None:
+                board.add_image("diag/distance_curves", image, step, dataformats="HWC")
