@@ -6,7 +6,7 @@ import hydra
 from omegaconf import DictConfig
 
 from covo.infra.errors import exit_on_missing_launcher, exit_on_renamed_key, exit_on_user_error
-from covo.infra.train import RENAMED, optimized_value, train
+from covo.launch.train import RENAMED, optimized_value, train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

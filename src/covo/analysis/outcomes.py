@@ -37,8 +37,8 @@ from covo.analysis.report import read_scalars
 from covo.analysis.score import finite
 from covo.callbacks.heldout_eval import read_records
 from covo.infra.errors import SettingError, exit_on_user_error
-from covo.infra.settings import check_train
-from covo.infra.train import resolve_auto
+from covo.launch.settings import check_train
+from covo.launch.train import resolve_auto
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[3]

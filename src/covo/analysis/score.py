@@ -29,7 +29,7 @@ from covo.data.jsonl import DataError, json_objects
 from covo.eval.harness import resolve_device
 from covo.infra.errors import SettingError, exit_on_user_error
 from covo.infra.hardware import set_threads
-from covo.infra.settings import check_score
+from covo.launch.settings import check_score
 from covo.metrics.diagnostics import distance_curves, reward_diagnostics
 from covo.metrics.states import labelled_counts, pool, state_metrics, states_table
 from covo.rewards.base import Group, GroupReward, label_for

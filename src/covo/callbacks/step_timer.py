@@ -32,7 +32,7 @@ class StepTimer(L.Callback):
 
 def timed_steps(cfg: DictConfig, output_dir: str) -> list[dict[str, float]]:
     """Train the run `cfg` (its outputs in `output_dir`) and return each step's `StepTimer` row."""
-    from covo.infra.train import build
+    from covo.launch.train import build
 
     with open_dict(cfg):
         cfg.paths.output_dir = output_dir

@@ -16,7 +16,7 @@ from covo.callbacks.progress import StepProgressBar
 from covo.infra.errors import SettingError
 from covo.infra.hardware import auto_precision
 from covo.infra.resume import AtomicCheckpointIO, seed_rank
-from covo.infra.settings import PRECISION_COMPUTE, check_train
+from covo.launch.settings import PRECISION_COMPUTE, check_train
 from covo.models.export import export_policy
 
 log = logging.getLogger(__name__)
