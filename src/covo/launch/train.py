@@ -13,6 +13,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from covo.callbacks.progress import StepProgressBar
+from covo.callbacks.step_timer import StepTimer
 from covo.infra.errors import SettingError
 from covo.infra.hardware import auto_precision
 from covo.infra.resume import AtomicCheckpointIO, seed_rank
@@ -152,3 +153,15 @@ def optimized_value(result: dict, name: str) -> float:
             f" (logged: {', '.join(sorted(metrics)) or 'nothing'})"
         )
     return metrics[name]
+
+
+def timed_steps(cfg: DictConfig, output_dir: str) -> list[dict[str, float]]:
+    """Train the run `cfg` (its outputs in `output_dir`) and return each step's `StepTimer` row."""
+    with open_dict(cfg):
+        cfg.paths.output_dir = output_dir
+    L.seed_everything(cfg.seed, verbose=False)
+    module, datamodule, trainer = build(cfg)
+    timer = StepTimer()
+    trainer.callbacks.append(timer)
+    trainer.fit(module, datamodule=datamodule)
+    return timer.steps
