@@ -14,6 +14,7 @@ FLOORS = [
     {"module", "launch.settings"},
     {
         "launch.train",
+        "launch.eval",
         "launch",
         "cli",
         "analysis",
@@ -22,7 +23,7 @@ FLOORS = [
         "study",
         "report",
         "__init__",
-        "conf",
+        "__main__",
     },
 ]
 FLOOR = {unit: floor for floor, units in enumerate(FLOORS) for unit in units}
