@@ -36,8 +36,8 @@ def module_name(path: Path) -> str:
 
 
 def unit(module: str) -> str:
-    """`covo.launch.train` -> `launch.train` (launch's modules sit on two floors), `covo.rewards.base`
-    -> `rewards`, `covo` -> `__init__`."""
+    """`covo.launch.train` -> `launch.train` (launch's modules sit on two floors),
+    `covo.rewards.base` -> `rewards`, `covo` -> `__init__`."""
     parts = module.split(".")[1:]
     if not parts:
         return "__init__"
@@ -104,6 +104,6 @@ def test_at_most_three_upward_imports():
     assert len(upward) <= MAX_UPWARD, upward
 
 
-def test_an_upward_import_is_counted(tmp_path):
+def test_an_upward_import_is_counted():
     graph = {"covo.infra.errors": {"covo.module"}, "covo.module": {"covo.infra.errors"}}
     assert upward_imports(graph) == [("covo.infra.errors", "covo.module")]
