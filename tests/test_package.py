@@ -52,12 +52,24 @@ def test_conf_dir_is_the_packaged_conf_when_the_package_has_one(tmp_path, monkey
     assert configs.conf_dir() == tmp_path / "site" / "covo" / "conf"
 
 
-def test_the_wheel_config_ships_conf_as_covo_conf():
-    hatch = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["hatch"]
-    assert hatch["build"]["targets"]["wheel"]["force-include"] == {"conf": "covo/conf"}
-    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"] == {
-        "covo": "covo.cli:main"
-    }
+def build_wheel(out: Path) -> Path:
+    build = ["-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out)]
+    subprocess.run([sys.executable, *build, str(ROOT)], check=True, timeout=300)
+    (wheel,) = out.glob("covo-*.whl")
+    return wheel
+
+
+def test_the_wheel_ships_every_config_and_the_covo_command(tmp_path):
+    with zipfile.ZipFile(build_wheel(tmp_path)) as archive:
+        names = set(archive.namelist())
+        (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+        scripts = archive.read(entry_points).decode()
+    conf = ROOT / "conf"
+    shipped = {f"covo/conf/{p.relative_to(conf).as_posix()}" for p in conf.rglob("*.yaml")}
+    assert "covo/conf/train.yaml" in shipped and shipped <= names
+    assert not any(name.startswith(("conf/", "src/", "tests/")) for name in names)
+    assert {"covo/cli.py", "covo/data/files/gsm8k.jsonl"} <= names
+    assert "covo = covo.cli:main" in scripts
 
 
 @pytest.mark.parametrize("extra", [None, *PYPROJECT["optional-dependencies"]])
@@ -170,13 +182,7 @@ def fresh_environment(tmp_path: Path, wheel: Path) -> Path:
 
 @pytest.mark.slow
 def test_a_wheel_trains_the_users_own_reward_from_an_empty_folder(tmp_path):
-    out = tmp_path / "wheel"
-    build = ["-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out)]
-    subprocess.run([sys.executable, *build, str(ROOT)], check=True, timeout=300)
-    (wheel,) = out.glob("covo-*.whl")
-    with zipfile.ZipFile(wheel) as archive:
-        assert "covo/conf/train.yaml" in archive.namelist()
-    venv = fresh_environment(tmp_path, wheel)
+    venv = fresh_environment(tmp_path, build_wheel(tmp_path / "wheel"))
 
     user = tmp_path / "user"
     (user / "conf" / "reward").mkdir(parents=True)
