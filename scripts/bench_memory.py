@@ -146,7 +146,7 @@ def held(module) -> dict[str, int]:
 
 def child(variant: str, steps: int, overrides: list[str]) -> None:
     from covo.infra import distributed as dist
-    from covo.infra.train import build
+    from covo.launch.train import build
 
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose(

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from covo.callbacks.step_timer import timed_steps
+from covo.launch.train import timed_steps
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 PHASES = ["time/rollout_s", "time/reward_s", "time/update_s"]

@@ -112,7 +112,7 @@ def child_ours(
     from omegaconf import open_dict
 
     import covo.rollout.sampling as rollout_module
-    from covo.infra.train import build
+    from covo.launch.train import build
 
     conf = Path(rollout_module.__file__).resolve().parents[3] / "conf"
     if data is None:

@@ -25,7 +25,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from covo.infra.train import train
+from covo.launch.train import train
 from covo.models import toy_reasoner
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"

@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from covo.callbacks.collapse import CollapseDetector, slope
 from covo.callbacks.collapse_guard import CollapseGuard
 from covo.eval.harness import load_policy_checkpoint
-from covo.infra.train import build
+from covo.launch.train import build
 from covo.metrics.step import answer_metrics
 from covo.models.loading import build_tiny
 from covo.rewards.base import GroupReward

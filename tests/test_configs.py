@@ -15,8 +15,8 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import Strategy
 from omegaconf import OmegaConf
 
-from covo.infra.settings import check_train
-from covo.infra.train import resolve_auto
+from covo.launch.settings import check_train
+from covo.launch.train import resolve_auto
 from covo.models.loading import LoadedModel, build_tiny
 
 GROUPS = [

@@ -24,7 +24,7 @@ from covo.analysis.outcomes import compose_train, run_overrides
 from covo.analysis.score import make_group, score
 from covo.analysis.study import RESULTS_FILE, study
 from covo.data.jsonl import DataError
-from covo.infra.train import build, resolve_auto
+from covo.launch.train import build, resolve_auto
 from covo.models.loading import build_tiny
 from covo.rewards.base import label_for
 from covo.rewards.covo.reward import encode

@@ -13,7 +13,7 @@ from covo.eval import evaluate
 from covo.eval.grading import ChoiceGrader, MathGrader
 from covo.eval.harness import grade, load_policy_checkpoint, totals_of
 from covo.eval.results import RESULTS_FILE
-from covo.infra.settings import check_eval
+from covo.launch.settings import check_eval
 from covo.models.loading import build_tiny
 
 # problems of decreasing length, so batching by length reorders them

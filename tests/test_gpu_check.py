@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import ROOT, compose_config
 
-from covo.infra.settings import check_train
-from covo.infra.train import resolve_auto
+from covo.launch.settings import check_train
+from covo.launch.train import resolve_auto
 
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 sys.path.insert(0, str(ROOT / "scripts"))

@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from covo.infra.errors import exit_on_missing_launcher
-from covo.infra.train import optimized_value
+from covo.launch.train import optimized_value
 
 pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="the `optuna` extra")
 

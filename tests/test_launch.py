@@ -10,8 +10,8 @@ import pytest
 from conftest import ROOT, compose_config
 from omegaconf import OmegaConf
 
-from covo.infra.settings import check_train
-from covo.infra.train import resolve_auto
+from covo.launch.settings import check_train
+from covo.launch.train import resolve_auto
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the `slurm` extra")
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import compose_config
 
-from covo.infra.train import train
+from covo.launch.train import train
 from covo.models import toy_reasoner
 
 STEPS = 40

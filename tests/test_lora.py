@@ -19,8 +19,8 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from covo.eval.harness import load_policy_checkpoint
 from covo.infra import distributed as dist
-from covo.infra.settings import check_train
-from covo.infra.train import build, resolve_auto, train
+from covo.launch.settings import check_train
+from covo.launch.train import build, resolve_auto, train
 from covo.models.loading import build_tiny
 from covo.models.lora import MissingExtraError, add_adapters, base_of, is_lora, merged_state
 

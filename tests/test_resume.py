@@ -16,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from covo.data.sampler import EpochBatches
 from covo.infra.resume import AtomicCheckpointIO, rng_state, seed_rank, set_rng_state
-from covo.infra.train import build
+from covo.launch.train import build
 
 
 def batches(sampler, n):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from covo.infra.train import build
+from covo.launch.train import build
 from covo.models.loading import build_tiny
 from covo.rewards.base import Group, GroupReward
 from covo.rewards.harmony import SelfHarmonyReward, harmonic_pseudo_label

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf, open_dict
 
 from covo.infra.checks import BadSetting
 from covo.infra.errors import SettingError
-from covo.infra.settings import (
+from covo.launch.settings import (
     EVAL_RULES,
     SCORE_RULES,
     TRAIN_RULES,
@@ -22,7 +22,7 @@ from covo.infra.settings import (
     check_score,
     check_train,
 )
-from covo.infra.train import build, resolve_auto
+from covo.launch.train import build, resolve_auto
 from covo.rewards.covo.reward import CoVoReward
 from covo.rewards.majority import MajorityReward
 
@@ -236,7 +236,7 @@ def option_keys(name: str, groups: tuple[str, ...]) -> set[str]:
     ],
 )
 def test_every_rule_names_a_key_every_config_has(name, rules, groups):
-    """The rules of `covo.infra.settings` read their keys strictly: each is in the composed
+    """The rules of `covo.launch.settings` read their keys strictly: each is in the composed
     config whatever option of a group is picked."""
     keys = option_keys(name, groups)
     assert [key for key, _, _ in rules if key not in keys] == []

@@ -10,7 +10,7 @@ from conftest import ConstantOnRollouts
 from omegaconf import open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from covo.infra.train import build
+from covo.launch.train import build
 
 
 def steps_of(tensorboard_dir: str) -> tuple[dict[str, list[int]], list[int]]:

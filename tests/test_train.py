@@ -12,7 +12,7 @@ from omegaconf import OmegaConf, open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM
 
-from covo.infra.train import build, train, write_config
+from covo.launch.train import build, train, write_config
 from covo.rewards.base import LabelWithheldError
 
 STEP_TAGS = [

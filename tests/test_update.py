@@ -14,7 +14,7 @@ from test_train import scalars
 import covo.algorithms.updater
 import covo.module
 from covo.algorithms.update import UpdatePlan, plan_epochs
-from covo.infra.train import build, train
+from covo.launch.train import build, train
 
 
 def test_plan_epochs_cuts_rows_into_steps_and_stops_at_the_budget():

@@ -18,7 +18,7 @@ from covo.eval.harness import greedy_responses
 from covo.infra import distributed as dist
 from covo.infra.hardware import set_threads
 from covo.infra.resume import all_rng_states, restore
-from covo.infra.settings import PRECISION_COMPUTE
+from covo.launch.settings import PRECISION_COMPUTE
 from covo.metrics.loggers import media_boards
 from covo.metrics.media import MediaWriter
 from covo.metrics.step import step_metrics

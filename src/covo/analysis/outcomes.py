@@ -36,13 +36,13 @@ from covo.analysis.plots import learning_curves_figure, save_figure
 from covo.analysis.report import read_scalars
 from covo.analysis.score import finite
 from covo.callbacks.heldout_eval import read_records
+from covo.infra.configs import conf_dir
 from covo.infra.errors import SettingError, exit_on_user_error
-from covo.infra.settings import check_train
-from covo.infra.train import resolve_auto
+from covo.launch.settings import check_train
+from covo.launch.train import resolve_auto
 
 log = logging.getLogger(__name__)
-ROOT = Path(__file__).resolve().parents[3]
-CONF_DIR = ROOT / "conf"
+CONF_DIR = conf_dir()
 RESULT_FILE = "result.json"
 HELDOUT_FILE = "heldout.jsonl"
 RESULTS_FILE = "outcomes.json"
@@ -165,7 +165,7 @@ def collect(directory: Path, reward: str, seed: int) -> dict:
 
 
 def train_command(cfg: DictConfig, reward: str, seed: int, directory: Path, core: int) -> list:
-    command = ["taskset", "-c", str(core), sys.executable, str(ROOT / "train.py")]
+    command = ["taskset", "-c", str(core), sys.executable, "-m", "covo", "train"]
     command += run_overrides(cfg, reward, seed) + [f"hydra.run.dir={directory}"]
     last = directory / "checkpoints" / "last.ckpt"
     return command + ([f"ckpt_path={last}"] if last.is_file() else [])
@@ -174,7 +174,7 @@ def train_command(cfg: DictConfig, reward: str, seed: int, directory: Path, core
 def launch(command: list[str], log_path: Path) -> int:
     """One training process, its output appended to `log_path`; returns its exit status."""
     with log_path.open("a") as out:
-        return subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+        return subprocess.run(command, stdout=out, stderr=subprocess.STDOUT).returncode
 
 
 def run_all(cfg: DictConfig, names: list[str], seeds: list[int], study_dir: Path) -> list[str]:

@@ -27,9 +27,10 @@ from covo.analysis.plots import distance_curve_figure, save_figure
 from covo.answers import AnswerEquivalence
 from covo.data.jsonl import DataError, json_objects
 from covo.eval.harness import resolve_device
+from covo.infra.configs import conf_dir
 from covo.infra.errors import SettingError, exit_on_user_error
 from covo.infra.hardware import set_threads
-from covo.infra.settings import check_score
+from covo.launch.settings import check_score
 from covo.metrics.diagnostics import distance_curves, reward_diagnostics
 from covo.metrics.states import labelled_counts, pool, state_metrics, states_table
 from covo.rewards.base import Group, GroupReward, label_for
@@ -38,7 +39,7 @@ from covo.rewards.covo.scorer import SCORING_DTYPES, PrefixSharedScorer
 from covo.rollout.groups import make_group
 from covo.rollout.views import declared_views, view_groups
 
-CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
+CONF_DIR = conf_dir()
 COMPONENTS = ("consistency", "volatility", "curiosity")
 
 

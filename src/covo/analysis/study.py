@@ -33,6 +33,7 @@ from covo.answers import AnswerEquivalence, get_extractor
 from covo.data.jsonl import DataError
 from covo.eval.harness import resolve_device
 from covo.infra.checks import apply_rules, instantiate
+from covo.infra.configs import conf_dir
 from covo.infra.errors import SettingError, exit_on_user_error
 from covo.infra.hardware import set_threads
 from covo.metrics.diagnostics import prompt_outcome, verdict_counts
@@ -42,7 +43,7 @@ from covo.rewards.covo.scorer import SCORING_DTYPE_RULE, SCORING_DTYPES, PrefixS
 from covo.rollout.views import all_views, view_groups
 
 log = logging.getLogger(__name__)
-CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
+CONF_DIR = conf_dir()
 RESULTS_FILE = "study.json"
 PLOT_FILE = "reward_accuracy_by_bin.png"
 

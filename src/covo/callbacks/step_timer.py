@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import lightning.pytorch as L
-from omegaconf import DictConfig, open_dict
 
 
 class StepTimer(L.Callback):
@@ -28,17 +27,3 @@ class StepTimer(L.Callback):
         row["scoring_tokens"] = module.scoring_counts["perf/scoring_tokens"]
         row["reused_tokens"] = module.scoring_counts["perf/scoring_reused_tokens"]
         self.steps.append(row)
-
-
-def timed_steps(cfg: DictConfig, output_dir: str) -> list[dict[str, float]]:
-    """Train the run `cfg` (its outputs in `output_dir`) and return each step's `StepTimer` row."""
-    from covo.infra.train import build
-
-    with open_dict(cfg):
-        cfg.paths.output_dir = output_dir
-    L.seed_everything(cfg.seed, verbose=False)
-    module, datamodule, trainer = build(cfg)
-    timer = StepTimer()
-    trainer.callbacks.append(timer)
-    trainer.fit(module, datamodule=datamodule)
-    return timer.steps

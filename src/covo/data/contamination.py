@@ -16,9 +16,10 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from covo.data.jsonl import DataError, packaged_path, read_jsonl
+from covo.infra.configs import conf_dir
 
 log = logging.getLogger(__name__)
-BENCHMARK_CONF = Path(__file__).resolve().parents[3] / "conf" / "benchmark"
+BENCHMARK_CONF = conf_dir() / "benchmark"
 _IGNORED = re.compile(r"[\s$]+")
 
 

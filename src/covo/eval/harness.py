@@ -16,7 +16,7 @@ from covo.eval.metrics import item_metrics, mean_metrics
 from covo.eval.results import RESULTS_FILE, markdown_table, write_json, write_scalars
 from covo.infra.errors import DataError, SettingError
 from covo.infra.hardware import set_threads
-from covo.infra.settings import check_eval
+from covo.launch.settings import check_eval
 from covo.models.loading import LoadedModel
 from covo.models.lora import adapter_state, is_lora
 from covo.rollout.sampling import eos_token_ids, format_prompts, response_mask_from, sample

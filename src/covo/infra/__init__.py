@@ -1,1 +1,1 @@
-"""Running training: `train(cfg)`, settings, errors, hardware, strategies, ranks, resume."""
+"""Foundations: errors, hardware, strategies, ranks, resume, settings-rule helpers, conf/."""

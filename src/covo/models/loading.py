@@ -96,7 +96,7 @@ def load_hf(
 
     The weights load in `master_dtype` (what the optimizer updates); `dtype`, the compute
     dtype, is applied by the trainer's precision (autocast, or FSDP2's mixed-precision
-    policy) and checked against it before anything loads (`covo.infra.settings`). `lora` (r,
+    policy) and checked against it before anything loads (`covo.launch.settings`). `lora` (r,
     alpha, dropout, target_modules; off when null or r is 0) wraps the model with peft
     adapters (`covo.models.lora`). `hold_graphs` travels with the model to the update: a model small
     enough that every micro-batch's activations fit at once may skip the old log-probs' pass.

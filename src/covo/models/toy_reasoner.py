@@ -29,12 +29,13 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from covo.data.arithmetic import OPERATORS, generate, worked_solution
 from covo.eval.grading import MathGrader
 from covo.eval.harness import grade, sample_responses, totals_of
+from covo.infra.configs import conf_dir
 from covo.models.loading import LoadedModel, chatml_bpe_tokenizer, load_hf
 from covo.rollout.sampling import format_prompts
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 PACKAGED = WEIGHTS / "toy_reasoner"
-DATA_CONF = Path(__file__).resolve().parents[3] / "conf" / "data" / "toy_arithmetic.yaml"
+DATA_CONF = conf_dir() / "data" / "toy_arithmetic.yaml"
 PARTS = {"pretrain": 8, "train": 1, "val": 1}  # as conf/data/toy_*.yaml split the problems
 SCHEDULES = ("constant", "cosine")
 

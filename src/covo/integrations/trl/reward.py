@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from covo.answers import AnswerEquivalence
 from covo.infra.checks import INT_GE1, apply_rules, instantiate
+from covo.infra.configs import conf_dir
 from covo.infra.errors import SettingError, installed
 from covo.integrations.trl.capture import GenerationCapture
 from covo.integrations.trl.guard import CollapseGuardCallback
@@ -41,7 +42,7 @@ from covo.rewards.covo.scorer import SCORING_DTYPE_RULE, SCORING_DTYPES, PrefixS
 from covo.rollout.groups import group_from_ids, group_of
 from covo.rollout.views import declared_views, view_prompts
 
-CONF_DIR = Path(__file__).resolve().parents[4] / "conf"
+CONF_DIR = conf_dir()
 MISSING = (
     "covo.integrations.trl needs TRL: pip install -e '.[trl]' (or `bash scripts/setup.sh trl`)"
 )

@@ -1,8 +1,10 @@
-"""`train(cfg)`: check and compose the run from the config, and fit it."""
+"""`train(cfg)`: check and compose the run from the config, and fit it; `main` is `covo train`
+and `python train.py`."""
 
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from pathlib import Path
 
@@ -13,10 +15,17 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from covo.callbacks.progress import StepProgressBar
-from covo.infra.errors import SettingError
+from covo.callbacks.step_timer import StepTimer
+from covo.infra.configs import conf_dir
+from covo.infra.errors import (
+    SettingError,
+    exit_on_missing_launcher,
+    exit_on_renamed_key,
+    exit_on_user_error,
+)
 from covo.infra.hardware import auto_precision
 from covo.infra.resume import AtomicCheckpointIO, seed_rank
-from covo.infra.settings import PRECISION_COMPUTE, check_train
+from covo.launch.settings import PRECISION_COMPUTE, check_train
 from covo.metrics.loggers import logger_outputs, with_jsonl
 from covo.models.export import export_policy
 
@@ -152,3 +161,32 @@ def optimized_value(result: dict, name: str) -> float:
             f" (logged: {', '.join(sorted(metrics)) or 'nothing'})"
         )
     return metrics[name]
+
+
+def timed_steps(cfg: DictConfig, output_dir: str) -> list[dict[str, float]]:
+    """Train the run `cfg` (its outputs in `output_dir`) and return each step's `StepTimer` row."""
+    with open_dict(cfg):
+        cfg.paths.output_dir = output_dir
+    L.seed_everything(cfg.seed, verbose=False)
+    module, datamodule, trainer = build(cfg)
+    timer = StepTimer()
+    trainer.callbacks.append(timer)
+    trainer.fit(module, datamodule=datamodule)
+    return timer.steps
+
+
+@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")
+@exit_on_user_error
+def run(cfg: DictConfig) -> float | None:
+    """The run's `optimized_metric` when one is set: what a sweeper (hparams_search) maximises."""
+    result = train(cfg)
+    if cfg.optimized_metric is not None:
+        return optimized_value(result, cfg.optimized_metric)
+    return None
+
+
+def main() -> None:
+    """Train from the command line's Hydra overrides (`sys.argv[1:]`)."""
+    exit_on_missing_launcher(sys.argv[1:])
+    exit_on_renamed_key(sys.argv[1:], RENAMED)
+    run()

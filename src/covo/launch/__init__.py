@@ -1,0 +1,1 @@
+"""Where a run is put together: `train(cfg)` and the checks across config groups."""
