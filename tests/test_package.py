@@ -98,6 +98,15 @@ def test_constraints_pin_every_dependency_setup_installs_inside_its_range():
         assert pins[name] in req.specifier, f"constraints.txt: {name}=={pins[name]} vs {text}"
 
 
+def test_every_install_of_setup_sh_is_constrained():
+    installs = [
+        line
+        for line in (ROOT / "scripts" / "setup.sh").read_text().splitlines()
+        if "pip install" in line and "--upgrade pip" not in line
+    ]
+    assert len(installs) == 3 and all("-c constraints.txt" in line for line in installs)
+
+
 def test_constraints_are_the_versions_installed_here():
     """The environment the tests run in is the one scripts/setup.sh builds from constraints.txt."""
     from importlib.metadata import version
