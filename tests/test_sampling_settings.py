@@ -224,9 +224,12 @@ class LargestVocabularyTensor(TorchDispatchMode):
         if func.is_view:
             return out
         for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() >= 2:
-                if t.shape[-1] == self.vocab:
-                    self.largest = max(self.largest, t.numel())
+            if (
+                isinstance(t, torch.Tensor)
+                and t.is_floating_point()
+                and t.shape[-1:] == (self.vocab,)
+            ):
+                self.largest = max(self.largest, t.numel())
         return out
 
 
