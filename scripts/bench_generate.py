@@ -16,6 +16,15 @@ at temperature 1. Variants, alternating, each timed --repeats times (median):
 Prints ms per decoding step and each variant's ratio to the loop.
 
 taskset -c 0 python scripts/bench_generate.py --rows 32 --tokens 64 --repeats 3 [--compile]
+
+With --rollouts K, the rollout engine (`covo.rollout.engine.HFGenerate`) as training calls it
+instead: K rollouts in a row, each on other prompts (other prompt lengths, as batches differ),
+the same rows and max new tokens. Engines: dynamic; static with a new cache per call sized to
+the call (`fresh`: what a cache that is not kept does); static reusing one cache per (rows,
+length bucket); with --compile the two static ones compiled. Prints each call's seconds and the
+graphs torch compiled during it (a count after the first call is a recompile).
+
+python scripts/bench_generate.py --model tiny --rollouts 4 --rows 16 --tokens 32 --compile
 """
 
 from __future__ import annotations
@@ -28,15 +37,68 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache, LogitsProcessorList, StaticCache
 
-from covo.models.loading import QWEN_CODER_05B, SMOLLM2, load_packaged
-from covo.rollout.engine import SamplingStatistics
+from covo.models.loading import QWEN_CODER_05B, SMOLLM2, build_tiny, load_packaged
+from covo.rollout.engine import HFGenerate, SamplingStatistics
 from covo.rollout.sampling import encode_prompts, format_prompts
 
 PACKAGED = {"smollm2": SMOLLM2, "qwen_coder_05b": QWEN_CODER_05B}
 
 
-def prompts(n: int) -> list[str]:
-    return [f"What is {10 + 7 * i % 90} + {11 + 13 * i % 89}?" for i in range(n)]
+def prompts(n: int, call: int = 0) -> list[str]:
+    """`n` arithmetic prompts; each `call` words them at another length."""
+    padding = " Show your steps." * (call % 4)
+    return [f"What is {10 + 7 * i % 90} + {11 + 13 * i % 89}?{padding}" for i in range(n)]
+
+
+class FreshStatic(HFGenerate):
+    """The static engine with a new cache per call, sized to the call (nothing kept)."""
+
+    def static_cache(self, model, rows: int, longest: int):
+        self.static = None
+        self.length_bucket = 1
+        return super().static_cache(model, rows, longest)
+
+
+def compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def rollouts(model, tokenizer, chat_template, args) -> None:
+    """`args.rollouts` calls of each engine, as `RolloutSampler` makes them."""
+    engines = {
+        "dynamic": lambda: HFGenerate(),
+        "static fresh": lambda: FreshStatic("static"),
+        "static reused": lambda: HFGenerate("static"),
+    }
+    if args.compile:
+        engines["static fresh+compile"] = lambda: FreshStatic("static", compile=True)
+        engines["static reused+compile"] = lambda: HFGenerate("static", compile=True)
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    print(
+        f"{args.model} on {model.device} ({args.dtype}, {args.threads} thread(s)):"
+        f" {args.rollouts} rollouts of {args.rows} rows x up to {args.tokens} new tokens"
+    )
+    calls = " | ".join(f"call {i + 1} s (graphs)" for i in range(args.rollouts))
+    print(f"| engine | {calls} |")
+    print("|---|" + "---:|" * args.rollouts)
+    for name, make in engines.items():
+        torch._dynamo.reset()
+        engine, cells = make(), []
+        for call in range(args.rollouts):
+            texts = format_prompts(
+                tokenizer, prompts(args.rows // args.samples, call), chat_template
+            )
+            enc = encode_prompts(tokenizer, texts, model.device)
+            graphs = compiled_graphs()
+            sync()
+            start = time.perf_counter()
+            engine(model, tokenizer, enc, args.samples, args.tokens, 1.0, 1.0)
+            sync()
+            cells.append(f"{time.perf_counter() - start:.2f} ({compiled_graphs() - graphs})")
+        fallback = " (fell back)" if engine.fell_back else ""
+        print(f"| {name}{fallback} | " + " | ".join(cells) + " |")
 
 
 @torch.no_grad()
@@ -103,7 +165,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--model", default="smollm2", choices=sorted(PACKAGED))
+    parser.add_argument("--model", default="smollm2", choices=sorted(PACKAGED) + ["tiny"])
+    parser.add_argument("--rollouts", type=int, default=0, help="K rollouts per engine")
     parser.add_argument("--rows", type=int, default=32)
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=64)
@@ -114,8 +177,15 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    loaded = load_packaged(PACKAGED[args.model], cache_dir=str(Path("~/.cache/covo").expanduser()))
+    if args.model == "tiny":
+        loaded = build_tiny()
+    else:
+        cache_dir = str(Path("~/.cache/covo").expanduser())
+        loaded = load_packaged(PACKAGED[args.model], cache_dir=cache_dir)
     model = loaded.model.to(args.device, getattr(torch, args.dtype)).eval()
+    if args.rollouts:
+        rollouts(model, loaded.tokenizer, loaded.chat_template, args)
+        return
     texts = format_prompts(
         loaded.tokenizer, prompts(args.rows // args.samples), loaded.chat_template
     )

@@ -125,12 +125,14 @@ def test_static_cache_engine_matches_the_dynamic_one():
 
 
 def test_static_engine_falls_back_with_one_line(caplog, monkeypatch):
+    from torch._dynamo.exc import InternalTorchDynamoError
+
     loaded = build_tiny(seed=5)
     original = loaded.model.generate
 
     def no_static(**kwargs):
         if "cache" in kwargs:
-            raise RuntimeError("static cache unsupported\nsecond line")
+            raise InternalTorchDynamoError("static cache unsupported\nsecond line")
         return original(**kwargs)
 
     monkeypatch.setattr(loaded.model, "generate", no_static)
@@ -141,7 +143,7 @@ def test_static_engine_falls_back_with_one_line(caplog, monkeypatch):
     want = sample(loaded, 1.0, True, seed=2)
     assert engine.fell_back
     lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 1 and "static cache + compile not available" in lines[0]
+    assert len(lines) == 1 and "static cache + compile failed here" in lines[0]
     assert "second line" not in lines[0]
     for rollout in (got, again):
         assert torch.equal(rollout.sequences, want.sequences)

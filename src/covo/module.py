@@ -26,7 +26,7 @@ from covo.models import lora
 from covo.models.loading import LoadedModel, torch_dtype
 from covo.rewards.base import Reward
 from covo.rewards.scoring import Scored, score_rollout
-from covo.rollout.sampler import RolloutSampler
+from covo.rollout.sampler import RolloutSampler, own_precision
 from covo.rollout.sampling import Rollout
 from covo.rollout.views import training_rows
 
@@ -224,6 +224,7 @@ class SelfRewardRL(L.LightningModule):
         metrics = step_metrics(
             trained, scored, plan, update, self.timings, self.equivalence, self.updater.last_lr
         )
+        metrics.update(self.sampler.metrics)
         self.log_rollout(dist.mean_across_ranks(metrics), shown=("reward/mean", "diag/accuracy"))
         boards = media_boards(self.loggers)
         if self.global_rank == 0 and boards:
@@ -246,13 +247,14 @@ class SelfRewardRL(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Greedy pass@1 on the validation split."""
-        texts, lengths = greedy_responses(
-            self.validation_model,
-            self.tokenizer,
-            batch["prompt"],
-            self.chat_template,
-            self.max_new_tokens,
-        )
+        with own_precision(self.validation_model):
+            texts, lengths = greedy_responses(
+                self.validation_model,
+                self.tokenizer,
+                batch["prompt"],
+                self.chat_template,
+                self.max_new_tokens,
+            )
         correct = self.grade(texts, batch["answer"])
         size = len(correct)
         # Lightning's logger writes a logged `step` as the x axis (else its batch count): the

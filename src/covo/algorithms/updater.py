@@ -34,6 +34,7 @@ from covo.infra.checks import (
     one_of,
     optional,
 )
+from covo.metrics.gap import logprob_gap
 from covo.rollout.sampling import Rollout, response_token_stats
 
 ALGORITHM_RULES: list[Rule] = [
@@ -122,6 +123,7 @@ class Updater:
         self.max_grad_norm = max_grad_norm
         self.device = torch.device("cpu")  # the module's, set as it moves (`on_fit_start`)
         self.last_lr: float | None = None  # the last optimizer step's (train/lr)
+        self.policy_logprobs: torch.Tensor | None = None  # this update's, before any step
 
     def plan(self, rollout: Rollout, rewards: torch.Tensor, steps_left: int) -> UpdatePlan:
         """Filter groups, cut the kept rows into optimizer steps, and compute the old and
@@ -232,6 +234,10 @@ class Updater:
         if not plan.epochs:
             return {}
         algo, loss_mask = self.algorithm, self.loss_mask(rollout)
+        # the policy's log-probs of the sampled tokens before any step (`rollout/logprob_gap_*`)
+        self.policy_logprobs = plan.old_logprobs
+        if plan.old_logprobs is None:  # filled by the only step's forwards
+            self.policy_logprobs = torch.zeros_like(rollout.response_mask)
         self.policy.train()
         sums = dict.fromkeys(("clip_frac", "ratio_mean", "approx_kl", "kl"), 0.0)
         tokens, losses, grad_norms = 0.0, [], []
@@ -265,6 +271,8 @@ class Updater:
             metrics[f"train/{key}"] = sums[key] / max(tokens, 1.0)
         if self.reference is not None and plan.old_logprobs is None:
             metrics["train/kl"] = sums["kl"] / max(tokens, 1.0)
+        kept = rollout.response_mask * plan.keep.to(rollout.response_mask)[:, None]
+        metrics.update(logprob_gap(rollout.logprobs, self.policy_logprobs, kept))
         return metrics
 
     def clip_gradients(self) -> None:
@@ -298,6 +306,8 @@ class Updater:
             logprobs = self.token_logprobs(self.policy, rollout, rows)
         # one optimizer step per rollout: this very forward is the policy that sampled
         old = logprobs.detach() if plan.old_logprobs is None else plan.old_logprobs[rows]
+        if plan.old_logprobs is None and self.policy_logprobs is not None and not empty:
+            self.policy_logprobs[part] = old
         loss, stats = policy_loss(
             logprobs, old, advantages[rows], mask, algo.clip_eps, normalizer, weights
         )

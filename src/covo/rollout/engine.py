@@ -10,13 +10,22 @@ how an external engine such as vLLM plugs in.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from transformers import LogitsProcessor, LogitsProcessorList
+from torch._dynamo.exc import TorchDynamoException
+from torch._inductor.exc import CppCompileError
+from transformers import (
+    DynamicCache,
+    GenerationConfig,
+    GenerationMixin,
+    LogitsProcessor,
+    LogitsProcessorList,
+)
 
 log = logging.getLogger(__name__)
 
@@ -112,39 +121,134 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     return {i for i in ids if i is not None}
 
 
+# every logits processor transformers builds from a GenerationConfig, set to do nothing: the
+# sampled distribution is softmax(logits / temperature), cut by top-p (and top-k) only
+NEUTRAL_PROCESSORS = dict(
+    repetition_penalty=1.0,
+    encoder_repetition_penalty=1.0,
+    no_repeat_ngram_size=0,
+    encoder_no_repeat_ngram_size=0,
+    min_length=0,
+    typical_p=1.0,
+    epsilon_cutoff=0.0,
+    eta_cutoff=0.0,
+    guidance_scale=1.0,
+    renormalize_logits=False,
+    remove_invalid_values=False,
+    num_beams=1,
+    length_penalty=1.0,
+)
+
+
+def generation_config(
+    model,
+    tokenizer,
+    max_new_tokens: int,
+    num_samples: int = 1,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+) -> GenerationConfig:
+    """The complete sampling settings of a `generate` call: the run's own (greedy when
+    `temperature` is 0), every other processor neutral, and the special tokens of the
+    tokenizer and the model. Nothing comes from `model.generation_config` but its EOS ids
+    (`generate_with` keeps transformers from merging the rest in)."""
+    sampling = temperature > 0
+    config = GenerationConfig(
+        do_sample=sampling,
+        max_new_tokens=max_new_tokens,
+        num_return_sequences=num_samples,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=sorted(eos_token_ids(model, tokenizer)),
+        use_cache=True,
+        return_dict_in_generate=True,
+        **NEUTRAL_PROCESSORS,
+    )
+    if sampling:  # greedy builds no warpers: leaving them unset keeps transformers quiet
+        config.temperature, config.top_p, config.top_k = temperature, top_p, top_k
+    return config
+
+
+@contextlib.contextmanager
+def without_model_defaults(model):
+    """`generate` merges `model.generation_config` into every field the passed config leaves
+    unset (None), and None is the neutral value of several processors (suppress_tokens,
+    bad_words_ids, sequence_bias, forced_eos_token_id, ...): the model's defaults are blanked
+    for the call (on every Hugging Face model inside `model`: peft and FSDP wrap them)."""
+    models = [m for m in model.modules() if isinstance(m, GenerationMixin)]
+    saved = [m.generation_config for m in models]
+    try:
+        for m in models:
+            m.generation_config = GenerationConfig()
+        yield
+    finally:
+        for m, config in zip(models, saved):
+            m.generation_config = config
+
+
+def generate_with(model, config: GenerationConfig, **kwargs):
+    """`model.generate` under `config` alone (`without_model_defaults`)."""
+    with without_model_defaults(model):
+        return model.generate(generation_config=config, **kwargs)
+
+
+# what the static cache + compile path may raise where torch or the model cannot do it: a
+# compile failure (dynamo or inductor, a missing C++ compiler) or a cache layer a model lacks
+FALLBACK_ERRORS = (TorchDynamoException, CppCompileError, NotImplementedError)
+
+
 class HFGenerate:
     """transformers' `generate`, with the sampling statistics collected while decoding.
 
     `cache="dynamic"` grows the keys and values step by step; `cache="static"` preallocates
-    them for the longest sequence (fixed shapes), and with `compile=true` the decoding step is
-    compiled (CUDA graphs on GPUs). Where the installed transformers or torch cannot do that,
-    one log line says so and decoding goes on with the dynamic cache.
+    them (fixed shapes), and with `compile=true` the decoding step is compiled (CUDA graphs on
+    GPUs). The static cache is kept between calls and reused while the rows and the length
+    bucket (prompt + new tokens, rounded up to a multiple of `length_bucket`) stay the same,
+    so the compiled step sees the same shapes rollout after rollout. Where torch or the model
+    cannot decode that way (`FALLBACK_ERRORS`), one warning says so, decoding goes on with the
+    dynamic cache and `fell_back` is set (logged as `rollout/engine_fallback`).
     """
 
-    def __init__(self, cache: str = "dynamic", compile: bool = False):
+    def __init__(self, cache: str = "dynamic", compile: bool = False, length_bucket: int = 256):
         if cache not in ("dynamic", "static"):
             raise ValueError(f"rollout.engine.cache must be dynamic or static, got {cache!r}")
+        if not isinstance(length_bucket, int) or length_bucket < 1:
+            raise ValueError(
+                f"rollout.engine.length_bucket must be an integer >= 1, got {length_bucket!r}"
+            )
         self.cache = cache
         self.compile = compile
+        self.length_bucket = length_bucket
         self.fell_back = False
-
-    def generation_options(self, model, longest: int) -> dict:
-        """`generate`'s options for this engine; `longest` = prompt + max new tokens."""
-        if self.cache == "dynamic" or self.fell_back:
-            return {}
-        from transformers import StaticCache
-
-        # one slot more than decoding fills: the last sampled token's keys go in afterwards
-        options = {"cache": StaticCache(config=model.config, max_cache_len=longest)}
-        if self.compile:
+        self.static: tuple[tuple, object] | None = None  # (rows, length, dtype, device), cache
+        self.compile_config = None
+        if compile:
             from transformers import CompileConfig
 
+            self.compile_config = CompileConfig(fullgraph=False)
             # compiling on CPU is opt-in in transformers; ask for it on every device
-            options["compile_config"] = CompileConfig(fullgraph=False)
-            options["compile_config"]._compile_all_devices = True
+            self.compile_config._compile_all_devices = True
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return {"rollout/engine_fallback": float(self.fell_back)}
+
+    def static_cache(self, model, rows: int, longest: int):
+        """The kept static cache, emptied, when it fits `rows` x `longest` in its bucket; else
+        a new one that replaces it. `longest` = prompt + max new tokens: one slot more than
+        decoding fills, for the last sampled token's keys (`complete_cache`)."""
+        from transformers import StaticCache
+
+        length = -(-longest // self.length_bucket) * self.length_bucket
+        parameter = next(model.parameters())
+        key = (rows, length, parameter.dtype, parameter.device)
+        if self.static is not None and self.static[0] == key:
+            self.static[1].reset()
         else:
-            options["disable_compile"] = True
-        return options
+            self.static = None  # the old cache's memory goes before the new one's
+            self.static = (key, StaticCache(config=model.config, max_cache_len=length))
+        return self.static[1]
 
     @torch.no_grad()
     def __call__(
@@ -160,42 +264,42 @@ class HFGenerate:
         keep_cache: bool = False,
         with_stats: bool = True,
     ) -> Generation:
-        sampling = temperature > 0
         statistics = SamplingStatistics(temperature) if with_stats else None
         kwargs = dict(
             **encoded,
-            do_sample=sampling,
-            temperature=temperature if sampling else None,
-            top_p=top_p if sampling else None,
-            top_k=0 if sampling else None,
-            max_new_tokens=max_new_tokens,
-            num_return_sequences=num_samples,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=sorted(eos_token_ids(model, tokenizer)),
             synced_gpus=synced,
             logits_processor=LogitsProcessorList([statistics] if statistics else []),
-            return_dict_in_generate=True,
         )
-        out = self._generate(model, kwargs, encoded["input_ids"].shape[1] + max_new_tokens)
+        config = generation_config(
+            model, tokenizer, max_new_tokens, num_samples, temperature, top_p
+        )
+        out = self._generate(model, config, kwargs, encoded["input_ids"].shape[1] + max_new_tokens)
         prompt_mask = encoded["attention_mask"].repeat_interleave(num_samples, dim=0)
         generation = Generation(out.sequences, prompt_mask)
         if statistics:
             generation.stats = statistics.finish(generation.responses)
         if keep_cache:
-            generation.cache = complete_cache(model, out.cache, out.sequences, prompt_mask)
+            cache = complete_cache(model, out.cache, out.sequences, prompt_mask)
+            if self.static is not None and cache is self.static[1]:
+                # the next call empties the kept cache: the caller gets the keys and values
+                cache = copied_cache(cache, out.sequences.shape[1])
+            generation.cache = cache
         return generation
 
-    def _generate(self, model, kwargs: dict, longest: int):
-        options = self.generation_options(model, longest)
-        if not options:
-            return model.generate(**kwargs)
+    def _generate(self, model, config: GenerationConfig, kwargs: dict, longest: int):
+        if self.cache == "dynamic" or self.fell_back:
+            return generate_with(model, config, **kwargs)
+        config.compile_config = self.compile_config
+        config.disable_compile = not self.compile
+        rows = len(kwargs["input_ids"]) * config.num_return_sequences
         try:
-            return model.generate(**kwargs, **options)
-        except Exception as error:  # noqa: BLE001 - any failure of the optional fast path
-            self.fell_back = True
+            cache = self.static_cache(model, rows, longest)
+            return generate_with(model, config, cache=cache, **kwargs)
+        except FALLBACK_ERRORS as error:
+            self.fell_back, self.static = True, None
             log.warning(
-                "rollout.engine: %s cache%s not available here (%s: %s); decoding with the"
-                " dynamic cache",
+                "rollout.engine: %s cache%s failed here (%s: %s); decoding with the dynamic"
+                " cache from now on (rollout/engine_fallback = 1)",
                 self.cache,
                 " + compile" if self.compile else "",
                 type(error).__name__,
@@ -203,7 +307,18 @@ class HFGenerate:
             )
             for statistics in kwargs["logits_processor"]:
                 statistics.reset()  # of the failed attempt
-            return model.generate(**kwargs)
+            config.compile_config, config.disable_compile = None, True
+            return generate_with(model, config, **kwargs)
+
+
+def copied_cache(cache, length: int) -> DynamicCache:
+    """A dynamic cache holding a copy of the first `length` columns of `cache`'s layers."""
+    return DynamicCache(
+        [
+            (layer.keys[:, :, :length].clone(), layer.values[:, :, :length].clone())
+            for layer in cache.layers
+        ]
+    )
 
 
 def position_ids_from(attention_mask: Tensor) -> Tensor:

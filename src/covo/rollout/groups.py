@@ -22,7 +22,7 @@ from covo.rewards.base import Group, Withheld
 from covo.rewards.covo.reward import encode
 from covo.rollout.context_cache import ContextCache, plain_layers, split_cache
 from covo.rollout.engine import STAT_NAMES, position_ids_from
-from covo.rollout.sampling import chosen_token_stats, format_prompts
+from covo.rollout.sampling import format_prompts, head_stats
 
 # Group field <- statistic
 STAT_FIELDS = {
@@ -31,7 +31,6 @@ STAT_FIELDS = {
     "token_self_certainty": "self_certainty",
 }
 TOKEN_BUDGET = 8192
-LOGIT_CHUNK = 256  # positions per output-head call: bounds the [chunk, vocab] logits
 
 
 def forwards(lengths: list[int], token_budget: int) -> list[list[int]]:
@@ -65,19 +64,6 @@ def repeated(prefix: list[tuple] | None, rows: int) -> DynamicCache | None:
     return DynamicCache(
         [(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in prefix]
     )
-
-
-def head_stats(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: float) -> dict:
-    """`chosen_token_stats` ([P] each) of the logits `model`'s output head gives `hidden`
-    [P, H] for `targets` [P], `LOGIT_CHUNK` positions at a time."""
-    head = model.get_output_embeddings()
-    parts = [
-        chosen_token_stats(
-            head(hidden[i : i + LOGIT_CHUNK]), targets[i : i + LOGIT_CHUNK], temperature
-        )
-        for i in range(0, len(targets), LOGIT_CHUNK)
-    ]
-    return {name: torch.cat([part[name] for part in parts]) for name in STAT_NAMES}
 
 
 @torch.no_grad()

@@ -3,6 +3,8 @@ every extra view of the prompts that the reward asks for."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from omegaconf import DictConfig
 
@@ -10,6 +12,15 @@ from covo.infra import distributed as dist
 from covo.models.loading import torch_dtype
 from covo.rollout.sampling import Rollout, build_rollout, format_prompts
 from covo.rollout.views import sample_views
+
+
+def own_precision(model):
+    """A float32 `model` computes in float32: Lightning runs `training_step` and
+    `validation_step` under bf16-mixed autocast, which would run its matmuls in bf16 (a replica
+    of any other dtype computes in that dtype either way)."""
+    if next(model.parameters()).dtype != torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(next(model.parameters()).device.type, enabled=False)
 
 
 class RolloutSampler:
@@ -31,9 +42,15 @@ class RolloutSampler:
     def __call__(self, policy, prompts: list[str], reward) -> Rollout:
         model = self.view(policy)
         model.eval()
-        rollout = self.sample(model, prompts)
-        rollout.views = sample_views(reward, prompts, lambda texts: self.sample(model, texts))
+        with own_precision(model):
+            rollout = self.sample(model, prompts)
+            rollout.views = sample_views(reward, prompts, lambda texts: self.sample(model, texts))
         return rollout
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The engine's own per-rollout values (`rollout/engine_fallback`), if it has any."""
+        return dict(getattr(self.cfg.engine, "metrics", {}))
 
     def sample(self, model, prompts: list[str]) -> Rollout:
         cfg = self.cfg

@@ -10,12 +10,15 @@ from torch import Tensor
 from covo.rewards.base import Group, Withheld
 from covo.rollout.context_cache import ContextCache, split_cache
 from covo.rollout.engine import (
+    STAT_NAMES,
     Generation,
     HFGenerate,
     distribution_stats,
     eos_token_ids,
     position_ids_from,
 )
+
+LOGIT_CHUNK = 256  # positions per output-head call: bounds the [chunk, vocab] logits
 
 
 @dataclass
@@ -195,6 +198,20 @@ def chosen_token_stats(logits: Tensor, targets: Tensor, temperature: float) -> d
     }
 
 
+def head_stats(
+    model, hidden: Tensor, targets: Tensor, temperature: float, chunk: int | None = None
+) -> dict[str, Tensor]:
+    """`chosen_token_stats` ([P] each) of the logits `model`'s output head gives `hidden`
+    [P, H] for `targets` [P], `chunk` positions at a time (`LOGIT_CHUNK` by default): the
+    [chunk, V] tensors of one chunk are the largest this makes, never [P, V]."""
+    head, chunk = model.get_output_embeddings(), chunk or LOGIT_CHUNK
+    parts = [
+        chosen_token_stats(head(hidden[i : i + chunk]), targets[i : i + chunk], temperature)
+        for i in range(0, len(targets), chunk)
+    ]
+    return {name: torch.cat([part[name] for part in parts]) for name in STAT_NAMES}
+
+
 def response_token_stats(
     model,
     sequences: torch.Tensor,
@@ -208,22 +225,29 @@ def response_token_stats(
     KL(uniform || policy) of the policy's next-token distribution. All [R, G], float32.
     With `keep_cache`, also the forward's model cache (keys and values) under "cache".
 
-    Logits are computed only where a response token is predicted (they dominate memory);
-    without the distribution statistics no full-vocabulary log-softmax is formed.
+    Logits are computed only where a response token is predicted (they dominate memory).
+    The log-probs alone go through the model's own forward (FSDP2's hooks live there; the
+    update trains through it) and form no full-vocabulary log-softmax. The distribution
+    statistics (no-grad, on an unsharded model) run the output head on `LOGIT_CHUNK`
+    positions at a time (`head_stats`): like `covo.rollout.groups`, this needs a causal LM
+    whose logits are `get_output_embeddings()(base_model(...))`.
     """
     length = sequences.shape[1]
-    # through the model's own forward (FSDP2 hooks live there)
-    out = model(
+    predicting = torch.arange(length - response_len - 1, length - 1, device=sequences.device)
+    targets = sequences[:, -response_len:]
+    inputs = dict(
         input_ids=sequences,
         attention_mask=attention_mask,
         position_ids=position_ids_from(attention_mask),
         use_cache=keep_cache,
-        logits_to_keep=torch.arange(length - response_len - 1, length - 1, device=sequences.device),
     )
-    targets = sequences[:, -response_len:]
     if not with_distribution_stats:
-        return {"logprobs": chosen_logprobs(out.logits, targets, temperature)}
-    stats = chosen_token_stats(out.logits, targets, temperature)
+        logits = model(**inputs, logits_to_keep=predicting).logits
+        return {"logprobs": chosen_logprobs(logits, targets, temperature)}
+    out = model.base_model(**inputs)
+    hidden = out.last_hidden_state[:, predicting]
+    flat = head_stats(model, hidden.flatten(0, 1), targets.flatten(), temperature)
+    stats = {name: values.view(targets.shape) for name, values in flat.items()}
     if keep_cache:
         stats["cache"] = out.cache
     return stats

@@ -202,8 +202,10 @@ class _ScorerBase:
         return self._score(context_ids, state_ends, branches, scored_from, context_cache)
 
     def autocast(self) -> torch.autocast:
-        dtype = self.dtype or self.model.dtype
-        return torch.autocast(self.device.type, dtype=dtype, enabled=self.dtype is not None)
+        """Autocast to a 16-bit `dtype`; off for float32 and for None (the model's own), so an
+        enclosing autocast (Lightning's bf16-mixed) does not compute in bf16 instead."""
+        low = self.dtype not in (None, torch.float32)
+        return torch.autocast(self.device.type, dtype=self.dtype if low else None, enabled=low)
 
 
 class PrefixSharedScorer(_ScorerBase):
