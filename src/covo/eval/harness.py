@@ -16,33 +16,26 @@ from covo.eval.metrics import item_metrics, mean_metrics
 from covo.eval.results import RESULTS_FILE, markdown_table, write_json, write_scalars
 from covo.infra.errors import DataError, SettingError
 from covo.infra.hardware import set_threads
+from covo.infra.resume import read_policy_state
 from covo.launch.settings import check_eval
+from covo.models.export import write_folder
 from covo.models.loading import LoadedModel
 from covo.models.lora import adapter_state, is_lora
 from covo.rollout.sampling import eos_token_ids, format_prompts, response_mask_from, sample
 
 log = logging.getLogger(__name__)
 
-POLICY_PREFIX = "policy."
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def load_policy_checkpoint(model: torch.nn.Module, ckpt_path: str) -> int:
-    """Copy the `policy.*` weights of a Lightning checkpoint into `model`; returns its step.
+    """Copy the `policy.*` weights of a Lightning checkpoint (a file, or the folder FSDP2
+    writes) into `model`; returns its step.
 
     Into a LoRA model (`model.lora`, as in training) a LoRA run's checkpoint copies the
     adapters: it holds nothing else, the other weights are the loaded model's."""
     path = Path(ckpt_path).expanduser()
-    if not path.is_file():
-        raise DataError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    state = {
-        key[len(POLICY_PREFIX) :]: value
-        for key, value in ckpt.get("state_dict", {}).items()
-        if key.startswith(POLICY_PREFIX)
-    }
-    if not state:
-        raise DataError(f"{path}: no '{POLICY_PREFIX}*' weights in its state_dict")
+    state, step = read_policy_state(path)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatches, one per line after a header line
@@ -57,7 +50,7 @@ def load_policy_checkpoint(model: torch.nn.Module, ckpt_path: str) -> int:
             f"{path} does not fit the configured model: missing {missing[:3]}, "
             f"unexpected {unexpected[:3]}"
         )
-    return int(ckpt.get("global_step", 0))
+    return step
 
 
 def resolve_device(name: str) -> str:
@@ -179,6 +172,11 @@ def evaluate(cfg: DictConfig) -> dict:
     items = {name: b.load(cfg.max_samples) for name, b in benchmarks.items()}
     loaded = hydra.utils.instantiate(cfg.model)
     step = load_policy_checkpoint(loaded.model, cfg.ckpt_path) if cfg.ckpt_path else 0
+    if cfg.export_dir:
+        write_folder(
+            loaded.model, loaded.model.state_dict(), loaded.tokenizer, Path(cfg.export_dir)
+        )
+        log.info("export_dir: %s", cfg.export_dir)
     loaded.model.to(resolve_device(cfg.device)).eval()
 
     records, totals = {}, {}

@@ -6,7 +6,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from covo.models.lora import base_of, merged_state
+from covo.models.loading import copy_weights, empty_copy
+from covo.models.lora import base_of, is_lora, merged_entries
 
 
 def is_distributed() -> bool:
@@ -92,6 +93,21 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
 
 
+def whole(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One weight whole on this rank: a sharded one all-gathered, its shard cast to `dtype`
+    first (None: as it is) so the gather moves and holds the replica's bytes, not fp32's."""
+    if type(tensor).__name__ != "DTensor":
+        return tensor
+    return (tensor if dtype is None else tensor.to(dtype)).full_tensor()
+
+
+def local_device(model: nn.Module) -> torch.device:
+    parameter = next(model.parameters())
+    return (
+        parameter.to_local().device if type(parameter).__name__ == "DTensor" else parameter.device
+    )
+
+
 class InferenceView:
     """The policy as rollout and scoring see it.
 
@@ -101,6 +117,10 @@ class InferenceView:
     weights at every token), and whole when the policy is sharded (FSDP2), so generation and
     scoring run rank-local, with no collective per step. A LoRA policy's replica is the plain
     model with the adapters merged into its weights.
+
+    The replica is allocated once, in `dtype`, and refreshed one weight at a time: beyond the
+    replica a refresh holds one weight whole (in `dtype`; under LoRA an adapted weight in the
+    master dtype and its merge), never the whole policy (docs/precision.md, "Memory").
     """
 
     def __init__(self, dtype: torch.dtype | None = None) -> None:
@@ -114,21 +134,11 @@ class InferenceView:
     def __call__(self, policy: nn.Module) -> nn.Module:
         if not self.needs_replica(policy):
             return base_of(policy)
-        state = merged_state(policy, full_state_dict(policy))
         if self.replica is None:
-            self.replica = replica_of(base_of(policy), state, self.dtype)
-        else:
-            self.replica.load_state_dict(state)
+            self.replica = empty_copy(base_of(policy), self.dtype, local_device(policy))
+        # under LoRA the merge reads the master weight: the copy casts the merged one
+        dtype = None if is_lora(policy) else self.dtype
+        copy_weights(
+            self.replica, merged_entries(policy, policy.state_dict(), lambda t: whole(t, dtype))
+        )
         return self.replica
-
-
-def replica_of(policy: nn.Module, state: dict[str, torch.Tensor], dtype) -> nn.Module:
-    """A plain (unsharded) module of the policy's class and config holding `state`."""
-    # its random init (then overwritten) must not draw from the sampling generator: a run
-    # resumed from a checkpoint builds the replica a step later than the run it continues
-    with torch.random.fork_rng(devices=[]):
-        replica = type(policy)(policy.config)
-    replica.load_state_dict(state)
-    replica.generation_config = policy.generation_config
-    device = next(iter(state.values())).device
-    return replica.to(device=device, dtype=dtype).eval().requires_grad_(False)

@@ -1,10 +1,12 @@
 """What an exact resume needs beyond Lightning's own state: every random generator of every
-rank, and checkpoint files that a kill during a write cannot leave half-written."""
+rank, and checkpoints (files, or FSDP2's folders) that a kill during a write cannot leave
+half-written; and the policy's weights read back from either layout."""
 
 from __future__ import annotations
 
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,9 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from covo.infra import distributed as dist
 from covo.infra.errors import DataError
+
+POLICY_PREFIX = "policy."
+FOLDER_METADATA = "meta.pt"  # Lightning's: the trainer state beside a folder's shards
 
 
 def rng_state() -> dict:
@@ -83,3 +88,72 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+
+
+def remove_path(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def replace_checkpoint(written: Path, path: Path) -> None:
+    """Put the finished checkpoint `written` (a file or a folder) at `path`. A folder cannot
+    replace a folder in one rename: the previous one is first set aside beside it and removed
+    once the new one is in place, so whenever a kill strikes, `path` or its `.old` is whole."""
+    old = path.with_name(f".{path.name}.old")
+    remove_path(old)
+    if path.exists() or path.is_symlink():
+        os.replace(path, old)
+    os.replace(written, path)
+    remove_path(old)
+
+
+def partial_path(path: Path) -> Path:
+    """Where a checkpoint is written before it replaces `path` (one name for every rank)."""
+    return path.with_name(f".{path.name}.partial")
+
+
+def read_policy_state(path: Path) -> tuple[dict[str, torch.Tensor], int]:
+    """The policy's weights (names without `policy.`) and the optimizer step of a Lightning
+    checkpoint: a file, or the folder FSDP2 writes (torch.distributed.checkpoint shards and
+    `meta.pt`), read whole in this one process without the optimizer state."""
+    if not path.exists():
+        raise DataError(f"checkpoint not found: {path}")
+    if not path.is_dir():
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        state = ckpt.get("state_dict", {})
+        step = ckpt.get("global_step", 0)
+    else:
+        state = read_folder_weights(path, f"state_dict.{POLICY_PREFIX}")
+        state = {key.removeprefix("state_dict."): value for key, value in state.items()}
+        meta = path / FOLDER_METADATA
+        step = torch.load(meta, weights_only=True).get("global_step", 0) if meta.is_file() else 0
+    policy = {
+        key.removeprefix(POLICY_PREFIX): value
+        for key, value in state.items()
+        if key.startswith(POLICY_PREFIX)
+    }
+    if not policy:
+        raise DataError(f"{path}: no '{POLICY_PREFIX}*' weights in its state_dict")
+    return policy, int(step)
+
+
+def read_folder_weights(path: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors of a torch.distributed.checkpoint folder whose names start with `prefix`."""
+    from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = FileSystemReader(path)
+    try:
+        metadata = reader.read_metadata()
+    except FileNotFoundError:
+        raise DataError(f"{path}: a folder, but no torch.distributed.checkpoint in it") from None
+    state = {
+        key: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in metadata.state_dict_metadata.items()
+        if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
+    }
+    if state:
+        load(state, storage_reader=reader, no_dist=True)
+    return state

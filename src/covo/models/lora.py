@@ -6,7 +6,6 @@ the rollout replica and the export (adapters merged into the weights they adapt)
 
 from __future__ import annotations
 
-import copy
 import sys
 import warnings
 from collections.abc import Sequence
@@ -119,17 +118,30 @@ def merged_state(policy: nn.Module, state: dict[str, torch.Tensor]) -> dict[str,
     """`state`, the policy's whole state dict, as its base model's state dict with each adapted
     weight merged: W + scaling * B @ A (what peft's `merge_and_unload` computes), in W's dtype.
     Any other model's state is returned as it is."""
+    return dict(merged_entries(policy, state)) if is_lora(policy) else state
+
+
+def merged_entries(policy: nn.Module, state: dict[str, torch.Tensor], whole=lambda t: t):
+    """`merged_state` one entry at a time, each made only when it is reached: `whole(tensor)`
+    makes a (sharded) entry of `state` whole, so no more than one adapted weight, its adapters
+    and its merge are whole at once."""
     if not is_lora(policy):
-        return state
-    state, adapter, merged = dict(state), policy.active_adapter, {}
-    for layer, scaling in adapted_layers(policy).items():
-        a = state.pop(f"{layer}.lora_A.{adapter}.weight").float()
-        b = state.pop(f"{layer}.lora_B.{adapter}.weight").float()
-        weight = state.pop(f"{layer}.base_layer.weight")
-        merged[f"{layer}.weight"] = (weight.float() + scaling * (b @ a)).to(weight.dtype)
+        yield from ((key, whole(value)) for key, value in state.items())
+        return
+    adapter, scalings = policy.active_adapter, adapted_layers(policy)
     for key, value in state.items():
-        merged[key.replace(".base_layer.", ".")] = value
-    return {key.removeprefix("base_model.model."): value for key, value in merged.items()}
+        if ".lora_A." in key or ".lora_B." in key:
+            continue
+        name = key.replace(".base_layer.", ".").removeprefix("base_model.model.")
+        layer = key.removesuffix(".base_layer.weight")
+        if layer not in scalings:
+            yield name, whole(value)
+            continue
+        a = whole(state[f"{layer}.lora_A.{adapter}.weight"]).float()
+        b = whole(state[f"{layer}.lora_B.{adapter}.weight"]).float()
+        weight = whole(value)
+        yield name, (weight.float() + scalings[layer] * (b @ a)).to(weight.dtype)
+        del a, b, weight
 
 
 def adapter_state(module: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -148,5 +160,9 @@ def reference_of(policy: nn.Module, dtype: torch.dtype | None = None):
     be None: the weights are the policy's own); otherwise a copy of the policy, in `dtype`."""
     if is_lora(policy):
         return AdaptersDisabled(policy)
-    reference = copy.deepcopy(policy).requires_grad_(False)
-    return reference.to(dtype=dtype)
+    from covo.models.loading import copy_weights, empty_copy  # loading builds LoRA models
+
+    # allocated in `dtype` and filled weight by weight: never a second fp32 copy on the host
+    reference = empty_copy(policy, dtype, next(policy.parameters()).device)
+    copy_weights(reference, policy.state_dict().items())
+    return reference
