@@ -179,7 +179,9 @@ def test_generate_returns_the_same_sequences_and_the_true_keys_and_values(tmp_pa
     eos = set(trainer.eos_token_ids)
     responses = [strip_eos(ids, eos) for ids in generated.completions]
     stats, caches = capture.take(prompt_ids, generated.completions, responses, keep_cache=True)
-    assert capture.take(prompt_ids, generated.completions, responses, True) is None  # handed once
+    again = capture.take(prompt_ids, generated.completions, responses, True)
+    assert again[1] is None  # the keys and values are handed once; the statistics stay
+    assert [row["entropy"].tolist() for row in again[0]] == [row["entropy"].tolist() for row in stats]
     model.eval()
     for ids, response, row, context in zip(prompt_ids, responses, stats, caches):
         [oracle] = [oracle_group(model, list(ids), [response], [""], trainer.temperature)]
