@@ -192,6 +192,7 @@ def full_parameters(trainer, model: torch.nn.Module):
     if not sharded:
         yield
         return
+    # each module's own reshard-after-forward setting, put back after (FSDP2 has no getter)
     resharding = [module._get_fsdp_state()._fsdp_param_group for module in sharded]
     resharding = [
         group is not None and group.post_forward_mesh_info is not None for group in resharding
