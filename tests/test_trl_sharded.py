@@ -24,7 +24,7 @@ def test_fsdp2_processes_with_different_forward_counts_score_as_the_whole_model(
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script)]
     try:
         done = subprocess.run(
-            [*command, str(tmp_path), name], env=env, capture_output=True, text=True, timeout=150
+            [*command, str(tmp_path), name], env=env, capture_output=True, text=True, timeout=300
         )
     except subprocess.TimeoutExpired:
         pytest.fail("the sharded reward hung (processes out of step on their forwards)")
