@@ -1,7 +1,8 @@
 """Peak memory of a TRL GRPO step with a covo reward against TRL with a trivial reward, same
 model and settings, side by side in one run.
 
-Variants (each in its own process, so each peak is its own; run one after the other):
+Variants (each in its own process, so each peak is its own; one after the other, or at once
+with --parallel):
 
   trl           TRL's GRPOTrainer with a trivial reward (the completion's length)
   covo_capture  the same with CovoReward (covo_last_number, guard off): statistics and each
@@ -11,6 +12,9 @@ Variants (each in its own process, so each peak is its own; run one after the ot
 
 Per variant: peak RSS of the process over model load and the steps (`ru_maxrss`), the RSS
 right before `train()`, their difference (the step's own growth), and its ratio to TRL's.
+
+The step: `--prompts` x `--generations` rows generated at once, trained in micro-batches of
+`--micro` rows (gradient accumulation), one optimizer step per generation, fp32, no KL.
 
 python scripts/bench_trl_memory.py --model smollm2_135m --prompts 8 --generations 8 --steps 1
 """
@@ -64,7 +68,8 @@ def run_variant(args) -> dict:
         output_dir=tempfile.mkdtemp(prefix="trl-mem-"),
         use_cpu=True,
         bf16=False,
-        per_device_train_batch_size=rows,
+        per_device_train_batch_size=args.micro,
+        gradient_accumulation_steps=rows // args.micro,
         num_generations=args.generations,
         max_completion_length=args.max_new_tokens,
         temperature=1.0,
@@ -120,6 +125,8 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--micro", type=int, default=8, help="rows per micro-batch")
+    parser.add_argument("--parallel", action="store_true", help="run the variants at once")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
@@ -128,15 +135,22 @@ def main() -> None:
         print(json.dumps(run_variant(args)))
         return
     results = []
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    running = []
     for variant in args.variants:
         command = [sys.executable, __file__, "--variant", variant, "--model", args.model]
         command += ["--prompts", str(args.prompts), "--generations", str(args.generations)]
         command += ["--max-new-tokens", str(args.max_new_tokens), "--steps", str(args.steps)]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
-        if done.returncode:
-            sys.exit(f"{variant} failed:\n{done.stderr[-3000:]}")
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        command += ["--micro", str(args.micro)]
+        pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        running.append((variant, subprocess.Popen(command, env=env, **pipes)))
+        if not args.parallel:  # each variant ends before the next starts
+            running[-1] = (variant, running[-1][1], running[-1][1].communicate())
+    for variant, process, *done in running:
+        out, err = done[0] if done else process.communicate()
+        if process.returncode:
+            sys.exit(f"{variant} failed ({process.returncode}):\n{err[-3000:]}")
+        results.append(json.loads(out.strip().splitlines()[-1]))
         print(json.dumps(results[-1]), flush=True)
     base = next((r for r in results if r["variant"] == "trl"), None)
     header = ["variant", "peak RSS GB", "RSS before train GB", "step growth GB"]
