@@ -374,6 +374,7 @@ def child_reward_paths(data: Path, steps: int) -> dict:
 
     from covo.infra.checks import instantiate
     from covo.integrations.trl import integration_config
+    from covo.integrations.trl.reward import device_token_budget
     from covo.models.loading import load_smollm2
     from covo.rollout.sampling import build_rollout, format_prompts
 
@@ -381,6 +382,7 @@ def child_reward_paths(data: Path, steps: int) -> dict:
     model, tok = loaded.model.eval(), loaded.tokenizer
     cfg = integration_config("covo_last_number")
     reward = instantiate(cfg.reward)
+    budget = cfg.stats_token_budget or device_token_budget(model)
     items = [json.loads(line) for line in data.read_text().splitlines()]
     torch.manual_seed(0)
     rows = []
@@ -390,9 +392,7 @@ def child_reward_paths(data: Path, steps: int) -> dict:
         rollout = build_rollout(model, tok, prompts, SAMPLES, NEW_TOKENS, 1.0, 1.0, keep_cache=True)
         judges = [
             functools.partial(judged_as_covo, reward, model, tok, rollout, step),
-            functools.partial(
-                judged_through_trl, reward, model, tok, rollout, cfg.stats_token_budget
-            ),
+            functools.partial(judged_through_trl, reward, model, tok, rollout, budget),
         ]
         if step % 2:  # alternate which goes first: the load of a shared machine drifts
             judges.reverse()

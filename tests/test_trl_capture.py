@@ -12,6 +12,7 @@ from test_trl_integration import N, adapted_tiny, oracle_group, trainer_with
 pytest.importorskip("trl")
 from covo.integrations.trl import CovoReward  # noqa: E402
 from covo.integrations.trl.reward import inference, strip_eos  # noqa: E402
+from covo.models import lora  # noqa: E402
 from covo.models.loading import build_tiny  # noqa: E402
 from covo.rewards.covo.reward import encode  # noqa: E402
 from covo.rollout.groups import STAT_FIELDS  # noqa: E402
@@ -34,8 +35,9 @@ def boxed_bias(tokenizer) -> dict:
 class BothPaths:
     """Stands in TRL's reward list for `reward`: each call judges the rows with the capture,
     then with the capture off (the batched forward), and computes the float64 oracle of
-    `oracle_group`, all at the same weights; TRL gets the capture's rewards. `alter` changes
-    one captured completion id first."""
+    `oracle_group`, all at the same weights; TRL gets the capture's rewards. Each path also
+    records the (rows, columns) of every input the policy's body was fed (a forward hook).
+    `alter` changes one captured completion id first."""
 
     def __init__(self, reward: CovoReward, alter: bool = False):
         self.reward, self.alter, self.calls = reward, alter, []
@@ -46,14 +48,21 @@ class BothPaths:
         judge, capture = self.reward.reward, self.reward.capture
         if self.alter:
             capture.generated.completions[0][0] += 1
+        trainer = self.reward.trainer
+        body = lora.base_of(trainer.accelerator.unwrap_model(trainer.model)).base_model
         for path in ("capture", "fallback"):
-            logged, seen = {}, []
+            logged, seen, fed = {}, [], []
             self.reward.reward = lambda group, scorer, seen=seen: (
                 seen.append(group) or judge(group, scorer)
             )
             self.reward.capture = capture if path == "capture" else None
+            hook = body.register_forward_pre_hook(
+                lambda module, args, kw, fed=fed: fed.append(tuple(kw["input_ids"].shape)),
+                with_kwargs=True,
+            )
             rewards = self.reward(log_metric=logged.__setitem__, **kwargs)
-            runs[path] = (rewards, logged, seen)
+            hook.remove()
+            runs[path] = (rewards, logged, seen, fed)
         self.reward.reward, self.reward.capture = judge, capture
         runs["oracle"] = self.oracle(runs["capture"][2], kwargs["completion_ids"])
         self.calls.append(runs)
@@ -103,10 +112,15 @@ def test_statistics_from_generate_equal_the_batched_forward(name, temperature, t
     and per-token statistics equal the batched forward's (1e-5) and the test's own float64
     forward over prompt + completion; covo_paper's scorer read the kept keys and values."""
     [call] = step_through_trl(name, tmp_path, temperature)
-    (got, logged, groups), (expected, fallback_logged, fallback_groups) = (
+    (got, logged, groups, fed), (expected, fallback_logged, fallback_groups, fallback_fed) = (
         call["capture"],
         call["fallback"],
     )
+    # no batched statistics pass ran on the capture's path: the body was fed nothing (CoVo's
+    # scorer: one packed row at a time); the fallback fed a group's completions together
+    assert max((rows for rows, _ in fed), default=0) <= 1
+    assert bool(fed) == (name == "covo_paper")
+    assert max(rows for rows, _ in fallback_fed) == N
     assert logged["perf/stats_from_generate"] == 1.0
     assert fallback_logged["perf/stats_from_generate"] == 0.0
     assert got == pytest.approx(expected, abs=1e-5)
@@ -123,8 +137,12 @@ def test_statistics_from_generate_equal_the_batched_forward(name, temperature, t
 
 def test_a_capture_of_other_ids_falls_back(tmp_path):
     [call] = step_through_trl("self_certainty", tmp_path, 1.0, alter=True)
-    (got, logged, groups), (expected, _, fallback_groups) = call["capture"], call["fallback"]
+    (got, logged, groups, fed), (expected, _, fallback_groups, _) = (
+        call["capture"],
+        call["fallback"],
+    )
     assert logged["perf/stats_from_generate"] == 0.0
+    assert max(rows for rows, _ in fed) == N  # the batched pass ran
     assert got == expected
     assert_same_groups(groups, fallback_groups)
     assert_same_groups(groups, call["oracle"])
@@ -136,8 +154,12 @@ def test_under_peft_the_capture_runs_unless_dropout_is_on(dropout, tmp_path):
     dropout on, TRL samples with units dropped, so the batched forward (eval mode) is used."""
     adapted = adapted_tiny(dropout)
     [call] = step_through_trl("self_certainty", tmp_path, 0.7, adapted)
-    (got, logged, groups), (expected, _, fallback_groups) = call["capture"], call["fallback"]
+    (got, logged, groups, fed), (expected, _, fallback_groups, _) = (
+        call["capture"],
+        call["fallback"],
+    )
     assert logged["perf/stats_from_generate"] == float(dropout == 0.0)
+    assert (fed == []) == (dropout == 0.0)  # with dropout on, the batched pass ran
     assert got == pytest.approx(expected, abs=1e-5)
     assert_same_groups(groups, fallback_groups)
     assert_same_groups(groups, call["oracle"])
@@ -179,7 +201,11 @@ def test_generate_returns_the_same_sequences_and_the_true_keys_and_values(tmp_pa
     eos = set(trainer.eos_token_ids)
     responses = [strip_eos(ids, eos) for ids in generated.completions]
     stats, caches = capture.take(prompt_ids, generated.completions, responses, keep_cache=True)
-    assert capture.take(prompt_ids, generated.completions, responses, True) is None  # handed once
+    again = capture.take(prompt_ids, generated.completions, responses, True)
+    assert again[1] is None  # the keys and values are handed once; the statistics stay
+    assert [row["entropy"].tolist() for row in again[0]] == [
+        row["entropy"].tolist() for row in stats
+    ]
     model.eval()
     for ids, response, row, context in zip(prompt_ids, responses, stats, caches):
         [oracle] = [oracle_group(model, list(ids), [response], [""], trainer.temperature)]

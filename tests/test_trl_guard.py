@@ -14,6 +14,7 @@ from conftest import grpo_config
 
 pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402  (installed with trl)
+from omegaconf import OmegaConf  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from transformers import TrainerCallback, TrainerControl, TrainerState  # noqa: E402
 
@@ -84,6 +85,9 @@ def test_a_huge_learning_rate_raises_the_alarm_keeps_earlier_weights_and_stops(t
     start = sum(e["collapse/token_entropy"] for e in logged[:3]) / 3
     verdicts = [saturated(e, start if i >= 2 else None) for i, e in enumerate(logged)]
     assert all(s for s, _ in verdicts[-3:])
+    # and the alarm came at the first window of 3 saturated steps, not later
+    first = next(i for i in range(2, len(verdicts)) if all(s for s, _ in verdicts[i - 2 : i + 1]))
+    assert alarm == logged[first]["step"]
     for signal in verdicts[-1][1]:
         assert signal in line
     # the weights kept are those after an earlier step, before the window, not the last ones
@@ -112,7 +116,9 @@ def test_writes_once_per_window_hold_only_the_adapters_under_peft(tmp_path, monk
     model = build_tiny(lora=LORA).model
     guard = CollapseGuardCallback({"zero_var_frac": {"above": 0.5}}, min_rules=1, window_rollouts=2)
     writes, save = [], model.save_pretrained
-    monkeypatch.setattr(model, "save_pretrained", lambda path: (writes.append(step), save(path)))
+    monkeypatch.setattr(
+        model, "save_pretrained", lambda path, **kw: (writes.append(step), save(path, **kw))
+    )
     for step in range(1, 8):
         with torch.no_grad():  # each step's adapters tell the steps apart
             for name, p in model.named_parameters():
@@ -165,7 +171,7 @@ def test_the_guard_is_bound_with_the_reward_or_left_out(tmp_path):
             "+callbacks.collapse_guard.rules.loss={above: 1}",
             r"^callbacks.collapse_guard.rules.loss: unknown",
         ),
-        ("stats_token_budget=0", r"^stats_token_budget=0: expected an integer >= 1$"),
+        ("stats_token_budget=0", r"^stats_token_budget=0: expected an integer >= 1, or null"),
         ("stats_token_budgt=5", r"^Could not override 'stats_token_budgt'"),
     ],
 )
@@ -173,3 +179,69 @@ def test_bad_settings_are_one_line_naming_the_key(override, message):
     with pytest.raises((ValueError, SettingError)) as err:
         CovoReward("covo", [override])
     assert re.match(message, str(err.value)) and "\n" not in str(err.value)
+
+
+def zero_var_guard() -> CollapseGuardCallback:
+    """A guard on `reward/zero_var_frac` above 0.5 alone, a window of 2, built as
+    `CovoReward` builds it (from a `callbacks.collapse_guard` node)."""
+    node = dict(stop_on_alarm=False, min_rules=1, window_rollouts=2, baseline_rollouts=1)
+    node |= {"save_pre_collapse": True, "rules": {"zero_var_frac": {"above": 0.5}}}
+    return CollapseGuardCallback.from_config(OmegaConf.create(node))
+
+
+@pytest.mark.parametrize("restore", ["by_the_guard", "by_transformers"])
+def test_a_resumed_run_goes_on_from_the_checkpoints_guard(restore, tmp_path):
+    """Steps 1-3 unsaturated, 4 on saturated, window 2: one uninterrupted guard alarms at
+    step 5 (steps 4 and 5), its weights kept after steps 1 and 3. Interrupted after step 4,
+    the checkpoint's trainer state (JSON) brings back the baseline, window and kept step: the
+    resumed guard alarms at step 5 too, not at 6, and names the weights of step 3."""
+    model = build_tiny().model
+    guard = zero_var_guard()
+    for step in range(1, 5):
+        observe(guard, model, tmp_path, step, 1.0 if step >= 4 else 0.0)
+    assert guard.watch.alarm_step is None
+    TrainerState(stateful_callbacks=[guard]).save_to_json(str(tmp_path / "trainer_state.json"))
+    state = TrainerState.load_from_json(str(tmp_path / "trainer_state.json"))
+    if restore == "by_the_guard":  # restore_callback_states_from_checkpoint off (the default)
+        resumed = zero_var_guard()
+        resumed.on_train_begin(None, state, TrainerControl())
+    else:  # on: transformers rebuilds the callback from the stored args and attributes
+        resumed = CollapseGuardCallback.from_state(
+            state.stateful_callbacks["CollapseGuardCallback"]
+        )
+    observe(resumed, model, tmp_path, 5, 1.0)
+    assert resumed.watch.alarm_step == 5 and resumed.watch.healthy_step == 3
+
+
+def test_an_alarm_never_deletes_an_earlier_pre_collapse_folder(tmp_path, caplog):
+    model = build_tiny().model
+    earlier = tmp_path / "pre_collapse"
+    earlier.mkdir()
+    (earlier / "model.safetensors").write_text("an earlier alarm's weights")
+    guard = zero_var_guard()
+    with caplog.at_level(logging.WARNING, logger="covo.integrations.trl.guard"):
+        for step in range(1, 6):
+            observe(guard, model, tmp_path, step, 1.0 if step >= 4 else 0.0)
+    assert (earlier / "model.safetensors").read_text() == "an earlier alarm's weights"
+    kept = load_file(tmp_path / "pre_collapse-5" / "model.safetensors")
+    weights = model.state_dict()
+    assert kept and all(torch.equal(value, weights[name]) for name, value in kept.items())
+    (line,) = [r.getMessage() for r in caplog.records if "collapse alarm" in r.getMessage()]
+    assert f"{tmp_path / 'pre_collapse-5'} (step 3)" in line
+
+
+def test_each_guard_reads_its_own_rewards_metrics(tmp_path):
+    """Two covo rewards on one trainer log under their names; each guard reads its own."""
+    guards = {"covo": zero_var_guard(), "majority": zero_var_guard()}
+    for name, guard in guards.items():
+        guard.prefix = f"{name}/"
+    logs = {"covo/reward/mean": 0.5, "covo/reward/zero_var_frac": 1.0}
+    logs |= {"majority/reward/mean": 0.4, "majority/reward/zero_var_frac": 0.25}
+    args, model = SimpleNamespace(output_dir=str(tmp_path)), build_tiny().model
+    for guard in guards.values():
+        guard.on_log(args, TrainerState(global_step=1), TrainerControl(), logs=logs, model=model)
+    assert logs["covo/collapse/zero_var_frac"] == 1.0
+    assert logs["majority/collapse/zero_var_frac"] == 0.25
+    assert "collapse/zero_var_frac" not in logs
+    assert (tmp_path / "last_healthy-majority").is_dir()  # unsaturated: its weights kept
+    assert not (tmp_path / "last_healthy-covo").exists()

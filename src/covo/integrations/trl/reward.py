@@ -8,16 +8,26 @@ scorer reuses) come from TRL's own generate call when it provably produced these
 (`covo.integrations.trl.capture`), else from batched no-grad forwards over the call's
 completions, each group's prompt once (`covo.rollout.groups`, at most `stats_token_budget`
 tokens a forward); those forwards and CoVo's scorer run on the trainer's model (unwrapped from
-DDP; under peft the adapted model), in eval mode, each module's mode restored after. Labels
-(`label_column`) reach only rewards that set `needs_labels`; the diagnostics read them too, as
-in covo's own trainer. Each reward's components and diagnostics, and the completions' token
-entropy and self-certainty, are logged through TRL's `log_metric` under covo's names.
+DDP; under peft the adapted model), in eval mode, each module's mode restored after. Groups
+are built, scored and freed one at a time, so the keys and values alive are those of one
+group. Labels (`label_column`) reach only rewards that set `needs_labels`; the diagnostics
+read them too, as in covo's own trainer. Each reward's components and diagnostics, and the
+completions' token entropy and self-certainty, are logged through TRL's `log_metric` under
+covo's names (each prefixed with `<reward name>/` when two covo rewards share a trainer).
+
+Under sharded parameters (FSDP2, DeepSpeed ZeRO-3) each process scores its own groups, with
+its own number of forwards, so the reward runs on the full parameters gathered once per call
+(`full_parameters`), as TRL gathers them for generation; FSDP1 and tensor parallelism are
+refused at bind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import logging
 import time
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,24 +39,39 @@ from hydra.initialize import get_gh_backup, restore_gh_from_backup
 from omegaconf import DictConfig, OmegaConf
 
 from covo.answers import AnswerEquivalence
-from covo.infra.checks import INT_GE1, apply_rules, instantiate
+from covo.infra.checks import apply_rules, at_least, choice, instantiate, optional
 from covo.infra.configs import conf_dir
 from covo.infra.errors import SettingError, installed
-from covo.integrations.trl.capture import GenerationCapture
+from covo.integrations.trl.capture import (
+    CACHE_MODES,
+    CaptureLifetime,
+    GenerationCapture,
+    moved,
+)
 from covo.integrations.trl.guard import CollapseGuardCallback
 from covo.metrics.step import group_token_metrics, reward_metrics
 from covo.models import lora
 from covo.models.lora import MissingExtraError
 from covo.rewards.base import Group, GroupReward, label_for
 from covo.rewards.covo.scorer import SCORING_DTYPE_RULE, SCORING_DTYPES, PrefixSharedScorer
-from covo.rollout.groups import group_from_ids, group_of
+from covo.rollout.context_cache import plain_layers
+from covo.rollout.groups import TOKEN_BUDGET, group_from_ids, group_of
 from covo.rollout.views import declared_views, view_prompts
+
+log = logging.getLogger(__name__)
 
 CONF_DIR = conf_dir()
 MISSING = (
     "covo.integrations.trl needs TRL: pip install -e '.[trl]' (or `bash scripts/setup.sh trl`)"
 )
 GROUP_KEYS = "per_device_train_batch_size, steps_per_generation and num_generations"
+BUDGET_RULE = (
+    "stats_token_budget",
+    optional(at_least(1, integer_only=True)),
+    "an integer >= 1, or null (from the device's free memory)",
+)
+CACHE_RULE = ("capture_cache", *choice(*CACHE_MODES))
+BUDGET_SHARE = 0.05  # of the device's free memory, for one statistics forward
 
 
 @contextlib.contextmanager
@@ -81,7 +106,7 @@ def integration_config(reward: str, overrides: Sequence[str] = ()) -> DictConfig
         own = [o.removeprefix("reward.") for o in overrides if o.startswith("reward.")]
         with own_hydra(path.parent):
             cfg.reward = compose(path.stem, own)
-    apply_rules(cfg, [SCORING_DTYPE_RULE, ("stats_token_budget", *INT_GE1)])
+    apply_rules(cfg, [SCORING_DTYPE_RULE, BUDGET_RULE, CACHE_RULE])
     return cfg
 
 
@@ -115,16 +140,131 @@ def group_starts(prompts: list, num_generations: int) -> range:
     return starts
 
 
-def check_strategy(accelerator) -> None:
-    """Sharded parameters make every forward a collective: each process scores its own
-    groups (different token counts), so FSDP and ZeRO-3 would hang; refused up front."""
-    kind = str(accelerator.distributed_type)
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if "FSDP" in kind or (plugin is not None and plugin.zero_stage == 3):
+def check_whole_eval_groups(per_device_eval_batch_size: int, num_generations_eval: int) -> None:
+    """An evaluation batch of a process holds whole groups only when its rows are a multiple
+    of the evaluation group size (else a group is split across processes or batches)."""
+    if per_device_eval_batch_size % num_generations_eval:
         raise ValueError(
-            f"covo rewards run the policy on each process's own groups: {kind} shards its"
-            " parameters (FSDP, DeepSpeed ZeRO-3), which is not supported"
+            f"covo rewards need whole groups in evaluation too: per_device_eval_batch_size"
+            f" ({per_device_eval_batch_size}) is not a multiple of num_generations_eval"
+            f" ({num_generations_eval})"
         )
+
+
+def fsdp2_modules(model: torch.nn.Module) -> list:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [module for module in model.modules() if isinstance(module, FSDPModule)]
+
+
+def check_strategy(trainer, model: torch.nn.Module) -> None:
+    """Refuses what `full_parameters` cannot run on: FSDP1 (its forwards need its own
+    wrapper's hooks) and tensor parallelism (each forward is a collective over shards of every
+    layer, and processes score different groups)."""
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if plugin is not None and getattr(plugin, "fsdp_version", 1) == 1 and not fsdp2_modules(model):
+        raise ValueError(
+            "covo rewards under FSDP need FSDP2 (fsdp_version: 2 in the accelerate config):"
+            " FSDP1 is not supported"
+        )
+    if (getattr(model, "tp_size", None) or 1) > 1:
+        raise ValueError(
+            f"covo rewards score each process's own groups: tensor parallelism (tp_size"
+            f" {model.tp_size}) is not supported; shard with FSDP2 or ZeRO-3 instead"
+        )
+
+
+@contextlib.contextmanager
+def full_parameters(trainer, model: torch.nn.Module):
+    """The block runs on the policy's full parameters on every process, gathered once: under
+    FSDP2 each sharded module is unsharded and kept so through the block's forwards (none of
+    them is a collective then, whatever their number on each process), resharded after; under
+    DeepSpeed ZeRO-3 TRL's own gathering for generation (`unwrap_model_for_generation`).
+    Costs the full parameters' memory on each process for the reward's time, as generation
+    does. A no-op without sharding."""
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and plugin.zero_stage == 3:
+        from trl.models.utils import unwrap_model_for_generation
+
+        with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator):
+            yield
+        return
+    sharded = fsdp2_modules(model)
+    if not sharded:
+        yield
+        return
+    # each module's own reshard-after-forward setting, put back after (FSDP2 has no getter)
+    resharding = [module._get_fsdp_state()._fsdp_param_group for module in sharded]
+    resharding = [
+        group is not None and group.post_forward_mesh_info is not None for group in resharding
+    ]
+    for module in sharded:
+        module.unshard()
+        module.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for module, reshard in zip(sharded, resharding):
+            module.reshard()
+            module.set_reshard_after_forward(reshard, recurse=False)
+
+
+def device_token_budget(model: torch.nn.Module) -> int:
+    """`stats_token_budget: null`: the tokens of one statistics forward whose keys and values
+    and activations (about 2 x layers x kv_heads x head_dim + 16 x hidden values a token) fill
+    `BUDGET_SHARE` of the device's free memory, between 1024 and 65536; `TOKEN_BUDGET` off
+    CUDA."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return TOKEN_BUDGET
+    free, _ = torch.cuda.mem_get_info(device)
+    return token_budget_for(model.config, next(model.parameters()).element_size(), free)
+
+
+def token_budget_for(config, element_size: int, free_bytes: int) -> int:
+    """`device_token_budget` of a model of `config` whose values take `element_size` bytes,
+    with `free_bytes` free."""
+    config = getattr(config, "text_config", None) or config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    values = 2 * config.num_hidden_layers * kv_heads * head_dim + 16 * config.hidden_size
+    return min(65536, max(1024, int(BUDGET_SHARE * free_bytes) // (values * element_size)))
+
+
+def check_logits(model: torch.nn.Module) -> None:
+    """covo's statistics read the output head's logits / T; a model that changes them after
+    the head (Gemma 2/3's final softcapping, Cohere's logit_scale) is refused."""
+    config = getattr(model, "config", None)
+    for node in (config, getattr(config, "text_config", None)):
+        if node is None:
+            continue
+        if getattr(node, "final_logit_softcapping", None) is not None:
+            raise ValueError(
+                f"covo rewards read the output head's raw logits: final_logit_softcapping"
+                f" ({node.final_logit_softcapping}) changes them after the head; not supported"
+            )
+        if getattr(node, "logit_scale", None) not in (None, 1, 1.0):
+            raise ValueError(
+                f"covo rewards read the output head's raw logits: logit_scale"
+                f" ({node.logit_scale}) changes them after the head; not supported"
+            )
+
+
+def has_dropout(model: torch.nn.Module) -> bool:
+    """Whether `model` drops units while it trains (a dropout module with p > 0, LoRA's too,
+    or its config's attention dropout)."""
+    attention = getattr(getattr(model, "config", None), "attention_dropout", 0.0) or 0.0
+    return attention > 0 or any(
+        isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()
+    )
+
+
+def plain_cache(model: torch.nn.Module) -> bool:
+    """Whether the model's decoding cache keeps every key and value (no sliding window)."""
+    from transformers import DynamicCache
+
+    return plain_layers(DynamicCache(config=model.config)) is not None
 
 
 @contextlib.contextmanager
@@ -165,13 +305,33 @@ def put_through(prompt, template: str):
     return messages
 
 
+class RecordedRollout:
+    """A custom `rollout_func` of TRL, recording the prompt ids it generated from, which a
+    reward call scores the completions behind (TRL's re-tokenisation of the prompts may differ:
+    another template, system prompt or truncation)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.prompt_ids: list | None = None
+
+    def __call__(self, prompts, trainer):
+        out = self.inner(prompts, trainer)
+        self.prompt_ids = [list(ids) for ids in out["prompt_ids"]]
+        return out
+
+    def take(self, rows: int) -> list | None:
+        """The recorded prompt ids, once, when they are `rows` rows (this call's)."""
+        ids, self.prompt_ids = self.prompt_ids, None
+        return ids if ids is not None and len(ids) == rows else None
+
+
 class CovoReward:
     """A covo reward (`reward`: conf/reward name or YAML path; `overrides` as in
     `integration_config`) as a TRL reward function. Call `bind(trainer)` once the
     GRPOTrainer exists (or build it with `grpo_trainer`). A plain callable, not an
     `nn.Module`: TRL would take a module for a sequence-classification reward model.
     `guard`: the collapse guard `bind` adds to the trainer (None with
-    `callbacks.collapse_guard=null`)."""
+    `callbacks.collapse_guard=null`). The trainer is held by a weak reference."""
 
     def __init__(self, reward: str, overrides: Sequence[str] = ()) -> None:
         if not installed("trl"):
@@ -182,33 +342,91 @@ class CovoReward:
         self.label_column = cfg.label_column
         self.scoring_dtype = SCORING_DTYPES[cfg.scoring_dtype]
         self.token_budget = cfg.stats_token_budget
+        self.capture_cache = cfg.capture_cache
         guard = OmegaConf.select(cfg, "callbacks.collapse_guard")
         self.guard = CollapseGuardCallback.from_config(guard) if guard else None
         self.needs_labels = getattr(self.reward, "needs_labels", False)
         self.uses_scorer = getattr(self.reward, "uses_scorer", False)
         self.equivalence = getattr(self.reward, "equivalence", None) or AnswerEquivalence()
         self.__name__ = Path(reward).stem  # TRL's name for it: rewards/<name>/mean
-        self.trainer = None
+        self.trainer_ref = None
         self.capture: GenerationCapture | None = None
+        self.prefix = ""  # `<name>/` when another covo reward shares the trainer
+
+    @property
+    def trainer(self):
+        return None if self.trainer_ref is None else self.trainer_ref()
 
     def bind(self, trainer) -> CovoReward:
-        """Score with `trainer`'s live policy; refuses a setup that can split a group. Puts
-        the guard first among the trainer's callbacks, so the ones that report a log (printer,
-        TensorBoard, W&B) see its values, and a `GenerationCapture` in place of the policy's
-        `generate` (once per model, however often bound)."""
+        """Score with `trainer`'s live policy; refuses a setup that can split a group (in
+        training or evaluation), a sharding it cannot run under and logits it cannot read;
+        says once what makes a step fall back to the batched forward. Puts the guard first
+        among the trainer's callbacks, so the ones that report a log (printer, TensorBoard,
+        W&B) see its values, and a `GenerationCapture` in place of the policy's `generate`
+        (once per model, however often bound)."""
         if not any(func is self for func in trainer.reward_funcs):
             raise ValueError("bind: this CovoReward is not among the trainer's reward_funcs")
         args = trainer.args
         check_whole_groups(
             args.per_device_train_batch_size, args.steps_per_generation, trainer.num_generations
         )
-        check_strategy(trainer.accelerator)
-        self.trainer = trainer
-        self.capture = GenerationCapture.install(trainer, keep_cache=self.uses_scorer)
+        evaluates = str(args.eval_strategy) not in ("no", "IntervalStrategy.NO")
+        if evaluates or getattr(trainer, "eval_dataset", None) is not None:
+            n_eval = getattr(trainer, "num_generations_eval", None) or trainer.num_generations
+            check_whole_eval_groups(args.per_device_eval_batch_size, n_eval)
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        check_strategy(trainer, model)
+        check_logits(model)
+        ours = [f for f in trainer.reward_funcs if isinstance(f, CovoReward)]
+        names = [f.__name__ for f in ours]
+        if len(set(names)) < len(names):
+            raise ValueError(
+                f"two covo rewards named '{self.__name__}' on one trainer: their metrics would"
+                " mix; give one a YAML file of another name"
+            )
+        for other in ours:
+            other.prefix = f"{other.__name__}/" if len(ours) > 1 else ""
+            if other.guard is not None:
+                other.guard.prefix = other.prefix
+        self.trainer_ref = weakref.ref(trainer)
+        cache = self.capture_cache if self.uses_scorer else "none"
+        self.capture = GenerationCapture.install(trainer, cache)
+        self.warn_fallbacks(trainer, model, ours)
+        rollout = getattr(trainer, "rollout_func", None)
+        if rollout is not None and not isinstance(rollout, RecordedRollout):
+            trainer.rollout_func = RecordedRollout(rollout)
         callbacks = trainer.callback_handler.callbacks
+        if not any(isinstance(c, CaptureLifetime) and c.capture is self.capture for c in callbacks):
+            callbacks.append(CaptureLifetime(self.capture))
         if self.guard is not None and self.guard not in callbacks:
             callbacks.insert(0, self.guard)
         return self
+
+    def warn_fallbacks(self, trainer, model, ours: list[CovoReward]) -> None:
+        """One warning per setting that makes steps costlier than the capture: dropout
+        (TRL samples with units dropped, so every step runs the batched forward), a cache
+        that is not plain full attention, and a second scorer reward (the kept keys and values
+        go to one of them; the other feeds the completions again)."""
+        name = self.__name__
+        if has_dropout(model):
+            log.warning(
+                f"{name}: the policy has dropout (LoRA dropout too): each step's statistics"
+                " come from a second, batched forward; set disable_dropout=True in GRPOConfig"
+                " (or lora_dropout=0) to read them from generate"
+            )
+        if self.uses_scorer and self.capture_cache != "none" and not plain_cache(model):
+            log.warning(
+                f"{name}: the policy's cache is not plain full attention (a sliding window):"
+                " CoVo's scorer feeds every trajectory again; the statistics still come from"
+                " generate"
+            )
+        scorers = [f for f in ours if f.uses_scorer]
+        if self.uses_scorer and len(scorers) > 1 and scorers[-1] is self:
+            log.warning(
+                f"{name}: {len(scorers)} covo rewards use the scorer: generate's keys and values"
+                " go to the first called, the others feed the trajectories again; keep one"
+                " scorer reward per trainer to avoid it"
+            )
 
     def __call__(
         self, prompts: list, completions: list, completion_ids: list, log_metric=None, **columns
@@ -221,21 +439,44 @@ class CovoReward:
         model = trainer.accelerator.unwrap_model(trainer.model)
         starts = group_starts(prompts, n)
         labels = self.labels(columns, starts)
+        # the prompt ids the completions were sampled from: a custom rollout_func's own, else
         # the prompts exactly as TRL tokenised them (chat template, tools, its kwargs)
-        prompt_ids = trainer._tokenize_prompts(prompts)[0]
-        with inference(model):
+        rollout = getattr(trainer, "rollout_func", None)
+        prompt_ids = rollout.take(len(prompts)) if isinstance(rollout, RecordedRollout) else None
+        if prompt_ids is None:
+            prompt_ids = trainer._tokenize_prompts(prompts)[0]
+        eos = set(trainer.eos_token_ids)
+        responses = [strip_eos(ids, eos) for ids in completion_ids]
+        captured = self.capture and self.capture.take(
+            prompt_ids, completion_ids, responses, self.uses_scorer
+        )
+        groups, results, statistics_s = [], [], 0.0
+        with full_parameters(trainer, model), inference(model):
             policy = lora.base_of(model)  # under peft: the causal LM with its adapters on
-            groups, captured = self.groups(
-                trainer, policy, prompt_ids, completion_ids, starts, labels
-            )
-            for group, s in zip(groups, starts):
-                group.views = self.sample_views(trainer, policy, prompts[s], n)
-            own = {"time/statistics_s": time.perf_counter() - start}
-            own["perf/stats_from_generate"] = float(captured)
+            budget = self.token_budget or device_token_budget(policy)
             scorer = PrefixSharedScorer(policy, self.tokenizer(trainer), self.scoring_dtype)
-            results = [self.reward(group, scorer) for group in groups]
+            for index, (s, label) in enumerate(zip(starts, labels)):
+                built = time.perf_counter()
+                rows = range(s, s + n)
+                response = [responses[r] for r in rows]
+                group = self.group(
+                    trainer, policy, prompt_ids[s], response, label, captured, rows, index, budget
+                )
+                group.views = self.sample_views(trainer, policy, prompts[s], n, budget)
+                statistics_s += time.perf_counter() - built
+                if captured and captured[1] is not None:
+                    captured[1][s : s + n] = [None] * n  # the group holds its rows' now
+                results.append(self.reward(group, scorer))
+                group.context_caches = None  # this group's keys and values go before the next's
+                for view in group.views.values():
+                    view.context_caches = None
+                groups.append(group)
         rewards = [float(r) for res in results for r in res.rewards]
         if log_metric is not None:
+            own = {
+                "time/statistics_s": statistics_s,
+                "perf/stats_from_generate": float(bool(captured)),
+            }
             own["time/reward_s"] = time.perf_counter() - start
             self.log(log_metric, groups, results, rewards, labels, own, scorer)
         return rewards
@@ -256,67 +497,56 @@ class CovoReward:
             return [None] * len(starts)
         return [None if values[s] is None else str(values[s]) for s in starts]
 
-    def groups(
-        self, trainer, policy, prompt_ids, completion_ids, starts, labels
-    ) -> tuple[list[Group], bool]:
-        """One group per start, and whether its statistics (and kept keys and values) came
-        from TRL's generate call rather than the batched forwards."""
-        tokenizer, eos, n = self.tokenizer(trainer), set(trainer.eos_token_ids), starts.step
-        responses = [strip_eos(ids, eos) for ids in completion_ids]
-        captured = self.capture and self.capture.take(
-            prompt_ids, completion_ids, responses, self.uses_scorer
+    def group(
+        self, trainer, policy, prompt_ids, responses, label, captured, rows, index, budget
+    ) -> Group:
+        """The group of `responses` (rows `rows` of the call) to `prompt_ids`: its statistics
+        (and kept keys and values, moved to the policy's device) from TRL's generate call when
+        `captured` holds them, else from the batched forwards."""
+        tokenizer = self.tokenizer(trainer)
+        args = (
+            list(prompt_ids),
+            responses,
+            [tokenizer.decode(ids, skip_special_tokens=True) for ids in responses],
+            label_for(self.reward, label),
         )
-        groups = []
-        for index, (s, label) in enumerate(zip(starts, labels)):
-            rows = range(s, s + n)
-            args = (
-                list(prompt_ids[s]),
-                responses[s : s + n],
-                [tokenizer.decode(responses[r], skip_special_tokens=True) for r in rows],
-                label_for(self.reward, label),
-            )
-            where = dict(
-                step=trainer.state.global_step,
-                rank=trainer.accelerator.process_index,
-                index=index,
-            )
-            if captured:
-                stats, caches = captured
-                caches = [caches[r] for r in rows] if caches else None
-                groups.append(group_of(*args, [stats[r] for r in rows], caches, **where))
-                continue
-            groups.append(
-                group_from_ids(
-                    policy,
-                    *args,
-                    keep_cache=self.uses_scorer,
-                    temperature=trainer.temperature,
-                    token_budget=self.token_budget,
-                    **where,
-                )
-            )
-        return groups, bool(captured)
+        where = dict(
+            step=trainer.state.global_step, rank=trainer.accelerator.process_index, index=index
+        )
+        if captured:
+            stats, caches = captured
+            if caches is not None:
+                caches = [
+                    None if caches[r] is None else moved(caches[r], policy.device) for r in rows
+                ]
+            return group_of(*args, [stats[r] for r in rows], caches, **where)
+        return group_from_ids(
+            policy,
+            *args,
+            keep_cache=self.uses_scorer,
+            temperature=trainer.temperature,
+            token_budget=budget,
+            **where,
+        )
 
-    def sample_views(self, trainer, policy, prompt, n: int) -> dict[str, Group]:
+    def sample_views(self, trainer, policy, prompt, n: int, budget: int) -> dict[str, Group]:
         """The groups of the views the reward compares (self_harmony), which TRL's rollout does
         not sample: here, `n` responses from the live policy to `prompt` put through each view
-        (the last user message of a conversation), at TRL's temperature, top-p and completion
-        length, as covo's rollout samples them. One generate call per group and view."""
+        (the last user message of a conversation), with TRL's own generation settings
+        (`trainer.generation_config`: temperature, top-p, top-k, min-p, repetition penalty,
+        completion length and `generation_kwargs`). One generate call per group and view."""
         tokenizer, eos = self.tokenizer(trainer), set(trainer.eos_token_ids)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
+        config = copy.deepcopy(trainer.generation_config)  # a copy: not TRL's call to capture
+        config.num_return_sequences = n
+        config.return_dict_in_generate = False
         views = {}
         for name, template in self.views.items():
             [ids] = trainer._tokenize_prompts([put_through(prompt, template)])[0]
             sequence = torch.tensor([list(ids)], device=policy.device)
             out = policy.generate(
-                sequence,
+                input_ids=sequence,
                 attention_mask=torch.ones_like(sequence),
-                do_sample=True,
-                temperature=trainer.temperature,
-                top_p=trainer.top_p,
-                max_new_tokens=trainer.max_completion_length,
-                num_return_sequences=n,
-                pad_token_id=pad,
+                generation_config=config,
             )[:, sequence.shape[1] :]
             responses = [cut_at_eos(row, eos) for row in out.tolist()]
             views[name] = group_from_ids(
@@ -326,21 +556,22 @@ class CovoReward:
                 [tokenizer.decode(r, skip_special_tokens=True) for r in responses],
                 None,
                 temperature=trainer.temperature,
-                token_budget=self.token_budget,
+                token_budget=budget,
             )
         return views
 
     def log(self, log_metric, groups, results: list[GroupReward], rewards, labels, own, scorer):
-        """covo's step metrics of the call; `own`: `time/reward_s` (the whole call),
-        `time/statistics_s` (its part up to the groups' statistics) and
-        `perf/stats_from_generate` (1 when those came from TRL's generate call, else 0)."""
+        """covo's step metrics of the call, each prefixed with `prefix`; `own`:
+        `time/reward_s` (the whole call), `time/statistics_s` (its part building the groups'
+        statistics) and `perf/stats_from_generate` (1 when those came from TRL's generate
+        call, else 0)."""
         metrics = reward_metrics(results, torch.tensor(rewards), labels, self.equivalence)
         metrics |= group_token_metrics(groups) | own
         if scorer.tokens_processed:
             metrics["perf/scoring_tokens"] = float(scorer.tokens_processed)
             metrics["perf/scoring_reused_tokens"] = float(scorer.reused_tokens)
         for name, value in metrics.items():
-            log_metric(name, value)
+            log_metric(self.prefix + name, value)
 
 
 def grpo_trainer(reward: CovoReward, reward_funcs: Sequence = (), **kwargs):
