@@ -10,7 +10,7 @@ import torch
 from conftest import compose_config
 from omegaconf import OmegaConf
 
-from covo.infra.train import train
+from covo.launch.train import train
 
 GUARD_FILES = 2  # last_healthy.ckpt and pre_collapse.ckpt
 

@@ -16,7 +16,7 @@ from omegaconf import open_dict
 from covo.analysis.report import read_scalars
 from covo.eval.results import write_scalars
 from covo.infra.errors import DataError, SettingError
-from covo.infra.train import train
+from covo.launch.train import train
 from covo.metrics import loggers
 from covo.metrics.loggers import JsonlLogger
 

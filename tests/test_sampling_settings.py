@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from covo.infra.train import train
+from covo.launch.train import train
 from covo.models.loading import build_tiny
 from covo.rewards.covo.scorer import NaiveScorer, PrefixSharedScorer
 from covo.rollout import sampling
