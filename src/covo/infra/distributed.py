@@ -118,9 +118,10 @@ class InferenceView:
     scoring run rank-local, with no collective per step. A LoRA policy's replica is the plain
     model with the adapters merged into its weights.
 
-    The replica is allocated once, in `dtype`, and refreshed one weight at a time: beyond the
-    replica a refresh holds one weight whole (in `dtype`; under LoRA an adapted weight in the
-    master dtype and its merge), never the whole policy (docs/precision.md, "Memory").
+    The replica is allocated once, in `dtype`, and refreshed one weight at a time: beyond it a
+    refresh holds one weight whole (in `dtype`; under LoRA an adapted weight in the master dtype
+    and its merge), never the whole policy (docs/precision.md, "Memory of the replica and the
+    reference").
     """
 
     def __init__(self, dtype: torch.dtype | None = None) -> None:
