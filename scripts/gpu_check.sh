@@ -29,7 +29,7 @@
 set -euo pipefail
 
 # the rollout engine's warning when its static cache (+ compile) cannot run (covo.rollout.engine)
-fallback_line="rollout.engine: .* not available here"
+fallback_line="rollout.engine: .* failed here"
 if [[ "${1:-}" == "--fallback-in" ]]; then
     if grep -m1 -E "$fallback_line" "${2:?usage: scripts/gpu_check.sh --fallback-in LOG}"; then
         exit 1

@@ -149,22 +149,23 @@ def test_every_step_runs_under_timeout_with_a_kill():
     assert 'timeout -k 30 "$limit" bash -c "$cmd"' in SCRIPT.read_text()
 
 
-def test_the_fallback_check_finds_the_engines_own_warning(tmp_path, caplog):
+def test_the_fallback_check_finds_the_engines_own_warning(tmp_path, caplog, monkeypatch):
     """The line the rollout engine logs when its static cache + compile fails, as in a log."""
+    from torch._dynamo.exc import InternalTorchDynamoError
+    from transformers import StaticCache
+
     from covo.models.loading import build_tiny
     from covo.rollout.engine import HFGenerate
+    from covo.rollout.sampling import encode_prompts
 
-    class NoStaticCache:
-        config = build_tiny().model.config
+    def fails(*args, **kwargs):
+        raise InternalTorchDynamoError("no CUDA graphs here")
 
-        def generate(self, **kwargs):
-            if "cache" in kwargs:
-                raise RuntimeError("no CUDA graphs here")
-            return "dynamic"
-
-    engine = HFGenerate(cache="static", compile=True)
+    monkeypatch.setattr(StaticCache, "update", fails)
+    tiny = build_tiny()
+    encoded = encode_prompts(tiny.tokenizer, ["What is 12 + 7?"], "cpu")
     with caplog.at_level("WARNING", logger="covo.rollout.engine"):
-        assert engine._generate(NoStaticCache(), {"logits_processor": []}, longest=8) == "dynamic"
+        HFGenerate("static", compile=True)(tiny.model, tiny.tokenizer, encoded, 2, 4, 1.0, 1.0)
     (warning,) = [r for r in caplog.records if r.name == "covo.rollout.engine"]
     fell_back = tmp_path / "fell_back.log"
     fell_back.write_text(
@@ -173,5 +174,5 @@ def test_the_fallback_check_finds_the_engines_own_warning(tmp_path, caplog):
     clean = tmp_path / "clean.log"
     clean.write_text("step 1\nrollout/len_mean 12.0\ngpu memory: max allocated 1.00 GiB\n")
     found = run("--fallback-in", str(fell_back), tmp_path=tmp_path)
-    assert found.returncode == 1 and "not available here" in found.stdout
+    assert found.returncode == 1 and "InternalTorchDynamoError" in found.stdout
     assert run("--fallback-in", str(clean), tmp_path=tmp_path).returncode == 0
