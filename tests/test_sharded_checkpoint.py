@@ -3,8 +3,10 @@ Hugging Face export in one process."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,6 +75,32 @@ def test_a_save_killed_mid_write_leaves_the_previous_checkpoint_loadable(tmp_pat
     assert load_policy_checkpoint(fresh, str(path)) == 20
     assert_same_weights(fresh, second.state_dict())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_a_kill_between_the_two_renames_is_recovered_on_load(tmp_path, monkeypatch):
+    """The previous folder is set aside as `.last.ckpt.old` before the new one is renamed in:
+    a kill right then leaves no `last.ckpt`; loading it (eval, a resume) puts the old one back."""
+    strategy = fsdp(devices=1)
+    path = tmp_path / "last.ckpt"
+    first = build_tiny(seed=0).model
+    kept = {k: v.clone() for k, v in first.state_dict().items()}
+    strategy.save_checkpoint(trainer_checkpoint(first, step=10), path)
+    real_replace, calls = os.replace, []
+
+    def killed_after_the_first_rename(src, dst):
+        calls.append(Path(dst).name)
+        real_replace(src, dst)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", killed_after_the_first_rename)
+    with pytest.raises(KeyboardInterrupt):
+        strategy.save_checkpoint(trainer_checkpoint(build_tiny(seed=3).model, step=20), path)
+    monkeypatch.undo()
+    assert calls == [".last.ckpt.old"] and not path.exists()
+    fresh = build_tiny(seed=1).model
+    assert load_policy_checkpoint(fresh, str(path)) == 10
+    assert_same_weights(fresh, kept)
 
 
 @pytest.mark.slow

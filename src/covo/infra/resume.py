@@ -109,6 +109,15 @@ def replace_checkpoint(written: Path, path: Path) -> None:
     remove_path(old)
 
 
+def recover_checkpoint(path: Path) -> Path:
+    """`path` again when a kill struck between `replace_checkpoint`'s two renames (the previous
+    checkpoint set aside as `.<name>.old`, the new one not yet in place); returns `path`."""
+    old = path.with_name(f".{path.name}.old")
+    if not (path.exists() or path.is_symlink()) and old.exists():
+        os.replace(old, path)
+    return path
+
+
 def partial_path(path: Path) -> Path:
     """Where a checkpoint is written before it replaces `path` (one name for every rank)."""
     return path.with_name(f".{path.name}.partial")
@@ -118,7 +127,7 @@ def read_policy_state(path: Path) -> tuple[dict[str, torch.Tensor], int]:
     """The policy's weights (names without `policy.`) and the optimizer step of a Lightning
     checkpoint: a file, or the folder FSDP2 writes (torch.distributed.checkpoint shards and
     `meta.pt`), read whole in this one process without the optimizer state."""
-    if not path.exists():
+    if not recover_checkpoint(path).exists():
         raise DataError(f"checkpoint not found: {path}")
     if not path.is_dir():
         ckpt = torch.load(path, map_location="cpu", weights_only=True)

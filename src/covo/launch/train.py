@@ -24,7 +24,7 @@ from covo.infra.errors import (
     exit_on_user_error,
 )
 from covo.infra.hardware import auto_precision
-from covo.infra.resume import AtomicCheckpointIO, seed_rank
+from covo.infra.resume import AtomicCheckpointIO, recover_checkpoint, seed_rank
 from covo.launch.settings import PRECISION_COMPUTE, check_train
 from covo.metrics.loggers import logger_outputs, with_jsonl
 from covo.models.export import export_policy
@@ -139,6 +139,9 @@ def train(cfg: DictConfig) -> dict:
     module, datamodule, trainer = build(cfg)
     if trainer.global_rank == 0:
         write_config(cfg)
+    if cfg.ckpt_path and trainer.global_rank == 0:
+        recover_checkpoint(Path(cfg.ckpt_path))  # a save killed between its two renames
+    trainer.strategy.barrier("checkpoint_recovered")
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     outputs = {"output_dir": str(cfg.paths.output_dir)}
     outputs |= logger_outputs(trainer.loggers)
