@@ -81,3 +81,32 @@ def test_code_cites_pages_and_sections_that_exist():
 
 def test_readme_is_a_front_page():
     assert (ROOT / "README.md").stat().st_size <= 16_000
+
+
+def config_groups_table(page: Path) -> dict[str, str]:
+    """The rows of the page's "Config groups" table: group name -> the row's text."""
+    section = page.read_text().split("\n## Config groups\n", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] not in {"group", ""} and set(cells[0]) != {"-"}:
+            rows[cells[0].split(" (")[0]] = line
+    return rows
+
+
+def test_training_page_names_every_option_of_every_config_group():
+    rows = config_groups_table(ROOT / "docs" / "training.md")
+    conf = ROOT / "conf"
+    groups = {
+        path.parent.relative_to(conf).as_posix()
+        for path in conf.rglob("*.yaml")
+        if path.parent != conf
+    }
+    assert {"model", "reward", "callbacks", "hydra/launcher"} <= groups
+    missing = [
+        f"{group}/{option.stem}"
+        for group in sorted(groups)
+        for option in sorted((conf / group).glob("*.yaml"))
+        if group not in rows or f"`{option.stem}`" not in rows[group]
+    ]
+    assert not missing, f"docs/training.md, Config groups, lacks: {missing}"
