@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from covo.callbacks.progress import StepProgressBar
 from covo.infra.errors import SettingError
 from covo.infra.hardware import auto_precision
-from covo.infra.resume import AtomicCheckpointIO, seed_rank
+from covo.infra.resume import AtomicCheckpointIO, SeedPerRank
 from covo.infra.settings import PRECISION_COMPUTE, check_train
 from covo.models.export import export_policy
 
@@ -89,7 +89,8 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
     reward = check_train(cfg)  # the reward is built before the model: it needs none
     module = hydra.utils.instantiate(cfg.module, reward=reward)
     datamodule = hydra.utils.instantiate(cfg.data)
-    callbacks = instantiate_dict(cfg.callbacks)
+    # each rank samples with its own seed from the start of fitting
+    callbacks = [SeedPerRank(cfg.seed), *instantiate_dict(cfg.callbacks)]
     if cfg.trainer.enable_progress_bar:
         callbacks.append(StepProgressBar())
     plugins = [AtomicCheckpointIO()]
@@ -105,8 +106,6 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
         enable_checkpointing=bool(cfg.callbacks),
         plugins=plugins,
     )
-    # weights are built: from here on each rank samples with its own seed
-    seed_rank(cfg.seed, trainer.global_rank)
     return module, datamodule, trainer
 
 
