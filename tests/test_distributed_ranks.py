@@ -10,6 +10,7 @@ import random
 import socket
 import sys
 from datetime import timedelta
+from functools import partial
 from types import SimpleNamespace
 
 import lightning.pytorch as L
@@ -25,6 +26,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import OmegaConf
 from test_distributed_grads import batch, full_grads, grads_for
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.distributed.device_mesh import init_device_mesh
 
 from covo.algorithms.update import UpdatePlan
 from covo.algorithms.updater import Updater
@@ -104,6 +106,8 @@ def _worker(rank, port, tmp, strategy, results) -> None:
 
 
 RUNS: dict[str, dict] = {}
+# FSDP2 needs a second pair of processes: slow
+STRATEGIES = ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)]
 
 
 def two_processes(strategy: str, tmp_path_factory) -> dict:
@@ -117,7 +121,7 @@ def two_processes(strategy: str, tmp_path_factory) -> dict:
     return RUNS[strategy]
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_ranks_draw_their_own_reproducible_streams(strategy, tmp_path_factory):
     records = two_processes(strategy, tmp_path_factory)
     for rank in (0, 1):
@@ -131,7 +135,7 @@ def test_ranks_draw_their_own_reproducible_streams(strategy, tmp_path_factory):
     assert python0 != python1
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_validation_splits_the_problems_and_pools_them(strategy, tmp_path_factory, tmp_path):
     records = two_processes(strategy, tmp_path_factory)
     cfg = compose_config("train", RUN, tmp_path)
@@ -162,8 +166,7 @@ class RecordingOptimizer:
 
     def step(self) -> None:
         self.updater.clip_gradients()
-        grads = {name: p.grad.clone() for name, p in self.model.named_parameters()}
-        self.steps.append((grads, len(self.reduces)))
+        self.steps.append((full_grads(self.model), len(self.reduces)))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.model.zero_grad(set_to_none=set_to_none)
@@ -208,18 +211,27 @@ def _accumulation_worker(rank, init_file, results) -> None:
     ddp.register_comm_hook(None, counting)
     rows = torch.arange(rank * 4, rank * 4 + 4)
     record = {}
-    for name, local in [("each", contextlib.nullcontext), ("once", None)]:
-        local = local or (lambda: dist.local_gradients(ddp, model))
+    for name, local in [
+        ("each", contextlib.nullcontext),  # a reduction per backward, as before
+        ("once", partial(dist.local_gradients, ddp, model)),
+    ]:
         before = len(reduces)
         (grads, reduced), _ = accumulated_step(model, rows, ddp, reduces, local)
         record[name] = {"grads": grads, "reduces": reduced - before, "buckets": set(reduces)}
+    # FSDP2 holding unsharded gradients until the step's last micro-batch
+    sharded = build_tiny(seed=0).model.train()
+    dist.shard(sharded, init_device_mesh("cpu", (2,)))
+    local = partial(dist.local_gradients, None, sharded, sharded_too=True)
+    (grads, _), _ = accumulated_step(sharded, rows, local=local)
+    record["fsdp"] = {"grads": grads}
     results[rank] = record
     os._exit(0)  # see test_distributed_grads: freeing the gloo group can hang
 
 
 def test_gradients_are_reduced_once_per_optimizer_step(tmp_path):
     """Two micro-batches per rank, a step over 8 rows: the single-process gradient of the
-    whole batch (one forward), with one all-reduce per bucket instead of one per backward."""
+    whole batch (one forward), with one all-reduce per bucket instead of one per backward;
+    FSDP2 accumulating unsharded gradients gives it too."""
     torch.set_num_threads(1)
     model = build_tiny(seed=0).model.train()
     grads_for(model, torch.arange(8), micro=8, world=1, loss_agg="token_mean")
@@ -233,8 +245,9 @@ def test_gradients_are_reduced_once_per_optimizer_step(tmp_path):
         buckets = len(once["buckets"])
         assert each["reduces"] == 2 * buckets  # the reduction per micro-batch this replaces
         assert once["reduces"] == buckets
+        fsdp = results[rank]["fsdp"]
         for name in want:
-            for got in (each["grads"][name], once["grads"][name]):
+            for got in (each["grads"][name], once["grads"][name], fsdp["grads"][name]):
                 torch.testing.assert_close(got, want[name], rtol=1e-4, atol=1e-7, msg=name)
     assert max(g.abs().max() for g in want.values()) > 1e-3
 

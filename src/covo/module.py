@@ -219,8 +219,8 @@ class SelfRewardRL(L.LightningModule):
         """A block whose backward passes keep gradients on this process: DDP's `no_sync`;
         under FSDP2 only with `strategy.accumulate_unsharded` (it costs memory there)."""
         strategy = self.trainer.strategy
-        accumulate_sharded = getattr(strategy, "accumulate_unsharded", False)
-        return dist.local_gradients(strategy.model, self.policy, accumulate_sharded)
+        unsharded = getattr(strategy, "accumulate_unsharded", False)
+        return dist.local_gradients(strategy.model, self.policy, sharded_too=unsharded)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """Clip here: Lightning calls this inside the optimizer step, after a 16-mixed
