@@ -9,7 +9,6 @@ import lightning.pytorch as L
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from omegaconf import DictConfig
-from torchmetrics import MaxMetric, MeanMetric
 
 from covo.algorithms.update import UpdatePlan
 from covo.algorithms.updater import Updater
@@ -104,8 +103,7 @@ class SelfRewardRL(L.LightningModule):
         self.media = MediaWriter(samples_every_n_steps, plots_every_n_steps)
         self.idle_rollouts = 0  # rollouts in a row without an optimizer step
         self.equivalence = AnswerEquivalence()
-        self.val_accuracy = MeanMetric()  # summed and counted over every rank's prompts
-        self.val_accuracy_best = MaxMetric()
+        self.val_accuracy_best = 0.0
 
     def setup(self, stage: str) -> None:
         if self.device.type == "cpu":
@@ -209,8 +207,21 @@ class SelfRewardRL(L.LightningModule):
     def update(self, rollout: Rollout, advantages: torch.Tensor, plan: UpdatePlan) -> dict:
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         return self.updater.update(
-            rollout, advantages, plan, optimizer, scheduler, self.manual_backward
+            rollout,
+            advantages,
+            plan,
+            optimizer,
+            scheduler,
+            self.manual_backward,
+            self.local_gradients,
         )
+
+    def local_gradients(self):
+        """A block whose backward passes keep gradients on this process: DDP's `no_sync`;
+        under FSDP2 only with `strategy.accumulate_unsharded` (it costs memory there)."""
+        strategy = self.trainer.strategy
+        unsharded = getattr(strategy, "accumulate_unsharded", False)
+        return dist.local_gradients(strategy.model, self.policy, sharded_too=unsharded)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """Clip here: Lightning calls this inside the optimizer step, after a 16-mixed
@@ -244,9 +255,11 @@ class SelfRewardRL(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         # weights fixed until the end
         hold_unregistered(self, "validation_model", self.sampler.view(self.policy))
+        self.val_sums = torch.zeros(3, dtype=torch.float64)  # correct, responses, tokens
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        """Greedy pass@1 on the validation split."""
+        """Greedy pass@1 on this rank's share of the validation split (the data module deals
+        each rank its own problems); the epoch's end sums every rank's."""
         with own_precision(self.validation_model):
             texts, lengths = greedy_responses(
                 self.validation_model,
@@ -256,17 +269,24 @@ class SelfRewardRL(L.LightningModule):
                 self.max_new_tokens,
             )
         correct = self.grade(texts, batch["answer"])
-        size = len(correct)
-        # Lightning's logger writes a logged `step` as the x axis (else its batch count): the
-        # optimizer step of the weights measured
-        self.log("step", float(self.global_step), batch_size=size, sync_dist=True)
-        self.val_accuracy.update(torch.tensor(correct, device=self.device))
-        self.log("val/accuracy", self.val_accuracy, on_epoch=True, batch_size=size)
-        self.log("val/len_mean", float(lengths.mean()), batch_size=size, sync_dist=True)
+        self.val_sums += torch.tensor([sum(correct), len(correct), float(lengths.sum())])
 
     def on_validation_epoch_end(self) -> None:
-        self.val_accuracy_best.update(self.val_accuracy.compute())
-        self.log("val/accuracy_best", self.val_accuracy_best.compute(), batch_size=1)
+        sums = dist.all_reduce_sum(self.val_sums.to(dist.collective_device()))
+        correct, responses, tokens = sums.tolist()
+        accuracy = correct / responses
+        self.val_accuracy_best = max(self.val_accuracy_best, accuracy)
+        # the same values on every rank: their max across ranks is each one
+        values = {
+            # Lightning's logger writes a logged `step` as the x axis (else its batch count):
+            # the optimizer step of the weights measured
+            "step": float(self.global_step),
+            "val/accuracy": accuracy,
+            "val/len_mean": tokens / responses,
+            "val/accuracy_best": self.val_accuracy_best,
+        }
+        for name, value in values.items():
+            self.log(name, value, batch_size=1, sync_dist=True, reduce_fx="max")
 
     def grade(self, texts: list[str], labels: list[str]) -> list[float]:
         """1.0 for each response whose answer, as `val_extractor` reads it, matches its label."""

@@ -222,14 +222,19 @@ class Updater:
         optimizer,
         scheduler,
         backward,
+        local_gradients=contextlib.nullcontext,
     ) -> dict:
         """The planned optimizer steps; the schedule advances once after each. `backward` is
         the module's `manual_backward`; `optimizer.step()` clips first (`clip_gradients`).
+        `local_gradients()` is a block whose backward passes keep their gradients on this
+        rank (`covo.infra.distributed.local_gradients`): all micro-batches of a step but the
+        last run in it, so gradients are reduced across ranks once per optimizer step.
 
-        Every rank runs the same number of backward passes (gradients are all-reduced in each);
-        a rank with fewer kept responses runs zero-weighted passes. Each step's loss is
-        `algorithm.loss_agg` over its mini-batch (`covo.algorithms.losses`); statistics are token
-        means over every micro-batch of every epoch.
+        Every rank runs the same number of backward passes (the last of each step is a
+        collective); a rank with fewer kept responses runs zero-weighted passes. Each step's
+        loss is `algorithm.loss_agg` over its mini-batch (`covo.algorithms.losses`); statistics
+        are token means over every micro-batch of every epoch. Values stay on the device until
+        the end: one read to the host per rollout, not one per micro-batch.
         """
         if not plan.epochs:
             return {}
@@ -246,41 +251,55 @@ class Updater:
             for mini in epoch:
                 count = loss_count(loss_mask[torch.cat(mini)], algo.loss_agg).reshape(1).double()
                 # a mini-batch with nothing in the loss divides by 1: zero loss, zero gradient
-                normalizer = max(dist.all_reduce_sum(count).item(), 1.0) / dist.world_size()
-                for part in mini:
+                total = dist.all_reduce_sum(count).clamp(min=1.0)
+                normalizer = (total / dist.world_size()).to(self.device, torch.float32).squeeze(0)
+                for i, part in enumerate(mini):
                     loss, stats, n = self.micro_batch_loss(
                         rollout, loss_mask, advantages, part, normalizer, plan, next(held, None)
                     )
-                    backward(loss)
-                    losses.append(loss.item())
-                    tokens += n
+                    last = i == len(mini) - 1
+                    with contextlib.nullcontext() if last else local_gradients():
+                        backward(loss)
+                    losses.append(loss.detach())
+                    tokens = tokens + n
                     for key, value in stats.items():
-                        sums[key] += value * n
+                        sums[key] = sums[key] + value * n
                 self.last_lr = optimizer.param_groups[0]["lr"]
                 optimizer.step()  # clips first (`on_before_optimizer_step`)
                 grad_norms.append(self.last_grad_norm)
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
         n_mini = plan.optimizer_steps
+        read = self.to_host(
+            {"loss": sum(losses), "grad_norm": sum(grad_norms), "tokens": tokens, **sums}
+        )
         metrics = {
-            "train/loss": sum(losses) / n_mini,
-            "train/grad_norm": sum(grad_norms) / n_mini,
+            "train/loss": read["loss"] / n_mini,
+            "train/grad_norm": read["grad_norm"] / n_mini,
             "train/optimizer_steps": float(n_mini),
         }
+        tokens = max(read["tokens"], 1.0)
         for key in ("clip_frac", "ratio_mean", "approx_kl"):
-            metrics[f"train/{key}"] = sums[key] / max(tokens, 1.0)
+            metrics[f"train/{key}"] = read[key] / tokens
         if self.reference is not None and plan.old_logprobs is None:
-            metrics["train/kl"] = sums["kl"] / max(tokens, 1.0)
+            metrics["train/kl"] = read["kl"] / tokens
         kept = rollout.response_mask * plan.keep.to(rollout.response_mask)[:, None]
         metrics.update(logprob_gap(rollout.logprobs, self.policy_logprobs, kept))
         return metrics
+
+    def to_host(self, values: dict) -> dict[str, float]:
+        """Scalars (tensors or numbers) as floats, in one read from the device."""
+        stacked = torch.stack(
+            [torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in values.values()]
+        )
+        return dict(zip(values, stacked.tolist()))
 
     def clip_gradients(self) -> None:
         """Clip the accumulated gradients to `max_grad_norm` and keep their norm."""
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
             grad_norm = grad_norm.full_tensor()
-        self.last_grad_norm = float(grad_norm)
+        self.last_grad_norm = grad_norm.detach()  # read with the step's other values
 
     def loss_mask(self, rollout: Rollout) -> torch.Tensor:
         """The tokens [R, G] in the loss: every response token, or with
@@ -294,9 +313,9 @@ class Updater:
         self, rollout, loss_mask, advantages, part, normalizer, plan: UpdatePlan, logprobs=None
     ):
         """Loss of rows `part` scaled for accumulation, its token-mean statistics, and its
-        token count; `logprobs`, when the forward ran ahead, are its output. An empty part
-        gives a zero loss that still touches every parameter (so collective backward passes
-        stay matched)."""
+        token count (tensors: no read to the host); `logprobs`, when the forward ran ahead,
+        are its output. An empty part gives a zero loss that still touches every parameter
+        (so collective backward passes stay matched)."""
         algo = self.algorithm
         empty = len(part) == 0
         rows = self.rows_of(part)
@@ -320,4 +339,4 @@ class Updater:
                 )
         if empty:
             return loss + 0.0 * logprobs.sum(), {}, 0.0
-        return loss, {k: float(v) for k, v in stats.items()}, float(mask.sum())
+        return loss, stats, mask.sum()

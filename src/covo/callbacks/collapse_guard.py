@@ -98,7 +98,10 @@ class CollapseGuard(Callback):
         watch.alarm_step = step
         folder = self.checkpoint_dir(trainer)
         kept = "none (no step before the window was kept)"
-        if watch.healthy_step is not None and (folder / HEALTHY).exists():
+        # rank 0 writes the checkpoints and decides: on nodes without a shared disk the
+        # other ranks do not see the file, and a barrier some ranks skip hangs the others
+        exists = trainer.is_global_zero and (folder / HEALTHY).exists()
+        if watch.healthy_step is not None and trainer.strategy.broadcast(exists, src=0):
             if trainer.is_global_zero:
                 _remove(folder / PRE_COLLAPSE)
                 os.replace(folder / HEALTHY, folder / PRE_COLLAPSE)

@@ -129,4 +129,13 @@ class PromptDataModule(L.LightningDataModule):
         return batch
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_items, batch_size=self.val_batch_size, collate_fn=collate)
+        """This rank's share of the validation problems (every world-th from its rank on)."""
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        if 0 < len(self.val_items) < world:
+            raise SettingError(
+                f"data.val: {len(self.val_items)} validation problems for {world} processes"
+                " (at least one each)"
+            )
+        share = self.val_items[rank::world]
+        return DataLoader(share, batch_size=self.val_batch_size, collate_fn=collate)

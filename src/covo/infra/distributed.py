@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -20,7 +22,7 @@ def world_size() -> int:
 
 def collective_device() -> torch.device:
     """Where tensors handed to a collective must live: this process's GPU under NCCL."""
-    if dist.get_backend() == "nccl":
+    if is_distributed() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -82,6 +84,26 @@ def shard(policy: nn.Module, mesh, compute_dtype: torch.dtype | None = None) -> 
     for layer in base_of(policy).model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp_policy)
     fully_shard(policy, mesh=mesh, mp_policy=mp_policy)
+
+
+@contextlib.contextmanager
+def local_gradients(ddp: nn.Module | None, policy: nn.Module, sharded_too: bool = False):
+    """Backward passes inside accumulate gradients on this process without reducing them; the
+    first backward after the block reduces the sum (one all-reduce per bucket for the whole
+    accumulation). `ddp` is the DistributedDataParallel wrapper, if any. FSDP2 (`policy`
+    sharded) keeps its reduce-scatter per backward unless `sharded_too`: holding unreduced
+    gradients there means the whole model's gradients in fp32 on every process."""
+    if isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+        with ddp.no_sync():
+            yield
+    elif sharded_too and is_sharded(policy):
+        policy.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            policy.set_requires_gradient_sync(True)
+    else:
+        yield
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

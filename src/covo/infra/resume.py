@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback
 
 from covo.infra import distributed as dist
 from covo.infra.errors import DataError
@@ -71,6 +72,19 @@ def seed_rank(seed: int, rank: int) -> None:
     random.seed(rank_seed)
     np.random.seed(rank_seed % 2**32)
     torch.manual_seed(rank_seed)
+
+
+class SeedPerRank(Callback):
+    """`seed_rank` at the start of fitting: after the strategy has set up the processes (DDP
+    and FSDP2 then reseed every rank alike with `seed_everything`'s seed) and before a
+    checkpoint's generator states are restored (`restore`), so a resumed run continues each
+    rank's own stream."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        seed_rank(self.seed, trainer.global_rank)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

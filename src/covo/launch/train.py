@@ -24,7 +24,7 @@ from covo.infra.errors import (
     exit_on_user_error,
 )
 from covo.infra.hardware import auto_precision
-from covo.infra.resume import AtomicCheckpointIO, recover_checkpoint, seed_rank
+from covo.infra.resume import AtomicCheckpointIO, SeedPerRank, recover_checkpoint
 from covo.launch.settings import PRECISION_COMPUTE, check_train
 from covo.metrics.loggers import logger_outputs, with_jsonl
 from covo.models.export import export_policy
@@ -99,7 +99,8 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
     reward = check_train(cfg)  # the reward is built before the model: it needs none
     module = hydra.utils.instantiate(cfg.module, reward=reward)
     datamodule = hydra.utils.instantiate(cfg.data)
-    callbacks = instantiate_dict(cfg.callbacks)
+    # each rank samples with its own seed from the start of fitting
+    callbacks = [SeedPerRank(cfg.seed), *instantiate_dict(cfg.callbacks)]
     if cfg.trainer.enable_progress_bar:
         callbacks.append(StepProgressBar())
     plugins = [AtomicCheckpointIO()]
@@ -115,8 +116,6 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
         enable_checkpointing=bool(cfg.callbacks),
         plugins=plugins,
     )
-    # weights are built: from here on each rank samples with its own seed
-    seed_rank(cfg.seed, trainer.global_rank)
     return module, datamodule, trainer
 
 
