@@ -108,8 +108,9 @@ def read_records(path: Path, split: str | None = None) -> list[dict]:
     validation's."""
     if not path.is_file():
         return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    records = [{"split": "validation", **json.loads(line)} for line in lines]
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for record in records:
+        record.setdefault("split", "validation")
     return [r for r in records if split is None or r["split"] == split]
 
 
