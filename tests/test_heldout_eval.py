@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import subprocess
+import sys
 from dataclasses import fields
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,8 +20,9 @@ import pytest
 import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
-from conftest import compose_config
+from conftest import ROOT, TINY_RUN, compose_config
 from hydra.errors import InstantiationException
+from safetensors.torch import load_file
 
 import covo.callbacks.heldout_eval as heldout_module
 from covo.answers import AnswerEquivalence, get_extractor
@@ -237,6 +240,18 @@ def test_an_evaluation_leaves_every_generator_as_it_was(tmp_path, monkeypatch):
     assert module.policy.training  # train mode restored
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_an_evaluation_on_a_gpu_leaves_its_generator_as_it_was(tmp_path):
+    module = toy_module()
+    module.policy.cuda()
+    torch.cuda.manual_seed_all(11)
+    before = torch.cuda.get_rng_state_all()
+    toy_callback(tmp_path / "h.jsonl").on_train_start(trainer_at(0), module)
+    after = torch.cuda.get_rng_state_all()
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert [r["split"] for r in read_records(tmp_path / "h.jsonl")] == ["validation", "test"]
+
+
 def test_neighbouring_seeds_and_steps_sample_apart(tmp_path, monkeypatch):
     """Seed 0 at step 5 and seed 1 at step 4 shared every draw under seed + step."""
     torch.set_num_threads(1)
@@ -346,3 +361,48 @@ def test_a_test_split_that_overlaps_validation_stops_the_run(tmp_path):
     ]
     with pytest.raises(SettingError, match="data.test shares 1 of its 1 problems with data.train"):
         PromptDataModule(train=train, val=[], test=train[1:])
+
+
+RESUMED_RUN = [
+    *TINY_RUN,
+    "data=toy_arithmetic",
+    "data.val.num_problems=4",
+    "data.test.num_problems=3",
+    "reward=self_certainty",
+    "scheduler=constant",
+    "optimizer.lr=1e-3",  # steps that move the weights
+    "trainer.precision=32-true",
+    "threads=1",
+    "val_every_n_rollouts=100",
+    "callbacks.model_checkpoint.every_n_steps=1",
+]
+WATCHED = [
+    "callbacks=heldout_eval",
+    "callbacks.model_checkpoint.every_n_steps=1",
+    "callbacks.heldout_eval.every_n_optimizer_steps=2",
+    "callbacks.heldout_eval.num_samples=3",
+    "callbacks.heldout_eval.batch_size=2",
+]
+
+
+def train(run_dir: Path, *overrides: str) -> None:
+    command = [sys.executable, "train.py", *RESUMED_RUN, f"hydra.run.dir={run_dir}", *overrides]
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_a_resumed_run_writes_the_records_of_the_uninterrupted_one_and_trains_alike(tmp_path):
+    straight, resumed, unwatched = tmp_path / "straight", tmp_path / "resumed", tmp_path / "none"
+    train(straight, *WATCHED, "trainer.max_steps=4")
+    train(resumed, *WATCHED, "trainer.max_steps=2")
+    checkpoint = resumed / "checkpoints" / "step_000002.ckpt"
+    train(resumed, *WATCHED, "trainer.max_steps=4", f"ckpt_path={checkpoint}")
+    train(unwatched, "trainer.max_steps=4")
+    records = read_records(straight / "heldout.jsonl")
+    assert [(r["step"], r["split"]) for r in records] == [
+        (s, split) for s in (0, 2, 4) for split in ("validation", "test")
+    ]
+    assert (resumed / "heldout.jsonl").read_text() == (straight / "heldout.jsonl").read_text()
+    weights = [load_file(d / "hf_model" / "model.safetensors") for d in (straight, unwatched)]
+    for name in weights[0]:  # evaluating changed nothing the run trained on
+        assert torch.equal(weights[0][name], weights[1][name]), name
