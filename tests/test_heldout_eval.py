@@ -183,7 +183,7 @@ def test_seeds_of_neighbouring_runs_and_steps_differ():
     assert all(0 <= s < 2**64 for s in seeds)
 
 
-# the toy reasoner, a real sampler, and a spy on what the callback generates
+# the packaged toy reasoner with a real rollout sampler: real generation on the CPU
 def toy_module() -> SimpleNamespace:
     loaded = toy_reasoner.load()
     sampler = RolloutSampler(
