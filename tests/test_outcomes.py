@@ -1,5 +1,5 @@
-"""The outcome study: numbers from fixed curves by hand, resume, bad input, the held-out
-evaluation callback on fixed responses, and one real tiny study end to end."""
+"""The outcome study: numbers from fixed curves by hand, resume, bad input, and one real tiny
+study end to end (the held-out evaluation callback: tests/test_heldout_eval.py)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,13 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-import torch
 from conftest import ROOT, compose_config
 from scipy import stats
 from torch.utils.tensorboard import SummaryWriter
 
 import covo.analysis.outcomes as outcomes_module
-import covo.callbacks.heldout_eval as heldout_module
 from covo.analysis.outcome_metrics import (
     aggregate,
     fall_step,
@@ -28,8 +25,6 @@ from covo.analysis.outcome_metrics import (
     run_numbers,
 )
 from covo.analysis.outcomes import first_alarm, outcomes, policy_steps
-from covo.answers import AnswerEquivalence, get_extractor
-from covo.callbacks.heldout_eval import HeldoutEval, heldout_metrics, read_records
 from covo.infra.errors import exit_on_user_error
 
 
@@ -285,63 +280,6 @@ def test_the_command_line_rejects_an_unknown_reward_with_exit_2(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: rewards: unknown reward 'nope' (no conf/reward/nope.yaml)"
-
-
-# three problems, four samples each, and a greedy response; the extractor reads the last box,
-# else the last number
-SAMPLED = [
-    ["\\boxed{5}", "the answer is 5", "\\boxed{6}", "no answer here"],  # 5, 5, 6, none
-    ["\\boxed{7}", "\\boxed{7}", "\\boxed{12}", "\\boxed{12.0}"],  # a 2-2 tie: 7 came first
-    ["so -3", "\\boxed{-3}", "\\boxed{3}", "\\boxed{-3}"],  # -3, -3, 3, -3
-]
-GREEDY = ["\\boxed{5}", "\\boxed{7}", "x = 3"]
-LABELS = ["5", "12", "-3"]
-# sampled: mean of 2/4, 2/4, 3/4; greedy: problem 1 only; maj@4: 5 and -3 right, 7 wrong
-EXPECTED = {"sampled_accuracy": (0.5 + 0.5 + 0.75) / 3, "greedy_accuracy": 1 / 3,
-            "maj_accuracy": 2 / 3}  # fmt: skip
-
-
-def test_heldout_metrics_on_fixed_responses():
-    extract = get_extractor("boxed_or_last_number")
-    metrics = heldout_metrics(SAMPLED, GREEDY, LABELS, extract, AnswerEquivalence())
-    assert metrics == pytest.approx(EXPECTED)
-
-
-def test_the_callback_evaluates_at_the_base_every_e_steps_and_at_the_end(tmp_path, monkeypatch):
-    calls = []
-
-    def sample_responses(loaded, prompts, cfg, desc):  # the stubbed sampler
-        calls.append((prompts, cfg.num_samples, cfg.temperature))
-        texts = SAMPLED if cfg.temperature > 0 else [[g] for g in GREEDY]
-        return texts, [[False] * len(t) for t in texts]
-
-    monkeypatch.setattr(heldout_module, "sample_responses", sample_responses)
-    problems = [{"problem": f"p{i}", "answer": a} for i, a in enumerate(LABELS)]
-    path = tmp_path / "heldout.jsonl"
-    callback = HeldoutEval(problems, "Q: {problem}\n", 2, 4, 16, 1.0, 2, "boxed_or_last_number",
-                           0, str(path))  # fmt: skip
-    logged = []
-    logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.append((step, metrics)))
-    trainer = SimpleNamespace(global_step=0, is_global_zero=True, loggers=[logger])
-    module = SimpleNamespace(policy=torch.nn.Linear(1, 1), tokenizer=None, chat_template=False)
-    callback.on_train_start(trainer, module)
-    for step in range(1, 6):  # optimizer steps 1..5: evaluations at 2 and 4, then 5 at the end
-        trainer.global_step = step
-        callback.on_train_batch_end(trainer, module, None, None, step - 1)
-    callback.on_train_end(trainer, module)
-    records = read_records(path)
-    assert [r["step"] for r in records] == [0, 2, 4, 5]
-    assert {k: records[0][k] for k in EXPECTED} == pytest.approx(EXPECTED)
-    assert calls[0] == (["Q: p0\n", "Q: p1\n", "Q: p2\n"], 4, 1.0) and calls[1][1:] == (1, 0.0)
-    assert [s for s, _ in logged] == [0, 2, 4, 5]
-    assert logged[0][1]["heldout/maj_accuracy"] == pytest.approx(2 / 3)
-    assert module.policy.training  # train mode restored
-    # resumed from a checkpoint at step 2: the evaluations after it are redone, not repeated
-    trainer.global_step = 2
-    callback.on_train_start(trainer, module)
-    assert [r["step"] for r in read_records(path)] == [0, 2]
-    with pytest.raises(ValueError, match="every_n_optimizer_steps"):
-        HeldoutEval(problems, "{problem}", -1, 4, 16, 1.0, 2, "boxed_or_last_number", 0, str(path))
 
 
 @pytest.mark.slow

@@ -158,7 +158,7 @@ def collect(directory: Path, reward: str, seed: int) -> dict:
     return {
         "reward": reward,
         "seed": seed,
-        "curve": read_records(directory / HELDOUT_FILE),
+        "curve": read_records(directory / HELDOUT_FILE, split="validation"),
         "alarm_step": first_alarm(scalars.get("collapse/alarm", []), stepped),
         "signals": signals | {"step": list(zip(batches, policy_steps(stepped, batches)))},
     }

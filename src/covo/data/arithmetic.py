@@ -3,7 +3,9 @@
 `parts` splits the space of problems deterministically by a hash of each problem's text
 (`covo.data.contamination.fingerprint`): with `parts={pretrain: 8, train: 1, val: 1}` a
 problem belongs to exactly one part, whatever the seed, so a pretraining corpus, an RL
-training set and a held-out set drawn from their own parts share no problem.
+training set and a held-out set drawn from their own parts share no problem. Within the
+held-out part, `skip` separates two splits: a validation list is the first problems of the
+part's stream, a test list the problems after the first `skip` (distinct draws of one stream).
 """
 
 from __future__ import annotations
@@ -46,11 +48,14 @@ def generate(
     operators: list[str] | tuple[str, ...] = OPERATORS,
     parts: dict[str, int] | None = None,
     distinct: bool = False,
+    skip: int = 0,
 ) -> list[dict]:
     """`num_problems` items `{"problem", "answer"}`; the same seed and split give the same list.
 
     With `parts` (part name -> integer weight), only problems of the part named `split` are
-    kept (`part_of`); `distinct` drops repeats.
+    kept (`part_of`); `distinct` drops repeats. The first `skip` problems are drawn and left
+    out: with `distinct`, another list of the same seed, split and settings and at most `skip`
+    problems shares none with this one.
     """
     unknown = set(operators) - set(OPERATORS)
     if unknown:
@@ -61,12 +66,15 @@ def generate(
         )
     if parts is not None and split not in parts:
         raise ValueError(f"split '{split}' is not among the parts {sorted(parts)}")
+    if skip < 0:
+        raise ValueError(f"skip must be >= 0, got {skip}")
+    total = num_problems + skip
     rng = random.Random(f"{seed}/{split}")
     items, seen = [], set()
     # a bound on draws, so that asking for more distinct problems than a part holds fails
-    for _ in range(1000 * num_problems + 1000):
-        if len(items) == num_problems:
-            return items
+    for _ in range(1000 * total + 1000):
+        if len(items) == total:
+            return items[skip:]
         item = make_problem(
             rng, rng.randint(min_operands, max_operands), max_value, list(operators)
         )
@@ -77,7 +85,7 @@ def generate(
                 continue
             seen.add(item["problem"])
         items.append(item)
-    raise ValueError(f"split '{split}' holds fewer than {num_problems} distinct problems")
+    raise ValueError(f"split '{split}' holds fewer than {total} distinct problems")
 
 
 def apply(a: int, op: str, b: int) -> int:

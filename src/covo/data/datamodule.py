@@ -38,13 +38,27 @@ def check_data(data: DictConfig, prefix: str = "data.") -> None:
     apply_rules_where_set(data, [VAL_SIZE_RULE], prefix)
 
 
+def check_test_apart(test: list[dict], others: dict[str, list[dict]]) -> None:
+    """A test split that shares a problem (as `fingerprint`s: texts evened out) with another
+    split is no test split: `SettingError` naming the other."""
+    problems = [item["problem"] for item in test]
+    for key, items in others.items():
+        if shared := shared_problems(problems, [item["problem"] for item in items]):
+            raise SettingError(
+                f"data.test shares {shared} of its {len(problems)} problems with {key}: "
+                "draw it from another part or past that split's problems (data.test.skip)"
+            )
+
+
 class PromptDataModule(L.LightningDataModule):
     """Batches of prompts (the problem put through `prompt_template`) with their answers.
 
     Answers travel with the batch for the ground-truth reward and diagnostics only. Without
-    a `val` list, the last `val_size` items of `train` are held out for validation. The
-    training order depends on `seed` alone and resumes exactly from a checkpoint
-    (`covo.data.sampler`); under DDP/FSDP each rank takes its own share of every epoch.
+    a `val` list, the last `val_size` items of `train` are held out for validation. A `test`
+    list (for the held-out evaluation callback, which reads it from the config) must share no
+    problem with `train` or `val`: the run stops here otherwise. The training order depends
+    on `seed` alone and resumes exactly from a checkpoint (`covo.data.sampler`); under
+    DDP/FSDP each rank takes its own share of every epoch.
     Before fitting, the training problems are checked against every benchmark (the shipped
     ones and those under `benchmark_dir`): any shared item stops the run unless
     `allow_benchmark_overlap`; training items that are also validation problems are counted
@@ -55,6 +69,7 @@ class PromptDataModule(L.LightningDataModule):
         self,
         train: list[dict],
         val: list[dict] | None = None,
+        test: list[dict] | None = None,
         val_size: int = 0,
         prompt_template: str = MATH_PROMPT,
         batch_size: int = 4,
@@ -75,6 +90,8 @@ class PromptDataModule(L.LightningDataModule):
                     f"data.val_size={val_size} leaves no training items ({len(train)})"
                 )
             train, val = (train[:-val_size], train[-val_size:]) if val_size else (train, [])
+        if test:
+            check_test_apart(test, {"data.train": train, "data.val": val})
         self.name = name
         self.allow_benchmark_overlap = allow_benchmark_overlap
         self.benchmark_dir = benchmark_dir

@@ -73,9 +73,10 @@ def greedy_responses(
 
 
 def sample_responses(
-    loaded: LoadedModel, prompts: list[str], cfg: DictConfig, desc: str
+    loaded: LoadedModel, prompts: list[str], cfg: DictConfig, desc: str, engine=None
 ) -> tuple[list[list[str]], list[list[bool]]]:
-    """`num_samples` responses per prompt, in batches of `batch_size` prompts.
+    """`num_samples` responses per prompt, in batches of `batch_size` prompts, from `engine`
+    (`covo.rollout.sampling.sample`'s default when None).
 
     Prompts are batched in order of length (less left padding) and returned in input order.
     Returns (texts [B][n], truncated [B][n]: no EOS within `max_new_tokens`).
@@ -103,6 +104,7 @@ def sample_responses(
                 cfg.max_new_tokens,
                 cfg.temperature,
                 cfg.top_p,
+                engine=engine,
                 with_stats=False,
             ).responses
             lengths = response_mask_from(tokens, eos).sum(1).long().tolist()
