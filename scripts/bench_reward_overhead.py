@@ -6,8 +6,8 @@ round was seen to be the slowest). Every run keeps all-zero groups
 (`algorithm.filter.drop_all_zero=false`, overridable): with a small model the verifier rewards
 most groups with zeros, and the filter would then skip their update, so the ratio would
 measure the filter rather than the reward.
-`covo_refeed` is reward=covo with module.reuse_rollout_cache=false: its scorer feeds every trajectory
-again instead of reading it from the rollout's keys and values.
+`covo_refeed` is reward=covo with module.reuse_rollout_cache=false: its scorer feeds every
+trajectory again instead of reading it from the rollout's keys and values.
 A one-step covo warm-up run comes first and is not counted: the first run in a process pays
 one-time costs (allocator, thread pools, kernels for new shapes, the answer checker's first
 parse): they were seen to add 40% to a first update on CPU, and a GPU run's first CoVo step

@@ -4,7 +4,8 @@
     taskset -c 0 python scripts/toy_learning_spread.py --experiment toy_calibrated_learns \
         --steps 30 --rewards majority
 
-Runs what tests/test_learning.py runs (`covo.launch.train.train` on `experiment=toy_reasoner_learns`,
+Runs what tests/test_learning.py runs (`covo.launch.train.train` on
+`experiment=toy_reasoner_learns`,
 40 steps, no validation, logger or checkpoints) with `seed=<s>` for reward=ground_truth and
 reward=negated_ground_truth, and prints the base and every run's T=1 accuracy over the
 held-out problems (8 samples each), then the mean, min and max change per reward.

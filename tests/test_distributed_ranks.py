@@ -33,7 +33,7 @@ from covo.algorithms.updater import Updater
 from covo.callbacks.collapse import Verdict
 from covo.callbacks.collapse_guard import HEALTHY, PRE_COLLAPSE, CollapseGuard
 from covo.infra import distributed as dist
-from covo.infra.train import build
+from covo.launch.train import build
 from covo.models.loading import build_tiny
 
 # the toy reasoner answers most validation problems right (a split that averaged each rank's

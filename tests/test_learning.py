@@ -1,8 +1,8 @@
 """RL through the real entry point makes the toy reasoner better on held-out problems, and the
 negated reward makes it worse.
 
-Each run is `covo.launch.train.train` composed from `experiment=toy_reasoner_learns` (short), and the
-exported policy is scored on data=toy_arithmetic's 64 held-out problems: the mean accuracy of
+Each run is `covo.launch.train.train` composed from `experiment=toy_reasoner_learns` (short), and
+the exported policy is scored on data=toy_arithmetic's 64 held-out problems: the mean accuracy of
 8 samples each at temperature 1 (`covo.models.toy_reasoner.heldout`), against the packaged
 weights scored the same way. The margins sit well outside the spread over seeds measured in
 docs/toy_reasoner.md ("Learning tests").
