@@ -7,6 +7,7 @@ import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
 from covo.infra import distributed as dist
+from covo.rollout.replica import InferenceView
 
 METRICS = [{"a": 1.0, "b": 2.0}, {"a": 3.0, "c": 5.0}]
 
@@ -54,5 +55,5 @@ def test_building_a_replica_draws_nothing_from_the_sampling_generator():
 
     policy = build_tiny().model
     state = torch.get_rng_state()
-    dist.InferenceView(torch.bfloat16)(policy)
+    InferenceView(torch.bfloat16)(policy)
     assert torch.equal(torch.get_rng_state(), state)

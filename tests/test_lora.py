@@ -18,11 +18,11 @@ from torch.distributed.checkpoint import FileSystemReader
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from covo.eval.harness import load_policy_checkpoint
-from covo.infra import distributed as dist
 from covo.launch.settings import check_train
 from covo.launch.train import build, resolve_auto, train
 from covo.models.loading import build_tiny
 from covo.models.lora import MissingExtraError, add_adapters, base_of, is_lora, merged_state
+from covo.rollout.replica import InferenceView
 
 peft = pytest.importorskip("peft", reason="the `lora` extra")
 
@@ -90,8 +90,8 @@ def test_merged_state_is_peft_merge_and_unload():
 
 def test_the_replica_is_the_merged_model_in_its_dtype():
     policy = perturbed_lora()
-    assert dist.InferenceView()(policy) is base_of(policy)  # no replica: the adapted model
-    replica = dist.InferenceView(torch.bfloat16)(policy)
+    assert InferenceView()(policy) is base_of(policy)  # no replica: the adapted model
+    replica = InferenceView(torch.bfloat16)(policy)
     assert type(replica) is LlamaForCausalLM
     assert {p.dtype for p in replica.parameters()} == {torch.bfloat16}
     err = (logits(replica).float() - logits(policy)).abs().max()

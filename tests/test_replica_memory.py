@@ -15,6 +15,7 @@ from torch.utils._pytree import tree_flatten
 from covo.infra import distributed as dist
 from covo.models.loading import build_tiny
 from covo.models.lora import reference_of
+from covo.rollout.replica import InferenceView
 
 
 def storages(values: list) -> list:
@@ -86,7 +87,7 @@ def test_building_and_refreshing_a_bf16_replica_holds_the_replica_and_at_most_on
     params, largest, buffers = policy_sizes(policy)
     # the formula of docs/precision.md with a replica dtype of 2 bytes
     replica_bytes = 2 * (params + buffers)
-    view = dist.InferenceView(torch.bfloat16)
+    view = InferenceView(torch.bfloat16)
     with LiveBytes() as built:
         view(policy)
     assert built.peak <= replica_bytes + 2 * largest  # today's code: + a random fp32 model
@@ -117,7 +118,7 @@ def _sharded_worker(rank: int, init_file: str, results) -> None:
         torch.manual_seed(0)
         policy = tiny_policy()
         dist.shard(policy, torch_dist.device_mesh.init_device_mesh("cpu", (2,)))
-        view = dist.InferenceView(torch.bfloat16)
+        view = InferenceView(torch.bfloat16)
         with LiveBytes() as built:
             view(policy)
         with LiveBytes() as refreshed:

@@ -8,8 +8,8 @@ import contextlib
 import torch
 from omegaconf import DictConfig
 
-from covo.infra import distributed as dist
 from covo.models.loading import torch_dtype
+from covo.rollout.replica import InferenceView
 from covo.rollout.sampling import Rollout, build_rollout, format_prompts
 from covo.rollout.views import sample_views
 
@@ -32,12 +32,12 @@ class RolloutSampler:
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.cfg = rollout
-        self.view = dist.InferenceView(torch_dtype(rollout.dtype))
+        self.view = InferenceView(torch_dtype(rollout.dtype))
         self.keep_cache = False
 
-    def scoring_view(self, dtype: torch.dtype | None) -> dist.InferenceView:
+    def scoring_view(self, dtype: torch.dtype | None) -> InferenceView:
         """The replica a scorer in `dtype` reads: the rollout's own unless another dtype."""
-        return self.view if dtype in (None, self.view.dtype) else dist.InferenceView(dtype)
+        return self.view if dtype in (None, self.view.dtype) else InferenceView(dtype)
 
     def __call__(self, policy, prompts: list[str], reward) -> Rollout:
         model = self.view(policy)
