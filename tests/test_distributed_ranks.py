@@ -177,7 +177,10 @@ def accumulated_step(model, rows, ddp=None, reduces=None, local=contextlib.nullc
     of 2; the backward is Lightning's under DDP (the reducer prepared at each backward)."""
     sequences, attention, mask, advantages = batch()
     rollout = SimpleNamespace(
-        sequences=sequences[rows], attention_mask=attention[rows], response_mask=mask[rows]
+        sequences=sequences[rows],
+        attention_mask=attention[rows],
+        response_mask=mask[rows],
+        logprobs=torch.zeros_like(mask[rows], dtype=torch.float32),
     )
     updater = Updater(model, None, ALGORITHM, 1.0, 6, False, max_grad_norm=1e9)
     optimizer = RecordingOptimizer(model, updater, reduces if reduces is not None else [])

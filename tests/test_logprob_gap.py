@@ -6,7 +6,12 @@ import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
-from covo.metrics.gap import logprob_gap
+from covo.metrics.gap import gap_sums, logprob_gap
+
+
+def gap_of(sampled, policy, mask) -> dict:
+    return logprob_gap(**{k: float(v) for k, v in gap_sums(sampled, policy, mask).items()})
+
 
 # rank 0: gaps 0.5 and 0.25 (a third token masked out); rank 1: one gap of 2.0, one masked
 SAMPLED = [torch.tensor([[-1.0, -2.0, -9.0]]), torch.tensor([[-4.0, -1.0, 0.0]])]
@@ -19,7 +24,7 @@ def _worker(rank: int, init_file: str, results) -> None:
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2
     )
     try:
-        results[rank] = logprob_gap(SAMPLED[rank], POLICY[rank], MASK[rank])
+        results[rank] = gap_of(SAMPLED[rank], POLICY[rank], MASK[rank])
     finally:
         torch_dist.destroy_process_group()
 
@@ -36,4 +41,4 @@ def test_the_gap_is_the_max_and_token_mean_over_every_rank(tmp_path):
 
 
 def test_no_tokens_no_gap():
-    assert logprob_gap(torch.zeros(1, 2), torch.ones(1, 2), torch.zeros(1, 2)) == {}
+    assert gap_of(torch.zeros(1, 2), torch.ones(1, 2), torch.zeros(1, 2)) == {}

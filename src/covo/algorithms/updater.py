@@ -34,7 +34,7 @@ from covo.infra.checks import (
     one_of,
     optional,
 )
-from covo.metrics.gap import logprob_gap
+from covo.metrics.gap import gap_sums, logprob_gap
 from covo.rollout.sampling import Rollout, response_token_stats
 
 ALGORITHM_RULES: list[Rule] = [
@@ -270,8 +270,10 @@ class Updater:
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
         n_mini = plan.optimizer_steps
+        kept = rollout.response_mask * plan.keep.to(rollout.response_mask)[:, None]
+        gap = gap_sums(rollout.logprobs, self.policy_logprobs, kept)
         read = self.to_host(
-            {"loss": sum(losses), "grad_norm": sum(grad_norms), "tokens": tokens, **sums}
+            {"loss": sum(losses), "grad_norm": sum(grad_norms), "tokens": tokens, **sums, **gap}
         )
         metrics = {
             "train/loss": read["loss"] / n_mini,
@@ -283,8 +285,7 @@ class Updater:
             metrics[f"train/{key}"] = read[key] / tokens
         if self.reference is not None and plan.old_logprobs is None:
             metrics["train/kl"] = read["kl"] / tokens
-        kept = rollout.response_mask * plan.keep.to(rollout.response_mask)[:, None]
-        metrics.update(logprob_gap(rollout.logprobs, self.policy_logprobs, kept))
+        metrics.update(logprob_gap(read["gap_max"], read["gap_sum"], read["gap_count"]))
         return metrics
 
     def to_host(self, values: dict) -> dict[str, float]:

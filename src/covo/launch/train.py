@@ -26,7 +26,7 @@ from covo.infra.errors import (
 from covo.infra.hardware import auto_precision
 from covo.infra.resume import AtomicCheckpointIO, SeedPerRank, recover_checkpoint
 from covo.launch.settings import PRECISION_COMPUTE, check_train
-from covo.metrics.loggers import logger_outputs, with_jsonl
+from covo.metrics.loggers import finish_runs, logger_outputs, with_jsonl
 from covo.models.export import export_policy
 
 log = logging.getLogger(__name__)
@@ -144,6 +144,7 @@ def train(cfg: DictConfig) -> dict:
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     outputs = {"output_dir": str(cfg.paths.output_dir)}
     outputs |= logger_outputs(trainer.loggers)
+    finish_runs(trainer.loggers)
     if cfg.export_dir:
         export_policy(module, Path(cfg.export_dir), trainer, cfg.export_adapters)
         outputs["export_dir"] = str(cfg.export_dir)

@@ -115,6 +115,14 @@ def logger_outputs(loggers: list[Logger]) -> dict[str, str]:
     return outputs
 
 
+def finish_runs(loggers: list[Logger]) -> None:
+    """End the W&B run the fit opened (Lightning leaves it open until the process exits): its
+    records are written out now, and the next job of a sweep in this process starts its own."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()
+
+
 def require(module: str, extra: str) -> None:
     if importlib.util.find_spec(module) is None:
         raise SettingError(f"logger: {module} is not installed (pip install 'covo[{extra}]')")
