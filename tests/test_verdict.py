@@ -73,6 +73,7 @@ def test_headline_numbers_match_hand_computation():
     covo = np.array([0.0, 0.125, -0.25])
     t_covo = covo.mean() / (covo.std(ddof=1) / np.sqrt(3))
     p_covo = 2 * stats.t.sf(abs(t_covo), 2)
+    assert d["bootstrap"]["value"] == pytest.approx(0.375)  # mean of the per-problem differences
     assert d["p"] == pytest.approx(p_majority)
     assert paired["covo"]["p"] == pytest.approx(p_covo)
     assert d["p_holm"] == pytest.approx(2 * p_majority)  # the smaller of two: x 2
@@ -92,7 +93,7 @@ def test_table_names_what_is_primary_and_what_beats_sharpening():
     majority = next(line for line in text.splitlines() if line.startswith("| majority |"))
     assert "+0.333 [" in majority and "| yes |" in majority
     assert next(line for line in text.splitlines() if line.startswith("| random |")).endswith(
-        "| - | - | 0.458 [0.100, 0.817] | no |"
+        "| - | - | - | 0.458 [0.100, 0.817] | no |"
     )
     assert "best 0.600 at T = 0.3" in text
 

@@ -200,7 +200,8 @@ def markdown(results: dict, table: dict) -> str:
     head = [
         "reward", "seeds", "gain at the end (t)", "gain at the end (seeds x problems)",
         "gain at the step chosen on validation", "greedy gain", "maj gain", "pass gain",
-        f"- {BASELINE} (paired)", "p (Holm)", "final accuracy", "beyond sharpening",
+        f"- {BASELINE} (paired, t)", f"- {BASELINE} (seeds x problems)", "p (Holm)",
+        "final accuracy", "beyond sharpening",
     ]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
     for reward, n in table["numbers"].items():
@@ -214,7 +215,8 @@ def markdown(results: dict, table: dict) -> str:
             reward, str(len(n["seeds"])), fmt(n["sampled_gain"]),
             fmt(n.get("sampled_gain_bootstrap")), fmt(n["peak_on_validation"]),
             fmt(n["greedy_gain"]), fmt(n["maj_gain"]), fmt(n["pass_gain"]),
-            fmt(diff), p, fmt(n["final"], ""), beyond,
+            fmt(diff), fmt(diff.get("bootstrap") if diff else None), p, fmt(n["final"], ""),
+            beyond,
         ]  # fmt: skip
         lines.append("| " + " | ".join(row) + " |")
     best = table["sharpening_best"]
