@@ -4,21 +4,25 @@ run the tests in a scratch copy of the repository, and count the perturbations t
     python scripts/mutate_reward_yaml.py                      # tests/test_reward_yaml_values.py
     python scripts/mutate_reward_yaml.py --tests tests/test_rewards_simple.py tests/test_configs.py
 
-A perturbation is killed when pytest exits non-zero. Numbers move to a value the constructor
-still accepts (half of it; 0 -> 0.1; an integer n -> n + 1), so a kill means the tests noticed
-the value, not that the run failed to build. A `_target_` moves to the next reward class.
+A perturbation is killed when pytest fails. The tests run in this process (`pytest.main`, once
+per perturbation, `-k` the perturbed option's name), so the imports are paid once. Numbers move
+to a value the constructor still accepts (half of it; 0 -> 0.1; an integer n -> n + 1), so a
+kill means the tests noticed the value, not that the run failed to build. A `_target_` moves
+to the next reward class.
 Exit status 1 when a perturbation survives.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 REWARD_DIR = Path("conf") / "reward"
@@ -59,7 +63,6 @@ def mutants(root: Path) -> list[tuple[Path, int, str, str]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tests", nargs="+", default=["tests/test_reward_yaml_values.py"])
-    parser.add_argument("--python", default=sys.executable)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         copy = Path(scratch) / "repo"
@@ -73,11 +76,14 @@ def main() -> int:
             original = path.read_text()
             lines[index] = new
             path.write_text("\n".join(lines) + "\n")
-            command = [args.python, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"]
-            proc = subprocess.run([*command, *args.tests], cwd=copy, capture_output=True)
+            os.chdir(copy)
+            code = pytest.main(["-q", "-x", "-p", "no:cacheprovider", "-k", path.stem, *args.tests])
+            os.chdir(ROOT)
             path.write_text(original)
+            if code == pytest.ExitCode.NO_TESTS_COLLECTED:
+                raise SystemExit(f"no test matches -k {path.stem}")
             name = f"{path.relative_to(copy)}:{index + 1}: {old.strip()} -> {new.strip()}"
-            if proc.returncode == 0:
+            if code == pytest.ExitCode.OK:
                 survived.append(name)
                 print(f"SURVIVED {name}", flush=True)
             else:
