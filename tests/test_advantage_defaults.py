@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from covo.algorithms.advantages import filter_groups, reinforce_pp
+from covo.algorithms.advantages import filter_groups, masked_whiten, reinforce_pp, reinforce_returns
 
 torch.set_num_threads(1)
 
@@ -56,3 +56,18 @@ def test_filter_groups_of_one_response():
     # rollout.num_samples=1: each response is its own group
     keep = filter_groups(torch.tensor([0.0, 1.0, 0.0]), 1, drop_all_zero=True, drop_all_equal=False)
     assert keep.tolist() == [False, True, False]
+
+
+def test_reinforce_returns_at_kl_coefficient_one_and_without_a_kl_tensor():
+    # kl_coef 1: row 0 [-0.1, -0.2, -0.3 + 1] -> returns [0.4, 0.5, 0.7]; row 1
+    # [-0.4, -0.5 - 1, pad] -> [-1.9, -1.5, 0]
+    returns = reinforce_returns(REWARDS, MASK, token_kl=TOKEN_KL, kl_coef=1.0)
+    torch.testing.assert_close(returns, torch.tensor([[0.4, 0.5, 0.7], [-1.9, -1.5, 0.0]]))
+    # a coefficient without a KL tensor: the sequence rewards alone
+    returns = reinforce_returns(REWARDS, MASK, kl_coef=0.5)
+    torch.testing.assert_close(returns, torch.tensor([[1.0, 1.0, 1.0], [-1.0, -1.0, 0.0]]))
+
+
+def test_the_values_keep_their_dtype_whatever_the_mask():
+    assert reinforce_returns(REWARDS.double(), MASK).dtype == torch.float64
+    assert masked_whiten(torch.ones(2, 3, dtype=torch.bfloat16), MASK).dtype == torch.bfloat16
