@@ -8,7 +8,14 @@ import math
 
 import torch
 
-from covo.algorithms.advantages import filter_groups, masked_whiten, reinforce_pp, reinforce_returns
+from covo.algorithms.advantages import (
+    filter_groups,
+    grpo,
+    masked_whiten,
+    reinforce_pp,
+    reinforce_returns,
+    rloo,
+)
 
 torch.set_num_threads(1)
 
@@ -71,3 +78,55 @@ def test_reinforce_returns_at_kl_coefficient_one_and_without_a_kl_tensor():
 def test_the_values_keep_their_dtype_whatever_the_mask():
     assert reinforce_returns(REWARDS.double(), MASK).dtype == torch.float64
     assert masked_whiten(torch.ones(2, 3, dtype=torch.bfloat16), MASK).dtype == torch.bfloat16
+
+
+def broadcast(values: list[float]) -> torch.Tensor:
+    """Sequence values over MASK's tokens."""
+    return torch.tensor(values)[:, None] * MASK
+
+
+def test_group_baselines_stay_within_their_group():
+    # two groups of two, one token each: RLOO's baseline is the other member of the group
+    rewards, mask = torch.tensor([1.0, 0.0, 3.0, 1.0]), torch.ones(4, 1)
+    torch.testing.assert_close(rloo(rewards, mask, 2), torch.tensor([[1.0], [-1.0], [2.0], [-2.0]]))
+
+
+def test_grpo_adds_eps_to_the_group_std():
+    # group [1, 0]: centred [0.5, -0.5], unbiased std sqrt(0.5); eps 1
+    scale = 0.5 / (math.sqrt(0.5) + 1.0)
+    torch.testing.assert_close(
+        grpo(REWARDS.clamp(min=0), MASK, 2, eps=1.0), broadcast([scale, -scale])
+    )
+
+
+def test_group_advantages_subtract_the_kl_over_real_tokens_only():
+    # kl_coef 1: rewards lose the KL summed over real tokens, 0.6 and 0.9 (not the padding's 9):
+    # 0.4 and -1.9; RLOO: 0.4 - (-1.9) = 2.3 and its opposite
+    advantages = rloo(REWARDS, MASK, 2, token_kl=TOKEN_KL, kl_coef=1.0)
+    torch.testing.assert_close(advantages, broadcast([2.3, -2.3]))
+
+
+def test_group_advantages_ignore_a_kl_tensor_without_a_coefficient_and_vice_versa():
+    plain_rloo, plain_grpo = broadcast([2.0, -2.0]), broadcast([1 / (math.sqrt(2) + 1e-6)] * 2)
+    plain_grpo[1] *= -1
+    for kwargs in ({"token_kl": TOKEN_KL}, {"kl_coef": 0.5}):
+        torch.testing.assert_close(rloo(REWARDS, MASK, 2, **kwargs), plain_rloo)
+        torch.testing.assert_close(grpo(REWARDS, MASK, 2, **kwargs), plain_grpo)
+        # a group of two whitens any penalty away: the mean baseline alone keeps it
+        mean_only = grpo(REWARDS, MASK, 2, scale_by_std=False, **kwargs)
+        torch.testing.assert_close(mean_only, broadcast([1.0, -1.0]))
+
+
+def test_whitening_a_single_value_and_a_small_spread():
+    torch.testing.assert_close(
+        masked_whiten(torch.tensor([[3.0]]), torch.ones(1, 1)), torch.zeros(1, 1)
+    )
+    # values +-0.5: std 0.5 (below 1), so the whitened values are +-1
+    torch.testing.assert_close(
+        masked_whiten(torch.tensor([[0.5, -0.5]]), torch.ones(1, 2)), torch.tensor([[1.0, -1.0]])
+    )
+
+
+def test_group_advantages_keep_the_rewards_dtype():
+    assert grpo(REWARDS.bfloat16(), MASK, 2).dtype == torch.bfloat16
+    assert rloo(REWARDS.bfloat16(), MASK, 2).dtype == torch.bfloat16
