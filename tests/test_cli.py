@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from conftest import ROOT
+from omegaconf import OmegaConf
 
 
 def test_multirun_gives_each_job_its_own_directory(tmp_path):
@@ -29,15 +30,26 @@ def test_multirun_gives_each_job_its_own_directory(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     job_dirs = [p for p in (tmp_path / "debug" / "multiruns").glob("*/*") if p.is_dir()]
-    jobs = sorted(p.name for p in job_dirs)
-    assert jobs == [
-        "0_reward=ground_truth,seed=0",
-        "1_reward=ground_truth,seed=1",
-        "2_reward=majority,seed=0",
-        "3_reward=majority,seed=1",
-    ]
+    # what each job ran, as its own composed config says (not the names Hydra gave the folders)
+    component = {  # the reward component each class logs: the job scored with that class
+        "covo.rewards.ground_truth.GroundTruthReward": "reward/correct",
+        "covo.rewards.majority.MajorityReward": "reward/majority_share",
+    }
+    ran = []
     for job in job_dirs:
-        assert (job / "csv" / "metrics.csv").exists(), job
+        cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
+        trained = OmegaConf.load(job / "config.yaml")  # what train() was given
+        assert (trained.reward._target_, trained.seed) == (cfg.reward._target_, cfg.seed), job
+        ran.append((cfg.reward._target_, cfg.seed))
+        header = (job / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+        assert component[cfg.reward._target_] in header, job
+        assert not set(component.values()) - {component[cfg.reward._target_]} & set(header), job
+    assert sorted(ran) == [
+        ("covo.rewards.ground_truth.GroundTruthReward", 0),
+        ("covo.rewards.ground_truth.GroundTruthReward", 1),
+        ("covo.rewards.majority.MajorityReward", 0),
+        ("covo.rewards.majority.MajorityReward", 1),
+    ]
 
 
 def test_console_counts_steps_and_says_where_the_config_went(tmp_path):

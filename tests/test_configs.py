@@ -14,6 +14,7 @@ from conftest import CONF_DIR, TINY_RUN, compose_config
 from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import Strategy
 from omegaconf import OmegaConf
+from test_reward_yaml_values import knob_values
 
 from covo.launch.settings import check_train
 from covo.launch.train import resolve_auto
@@ -114,9 +115,13 @@ def test_option_instantiates(group, option, tmp_path, problems_file, saved_tiny)
         reward = hydra.utils.instantiate(node)
         module, name = node._target_.rsplit(".", 1)
         assert (type(reward).__module__, type(reward).__name__) == (module, name)
-        for key, value in node.items():  # every knob reached the object
-            if not key.startswith("_") and hasattr(reward, key) and not OmegaConf.is_config(value):
-                assert getattr(reward, key) == value, key
+        # every knob reached the object (those stored under another name mapped explicitly)
+        knobs = {
+            k: v
+            for k, v in leaves(OmegaConf.to_container(node, resolve=True)).items()
+            if k != "_target_"
+        }
+        assert knob_values(reward, knobs) == knobs
     elif group == "algorithm":
         # rewards [1, 0, 0, 1] in groups of 2, one token each, no KL
         rewards, mask = torch.tensor([1.0, 0.0, 0.0, 1.0]), torch.ones(4, 1)

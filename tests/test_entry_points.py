@@ -2,22 +2,30 @@
 reward: train.py, `python -m covo.score`, `python -m covo.study`, `covo.analysis.outcomes` and
 TRL's `CovoReward(<name>)`. A new reward YAML is covered without editing this file.
 
-The oracle for the numbers is `covo.score` on the same responses and token ids: the reward a
-training run, an outcome study's run or TRL builds from the same name gives the same rewards
-(the random control too: its draws depend on the seed, the step, the rank and the group's
-index only, and those are the same here)."""
+The fixture's groups are built so that the options give different rewards on them (every pair
+except the ablations of the CoVo family, `covo` `consistency` `volatility` `covo_linear`
+`covo_guarded`, which the random tiny model scores alike: those are told apart by their
+configs, tests/test_reward_yaml_values.py). The rewards that follow from the answers alone are
+written out by hand (`HAND`); the others' oracle is the option's reward built straight from its
+YAML (`reference`) and called on the same responses and token ids. A training run records
+every group its module scored during `fit`."""
 
 from __future__ import annotations
 
 import json
 import math
+import random
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
+import hydra
 import pytest
 import torch
 from conftest import CONF_DIR, GROUPS_OF_FOUR, compose_config, grpo_config
+from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_reward_yaml_values import DOCUMENTED, knob_values
 
 from covo.analysis.outcomes import check as check_outcomes
 from covo.analysis.outcomes import compose_train, run_overrides
@@ -39,6 +47,80 @@ VIEWS = [  # a reframed view's responses per item (self_harmony compares them)
     ["Restated: 4 * 3.\n\\boxed{12}", "4 * 3 = 7.\n\\boxed{7}"],
 ]
 ITEMS = [{**item, "views": {"reframed": view}} for item, view in zip(GROUPS_OF_FOUR, VIEWS)]
+ITEMS += [
+    {  # a one-line answer; a response whose last number (6) is not boxed; the label 6
+        "prompt": "What is 2 + 3?",
+        "responses": [
+            "\\boxed{5}",
+            "2 + 3 = 5.\nThe answer is: \\boxed{5}",
+            "2 + 3 = 6.\nSo 6.",
+            "Adding: 2 + 3.\nIt is 6.\nCheck: 6.\n\\boxed{6}",
+        ],
+        "answer": "6",
+        "views": {"reframed": ["\\boxed{6}", "Restated: 3 + 2.\n\\boxed{6}"]},
+    },
+    {  # the majority (3), the label (8) and the answer of both views (9) all differ
+        "prompt": "What is 4 + 4?",
+        "responses": [
+            "4 + 4 = 3.\n\\boxed{3}",
+            "Four and four.\nThat is 3.\nThe answer is: \\boxed{3}",
+            "4 + 4 = 8.\n\\boxed{8}",
+            "4 + 4 = 9.\nSo the answer is: \\boxed{9}",
+        ],
+        "answer": "8",
+        "views": {"reframed": ["\\boxed{9}", "Restated: 4 * 2.\n\\boxed{9}"]},
+    },
+]
+# each response's answer as `boxed_or_last_number` reads it
+ANSWERS = [
+    ["19", "18", "19", None],
+    ["12", "7", "12", "7"],
+    ["5", "5", "6", "6"],
+    ["3", "3", "8", "9"],
+]
+
+
+def restrain_by_hand(answers: list[str | None]) -> list[float]:
+    """RESTRAIN with docs/rewards.md's constants: r_i = g(top share) * g(f_a) / sum_b g(f_b)
+    for response i's answer a, g(f) = exp(-(f - 1)^2 / (2 * 0.5^2)); 0 without an answer; -0.5
+    for every response when the top share is below 0.3."""
+    shares = {a: c / N for a, c in Counter(a for a in answers if a is not None).items()}
+    g = {a: math.exp(-((f - 1) ** 2) / 0.5) for a, f in shares.items()}
+    top = max(shares.values())
+    if top < 0.3:
+        return [-0.5] * N
+    u = math.exp(-((top - 1) ** 2) / 0.5)
+    return [0.0 if a is None else u * g[a] / sum(g.values()) for a in answers]
+
+
+def coins_by_hand(index: int) -> list[float]:
+    """The random control's draws for group `index` at seed 0, step 0, rank 0 (docs/rewards.md:
+    Bernoulli(0.5) from a generator seeded with "seed/step/rank/index")."""
+    rng = random.Random(f"0/0/0/{index}")
+    return [float(rng.random() < 0.5) for _ in range(N)]
+
+
+# what the options give on ITEMS, from the answers alone (labels 19, 12, 6, 8; the reframed
+# view's answers 19 18, 12 7, 6 6, 9 9)
+HAND = {
+    "majority": [[1, 0, 1, 0], [1, 0, 1, 0], [1, 1, 0, 0], [1, 1, 0, 0]],
+    "vote_share": [[0.5, 0.25, 0.5, 0], [0.5] * 4, [0.5] * 4, [0.5, 0.5, 0.25, 0.25]],
+    "ground_truth": [[1, 0, 1, 0], [1, 0, 1, 0], [0, 0, 1, 1], [0, 0, 1, 0]],
+    "negated_ground_truth": [[-1, 0, -1, 0], [-1, 0, -1, 0], [0, 0, -1, -1], [0, 0, -1, 0]],
+    "format": [[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 1], [1, 1, 1, 1]],  # a box, whatever is in it
+    "self_harmony": [[1, 0, 1, 0], [1, 0, 1, 0], [0, 0, 1, 1], [0, 0, 0, 1]],
+    "restrain": [restrain_by_hand(answers) for answers in ANSWERS],
+    "random": [coins_by_hand(index) for index in range(len(ANSWERS))],
+}
+# rewards the tiny model cannot tell apart on ITEMS (see the module's docstring)
+ALIKE = {"covo", "consistency", "volatility", "covo_linear", "covo_guarded"}
+
+
+def reference(name: str, tmp_path: Path):
+    """The option's reward built from its YAML alone (seed 0), not through an entry point."""
+    return hydra.utils.instantiate(
+        compose_config("train", [f"reward={name}", "seed=0"], tmp_path).reward
+    )
 
 
 def test_every_reward_option_is_covered():
@@ -98,14 +180,45 @@ def assert_scores_groups(rewards: list[list[float]], expected: list[list[float]]
     assert rewards == [pytest.approx(e, abs=1e-6) for e in expected]
 
 
-@pytest.mark.parametrize("name", REWARDS)
-def test_score(name, scored):
-    assert [len(r) for r in scored[name]] == [N] * len(ITEMS)
-    assert all(math.isfinite(r) for group in scored[name] for r in group)
+def test_the_fixture_tells_the_options_apart(scored):
+    alike = [
+        (a, b)
+        for i, a in enumerate(REWARDS)
+        for b in REWARDS[i + 1 :]
+        if scored[a] == scored[b] and not {a, b} <= ALIKE
+    ]
+    assert not alike
 
 
 @pytest.mark.parametrize("name", REWARDS)
-def test_train_py(name, tiny_cfg, scored):
+def test_score(name, scored, tmp_path):
+    by_hand = HAND.get(name)
+    expected = by_hand or rewards_of(reference(name, tmp_path), build_tiny())
+    assert_scores_groups(scored[name], expected)
+
+
+class Recording:
+    """The wrapped reward, keeping every group it was given and the rewards it gave; with a
+    `reference`, also the rewards that one gives the same group with the same scorer."""
+
+    def __init__(self, inner, reference=None):
+        self.inner, self.reference = inner, reference
+        self.groups, self.rewards, self.expected = [], [], []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, group, scorer):
+        result = self.inner(group, scorer)
+        self.groups.append(group)
+        self.rewards.append(list(result.rewards))
+        if self.reference is not None:
+            self.expected.append(list(self.reference(group, scorer).rewards))
+        return result
+
+
+@pytest.mark.parametrize("name", REWARDS)
+def test_train_py(name, tiny_cfg, scored, tmp_path):
     cfg = tiny_cfg(
         f"reward={name}",
         "seed=0",
@@ -117,13 +230,23 @@ def test_train_py(name, tiny_cfg, scored):
         "callbacks=none",
         "algorithm.filter.drop_all_zero=false",  # the random tiny model earns no reward
     )
+    named = compose_config("train", [f"reward={name}"], tmp_path / "named").reward
+    assert OmegaConf.to_container(cfg.reward) == OmegaConf.to_container(named)
     module, datamodule, trainer = build(cfg)
+    cls, values = DOCUMENTED[name]
+    assert f"{type(module.reward).__module__}.{type(module.reward).__name__}" == cls
+    values = {k: 0 if k == "seed" else v for k, v in values.items()}  # the run's seed
+    assert knob_values(module.reward, values) == values
     assert_scores_groups(rewards_of(module.reward, policy_of(module)), scored[name])
+    module.reward = seen = Recording(module.reward, reference(name, tmp_path))
     trainer.fit(module, datamodule=datamodule)
     events = EventAccumulator(trainer.logger.log_dir)
     events.Reload()
     (mean,) = [e.value for e in events.Scalars("reward/mean")]
-    assert math.isfinite(mean)
+    assert len(seen.groups) == 1 and len(seen.rewards[0]) == cfg.rollout.num_samples
+    assert seen.rewards == [pytest.approx(e, abs=1e-6) for e in seen.expected]
+    expected = [r for rewards in seen.expected for r in rewards]
+    assert mean == pytest.approx(math.fsum(expected) / len(expected), abs=1e-5)
 
 
 @pytest.mark.parametrize("name", REWARDS)
@@ -163,20 +286,6 @@ def test_study(name, tmp_path, study_cache):
     assert [len(p["rewards"][name]["scores"]) for p in results["prompts"]] == [N, N]
 
 
-class Recording:
-    """The wrapped reward, keeping every group it was given."""
-
-    def __init__(self, inner):
-        self.inner, self.groups = inner, []
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def __call__(self, group, scorer):
-        self.groups.append(group)
-        return self.inner(group, scorer)
-
-
 @pytest.mark.parametrize("name", REWARDS)
 def test_trl(name, tmp_path, scored):
     pytest.importorskip("trl")
@@ -204,7 +313,7 @@ def test_trl(name, tmp_path, scored):
             ids.append(encode(loaded.tokenizer, text) + [loaded.tokenizer.eos_token_id])
             answers.append(item["answer"])
     judge = reward.reward
-    reward.reward = seen = Recording(judge)
+    reward.reward = seen = Recording(judge, reference(name, tmp_path))
     out = reward(
         prompts=prompts,
         completions=completions,
@@ -215,11 +324,13 @@ def test_trl(name, tmp_path, scored):
     )
     views = declared_views(judge)
     if not views:
-        assert_scores_groups([out[:N], out[N:]], scored[name])
+        assert_scores_groups([out[i : i + N] for i in range(0, len(out), N)], scored[name])
         return
     # TRL samples the original prompts only: the reward samples each view from the live policy,
-    # N responses to the prompt put through the view's template
-    assert len(out) == 2 * N and all(math.isfinite(r) for r in out)
+    # N responses to the prompt put through the view's template; the rewards are the option's
+    # own on the groups (and views) it was given
+    assert out == pytest.approx([r for rewards in seen.expected for r in rewards], abs=1e-6)
+    assert len(out) == len(ITEMS) * N and len(seen.groups) == len(ITEMS)
     for group, item in zip(seen.groups, ITEMS):
         for view, template in views.items():
             sampled = group.views[view]

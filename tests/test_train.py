@@ -280,8 +280,9 @@ def test_validation_accuracy_is_pooled_over_batches_and_its_best_kept(tiny_cfg, 
 
 
 def test_fp16_clips_and_logs_the_unscaled_gradient_norm(tiny_cfg, tmp_path):
-    # the same seed samples the same responses in fp32 and fp16 on the tiny model; a norm
-    # read before the GradScaler unscales would be ~65,536 times the fp32 one
+    # a norm read before the GradScaler unscales would be ~65,536 (its first scale, 2**16) times
+    # the fp32 one; fp16 kernels may sample other tokens than fp32 on another CPU, so the two
+    # runs' norms are compared within a factor 8, not to the token
     norms = {}
     for precision in ("32-true", "16-mixed"):
         cfg = tiny_cfg(
@@ -295,7 +296,9 @@ def test_fp16_clips_and_logs_the_unscaled_gradient_norm(tiny_cfg, tmp_path):
         out = train(cfg)
         norms[precision] = scalars(out["tensorboard_dir"])["train/grad_norm"]
     assert norms["32-true"][0] > 0.5
-    assert norms["16-mixed"] == pytest.approx(norms["32-true"], rel=0.01)
+    assert len(norms["16-mixed"]) == len(norms["32-true"]) == 2
+    for fp16, fp32 in zip(norms["16-mixed"], norms["32-true"]):
+        assert fp32 / 8 < fp16 < fp32 * 8, (fp16, fp32)
 
 
 VAL_RESPONSES = [
