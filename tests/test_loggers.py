@@ -7,6 +7,7 @@ import glob
 import importlib.util
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,11 @@ def test_logger_wandb_offline_records_reward_mean(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = run(tmp_path, "wandb")
     (path,) = glob.glob(f"{tmp_path}/run/wandb/offline-run-*/*.wandb")
+    # W&B's service writes the file on its own: wait for the run's exit record
+    deadline = time.monotonic() + 60
+    while not any(r.WhichOneof("record_type") == "exit" for r in wandb_records(path)):
+        assert time.monotonic() < deadline, "the offline run file never got its exit record"
+        time.sleep(0.5)
     history = [
         {
             item.key or "/".join(item.nested_key): json.loads(item.value_json)
