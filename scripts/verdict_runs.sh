@@ -6,7 +6,8 @@
 #   bash scripts/verdict_runs.sh headline   # 6 rewards x 10 seeds, calibrated lab, lr 3.3e-5, KL 0.1
 #   bash scripts/verdict_runs.sh predict    # the prediction's setting: 10 rewards x 3 seeds, lr 5e-5, KL 0.1
 #   bash scripts/verdict_runs.sh qwen15     # CoVo's premise on Qwen2.5-Coder-1.5B (the qwen15 extra)
-# Each runs one process on one core at the lowest priority (nice 19), so other work goes first.
+# Each runs one process on one core at the lowest priority (nice 19), so other work goes first;
+# further arguments are overrides of that study (two at once: `... predict cores=[1]`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${COVO_OUTCOMES_DIR:-$HOME/.cache/covo/outcomes}
@@ -14,22 +15,24 @@ studies=${COVO_STUDY_DIR:-$HOME/.cache/covo/studies}
 python=${PYTHON:-.venv/bin/python}
 lab='"experiment=toy_calibrated_learns","callbacks.heldout_eval.batch_size=32","callbacks.heldout_eval.extractor=boxed"'
 run() { OMP_NUM_THREADS=1 nice -n 19 "$python" "$@"; }
-case "${1:?usage: scripts/verdict_runs.sh headline|predict|qwen15}" in
+what=${1:?usage: scripts/verdict_runs.sh headline|predict|qwen15 [overrides]}
+shift
+case "$what" in
   headline)
     run -m covo.analysis.outcomes name=headline_lr3.3e-5_kl0.1 hydra.run.dir="$out/headline_lr3.3e-5_kl0.1" \
       train.model=toy_calibrated train.data=toy_calibrated \
       'rewards=[ground_truth,majority,covo,covo_paper,random,seq_logprob]' \
       seeds=10 jobs=1 train.steps=60 eval_every=10 'baselines=[random,ground_truth]' \
-      "train.extra=[$lab,\"optimizer.lr=3.3e-5\",\"algorithm.kl_coef=0.1\"]" ;;
+      "train.extra=[$lab,\"optimizer.lr=3.3e-5\",\"algorithm.kl_coef=0.1\"]" "$@" ;;
   predict)
     run -m covo.analysis.outcomes name=predict_lr5e-5_kl0.1 hydra.run.dir="$out/predict_lr5e-5_kl0.1" \
       train.model=toy_calibrated train.data=toy_calibrated \
       'rewards=[seq_logprob,vote_share,majority,entropy,covo_guarded,covo,covo_paper,self_certainty,random,ground_truth]' \
       seeds=3 jobs=1 train.steps=60 eval_every=10 'baselines=[random,ground_truth]' \
-      "train.extra=[$lab,\"optimizer.lr=5e-5\",\"algorithm.kl_coef=0.1\"]" ;;
+      "train.extra=[$lab,\"optimizer.lr=5e-5\",\"algorithm.kl_coef=0.1\"]" "$@" ;;
   qwen15)
     run -m covo.study model=qwen_coder_15b threads=1 device=cpu reward_extractor=boxed_or_last_number \
       'rewards=[covo,covo_paper,majority,self_certainty,entropy,seq_logprob]' \
-      hydra.run.dir="$studies/qwen15" ;;
+      hydra.run.dir="$studies/qwen15" "$@" ;;
   *) echo "usage: scripts/verdict_runs.sh headline|predict|qwen15" >&2; exit 2 ;;
 esac
