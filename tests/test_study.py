@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -251,3 +253,23 @@ def test_weights_written_anew_in_the_same_folder_are_sampled_anew(tmp_path):
     weights.write_bytes(weights.read_bytes())  # a new pretraining run writes the folder again
     os.utime(weights, ns=(1, 1))
     assert samples_path(cfg) != before
+
+
+def test_a_reward_yaml_of_your_own_folder_is_found_through_hydra_searchpath(tmp_path):
+    """`covo study` composes each reward as a run does: a YAML in the user's folder, on the
+    run's `hydra.searchpath`, scores the samples as covo's own option of that class does."""
+    (tmp_path / "conf" / "reward").mkdir(parents=True)
+    (tmp_path / "conf" / "reward" / "my_share.yaml").write_text(
+        "_target_: covo.rewards.majority.VoteShareReward\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "covo", "study", *TINY, "reward_extractor=boxed_or_last_number",
+         f"paths.cache_dir={tmp_path / 'cache'}", "rewards=[vote_share,my_share]",
+         "baseline=vote_share",
+         f"hydra.searchpath=[file://{tmp_path / 'conf'}]", f"hydra.run.dir={tmp_path / 'out'}"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rewards = json.loads((tmp_path / "out" / RESULTS_FILE).read_text())["rewards"]
+    assert rewards["my_share"]["reward_accuracy"] == rewards["vote_share"]["reward_accuracy"]
+    assert rewards["my_share"]["auroc"] == rewards["vote_share"]["auroc"]

@@ -24,6 +24,8 @@ from pathlib import Path
 import hydra
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 
 from covo.analysis.plots import accuracy_bins_figure, save_figure
@@ -50,13 +52,20 @@ PLOT_FILE = "reward_accuracy_by_bin.png"
 
 
 def reward_config(name: str) -> DictConfig:
-    """`conf/reward/<name>.yaml` as `reward=<name>` composes it (its defaults list resolved)."""
-    if not (CONF_DIR / "reward" / f"{name}.yaml").is_file():
-        raise SettingError(f"unknown reward '{name}' in rewards: no conf/reward/{name}.yaml")
-    if GlobalHydra.instance().is_initialized():
-        return compose(overrides=[f"+reward={name}"]).reward
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose(overrides=[f"+reward={name}"]).reward
+    """`reward/<name>.yaml` as `reward=<name>` composes it (its defaults list resolved): from
+    covo's `conf/` or, inside a run, from any folder of the run's `hydra.searchpath`."""
+    overrides = [f"+reward={name}"]
+    try:
+        if GlobalHydra.instance().is_initialized():
+            if HydraConfig.initialized() and HydraConfig.get().searchpath:
+                overrides.append(f"hydra.searchpath=[{','.join(HydraConfig.get().searchpath)}]")
+            return compose(overrides=overrides).reward
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            return compose(overrides=overrides).reward
+    except MissingConfigException:
+        raise SettingError(
+            f"unknown reward '{name}' in rewards: no conf/reward/{name}.yaml"
+        ) from None
 
 
 def check(cfg: DictConfig) -> list[str]:
