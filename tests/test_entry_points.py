@@ -28,10 +28,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from test_reward_yaml_values import DOCUMENTED, knob_values
 
 from covo.analysis.outcomes import check as check_outcomes
-from covo.analysis.outcomes import compose_train, run_overrides
+from covo.analysis.outcomes import run_overrides
 from covo.analysis.score import make_group, score
 from covo.analysis.study import RESULTS_FILE, study
 from covo.data.jsonl import DataError
+from covo.infra.configs import compose_run
 from covo.launch.train import build, resolve_auto
 from covo.models.loading import build_tiny
 from covo.rewards.base import label_for
@@ -253,7 +254,7 @@ def test_train_py(name, tiny_cfg, scored, tmp_path):
 def test_outcomes(name, tmp_path, scored):
     cfg = compose_config("outcomes", ["train.model=tiny", f"rewards=[{name}]", "seeds=1"], tmp_path)
     names, seeds = check_outcomes(cfg)  # composes and checks each run's whole config
-    run_cfg = compose_train(run_overrides(cfg, name, seeds[0]))
+    run_cfg = compose_run("train", run_overrides(cfg, name, seeds[0]))
     run_cfg.paths.output_dir = str(tmp_path / "run")
     resolve_auto(run_cfg)
     module, _, _ = build(run_cfg)

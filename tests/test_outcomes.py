@@ -8,10 +8,14 @@ import math
 import re
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, compose_config
+from conftest import CONF_DIR, ROOT, compose_config
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
 from scipy import stats
 from torch.utils.tensorboard import SummaryWriter
 
@@ -279,7 +283,96 @@ def test_the_command_line_rejects_an_unknown_reward_with_exit_2(tmp_path):
         capture_output=True, text=True, cwd=ROOT, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: rewards: unknown reward 'nope' (no conf/reward/nope.yaml)"
+    assert proc.stderr.strip() == (
+        "error: rewards: unknown reward 'nope' (no reward/nope.yaml in covo's conf/ or the run's "
+        "hydra.searchpath)"
+    )
+
+
+USER_REWARD = """
+from covo.rewards.majority import MajorityReward
+
+
+class ScaledMajority(MajorityReward):
+    def __init__(self, scale: float = 1.0, **answers):
+        super().__init__(**answers)
+        self.scale = scale
+"""
+
+
+@contextmanager
+def inside_run(overrides: list[str], output_dir: Path):
+    """The outcomes config as `covo outcomes ...` runs it: its Hydra settings (searchpath)
+    those of the run in progress."""
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("outcomes", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+        cfg.paths.output_dir = str(output_dir)
+    try:
+        yield cfg
+    finally:
+        HydraConfig.instance().cfg = None
+
+
+def test_a_reward_of_your_own_folder_is_found_through_hydra_searchpath(
+    tmp_path, stub_training, monkeypatch
+):
+    """Each run's config is composed, checked and launched with the study's `hydra.searchpath`:
+    the user's YAML (its class on the user's path) becomes the run's reward."""
+    mine = tmp_path / "mine"
+    (mine / "conf" / "reward").mkdir(parents=True)
+    (mine / "outcomes_user_rewards.py").write_text(USER_REWARD)
+    (mine / "conf" / "reward" / "scaled_majority.yaml").write_text(
+        "_target_: outcomes_user_rewards.ScaledMajority\nscale: 0.25\n"
+    )
+    monkeypatch.syspath_prepend(str(mine))
+    composed = {}
+
+    def check_train(cfg):
+        reward = real_check_train(cfg)
+        composed[cfg.seed, type(reward).__name__] = (cfg.reward, reward)
+        return reward
+
+    real_check_train = outcomes_module.check_train
+    monkeypatch.setattr(outcomes_module, "check_train", check_train)
+    launched, _ = stub_training
+    searchpath = f"hydra.searchpath=[file://{mine / 'conf'}]"
+    overrides = ["train.model=tiny", "rewards=[majority,scaled_majority]", "seeds=[3]", searchpath]
+    with inside_run(overrides, tmp_path / "study") as cfg:
+        results = outcomes(cfg)
+    node, reward = composed[3, "ScaledMajority"]
+    assert node._target_ == "outcomes_user_rewards.ScaledMajority" and node.scale == 0.25
+    assert reward.scale == 0.25
+    assert composed[3, "MajorityReward"][0]._target_ == "covo.rewards.majority.MajorityReward"
+    assert results["rewards"]["scaled_majority"]["runs"] == 1
+    # the training process gets the searchpath: its command composes the user's reward
+    command = next(c for r, _, c in launched if r == "scaled_majority")
+    train_args = command[command.index("train") + 1 :]
+    assert f"hydra.searchpath=['file://{mine / 'conf'}']" in train_args
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        run = compose("train", [a for a in train_args if not a.startswith("hydra.run.")])
+    assert run.reward._target_ == "outcomes_user_rewards.ScaledMajority" and run.seed == 3
+
+
+def test_a_reward_in_no_folder_of_the_searchpath_is_one_line_naming_rewards(
+    tmp_path, stub_training, capsys
+):
+    (tmp_path / "conf" / "reward").mkdir(parents=True)
+    overrides = [
+        "train.model=tiny",
+        "rewards=[majority,not_there]",
+        f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+    ]
+    with inside_run(overrides, tmp_path / "study") as cfg, pytest.raises(SystemExit):
+        exit_on_user_error(outcomes)(cfg)
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "error: rewards: unknown reward 'not_there' (no reward/not_there.yaml in covo's conf/ "
+        "or the run's hydra.searchpath)"
+    )
+    assert stub_training[0] == []
 
 
 @pytest.mark.slow

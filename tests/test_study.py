@@ -197,7 +197,7 @@ def test_verdict_and_state_numbers_of_hand_made_samples(tmp_path, hand_made, cap
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (["rewards=[majority,nope]"], "unknown reward 'nope' in rewards: no conf/reward/nope.yaml"),
+        (["rewards=[majority,nope]"], "rewards: unknown reward 'nope'"),
         (["rewards=[covo]"], "baseline 'majority' is not one of rewards ['covo']"),
         (["accuracy_bins=[0.2,1.0]"], "accuracy_bins must rise from <= 0 to >= 1"),
     ],

@@ -1,8 +1,9 @@
 """Which reward, used for training, makes the model better?
 `python -m covo.analysis.outcomes train.model=tiny rewards=[ground_truth,majority] seeds=5`
 
-Trains every reward of `rewards` with every seed, each run its own `python train.py` process
-pinned to one core (`taskset -c`, `threads=1`), `jobs` at once, with the held-out evaluation
+Trains every reward of `rewards` (covo's, or a YAML in a folder of the study's `hydra.searchpath`,
+which every run gets too) with every seed, each run its own `python train.py` process pinned to
+one core (`taskset -c`, `threads=1`), `jobs` at once, with the held-out evaluation
 callback (`callbacks=heldout_eval`: sampled accuracy at T = 1, greedy accuracy and maj@N at
 step 0 and every `eval_every` optimizer steps). A run is finished when its `result.json`
 exists; rerunning the same command skips those and resumes the others from their last
@@ -26,8 +27,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import hydra
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
@@ -36,7 +35,7 @@ from covo.analysis.plots import learning_curves_figure, save_figure
 from covo.analysis.report import read_scalars
 from covo.analysis.score import finite
 from covo.callbacks.heldout_eval import read_records
-from covo.infra.configs import conf_dir
+from covo.infra.configs import compose_run, conf_dir, reward_config, searchpath_override
 from covo.infra.errors import SettingError, exit_on_user_error
 from covo.launch.settings import check_train
 from covo.launch.train import resolve_auto
@@ -90,13 +89,6 @@ def run_overrides(cfg: DictConfig, reward: str, seed: int) -> list[str]:
     ]
 
 
-def compose_train(overrides: list[str]) -> DictConfig:
-    if GlobalHydra.instance().is_initialized():
-        return compose("train", overrides=overrides)
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=overrides)
-
-
 def check(cfg: DictConfig) -> tuple[list[str], list[int]]:
     """The rewards and seeds; rejects, before any run starts, what no run could use."""
     if OmegaConf.is_missing(cfg.train, "model"):
@@ -107,8 +99,7 @@ def check(cfg: DictConfig) -> tuple[list[str], list[int]]:
     if not names or len(set(names)) != len(names):
         raise SettingError(f"rewards must name distinct reward configs, got {names}")
     for name in names:
-        if not (CONF_DIR / "reward" / f"{name}.yaml").is_file():
-            raise SettingError(f"rewards: unknown reward '{name}' (no conf/reward/{name}.yaml)")
+        reward_config(name)  # from covo's conf/ or the study's hydra.searchpath
     seeds = seed_list(OmegaConf.to_object(cfg.seeds) if OmegaConf.is_list(cfg.seeds) else cfg.seeds)
     for key in ("eval_every", "train.steps", "jobs"):
         value = OmegaConf.select(cfg, key)
@@ -119,7 +110,7 @@ def check(cfg: DictConfig) -> tuple[list[str], list[int]]:
             raise SettingError(f"{key} must be in (0, 1), got {cfg[key]}")
     for name in names:  # the whole run config, as train.py would compose and check it
         try:
-            train_cfg = compose_train(run_overrides(cfg, name, seeds[0]))
+            train_cfg = compose_run("train", run_overrides(cfg, name, seeds[0]))
         except HydraException as err:
             first = str(err).strip().splitlines()[0]
             raise SettingError(f"train (model, data, overrides, extra): {first}") from None
@@ -166,7 +157,8 @@ def collect(directory: Path, reward: str, seed: int) -> dict:
 
 def train_command(cfg: DictConfig, reward: str, seed: int, directory: Path, core: int) -> list:
     command = ["taskset", "-c", str(core), sys.executable, "-m", "covo", "train"]
-    command += run_overrides(cfg, reward, seed) + [f"hydra.run.dir={directory}"]
+    command += run_overrides(cfg, reward, seed) + searchpath_override()
+    command += [f"hydra.run.dir={directory}"]
     last = directory / "checkpoints" / "last.ckpt"
     return command + ([f"ckpt_path={last}"] if last.is_file() else [])
 

@@ -22,10 +22,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import hydra
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.errors import MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 
 from covo.analysis.plots import accuracy_bins_figure, save_figure
@@ -36,7 +32,7 @@ from covo.answers import AnswerEquivalence, get_extractor
 from covo.data.jsonl import DataError
 from covo.eval.harness import resolve_device
 from covo.infra.checks import apply_rules, instantiate
-from covo.infra.configs import conf_dir
+from covo.infra.configs import conf_dir, reward_config
 from covo.infra.errors import SettingError, exit_on_user_error
 from covo.infra.hardware import set_threads
 from covo.metrics.diagnostics import prompt_outcome, verdict_counts
@@ -49,23 +45,6 @@ log = logging.getLogger(__name__)
 CONF_DIR = conf_dir()
 RESULTS_FILE = "study.json"
 PLOT_FILE = "reward_accuracy_by_bin.png"
-
-
-def reward_config(name: str) -> DictConfig:
-    """`reward/<name>.yaml` as `reward=<name>` composes it (its defaults list resolved): from
-    covo's `conf/` or, inside a run, from any folder of the run's `hydra.searchpath`."""
-    overrides = [f"+reward={name}"]
-    try:
-        if GlobalHydra.instance().is_initialized():
-            if HydraConfig.initialized() and HydraConfig.get().searchpath:
-                overrides.append(f"hydra.searchpath=[{','.join(HydraConfig.get().searchpath)}]")
-            return compose(overrides=overrides).reward
-        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            return compose(overrides=overrides).reward
-    except MissingConfigException:
-        raise SettingError(
-            f"unknown reward '{name}' in rewards: no conf/reward/{name}.yaml"
-        ) from None
 
 
 def check(cfg: DictConfig) -> list[str]:
