@@ -1,20 +1,24 @@
 """covo rewards under sharded parameters (FSDP2 on 2 gloo processes, CPU): each process scores
 its own groups with its own number of forwards, without a hang, and the rewards equal those of
-the whole model; a real GRPOTrainer run under accelerate's FSDP2 plugin does the same."""
+the whole model; a real GRPOTrainer run under accelerate's FSDP2 plugin does the same. Under
+DeepSpeed ZeRO-3 (not installed here) one gathering of every parameter holds a call's forwards."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 from dataclasses import replace
+from importlib.machinery import ModuleSpec
 from pathlib import Path
+from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
 from conftest import ROOT
-from test_trl_integration import N, oracle_group
+from test_trl_integration import N, oracle_group, trainer_with, trl_rows
 
 pytest.importorskip("trl")
 from covo.integrations.trl import CovoReward  # noqa: E402
@@ -109,3 +113,67 @@ def test_grpo_training_under_accelerates_fsdp2_plugin_scores_as_one_process(tmp_
     assert max(map(len, first[0]["completion_ids"])) == 16
     assert max(map(len, first[1]["completion_ids"])) == 6  # rank 1's rows all ended early
     assert first[0]["forwards"] != first[1]["forwards"]
+
+
+class ZeroThree:
+    """The trainer's accelerator as under DeepSpeed ZeRO-3 (its state's `deepspeed_plugin` at
+    stage 3), everything else the real one's."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.state = SimpleNamespace(
+            deepspeed_plugin=SimpleNamespace(zero_stage=3), fsdp_plugin=None
+        )
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def fake_deepspeed(events: list) -> ModuleType:
+    """A `deepspeed` module whose `zero.GatheredParameters` records what it gathers and when
+    it releases them into `events` (DeepSpeed is not installed here)."""
+
+    @contextlib.contextmanager
+    def gathered(params, modifier_rank=None, fwd_module=None, enabled=True):
+        events.append(("gather", {id(p) for p in params}))
+        yield
+        events.append(("release",))
+
+    module = ModuleType("deepspeed")
+    module.__spec__ = ModuleSpec("deepspeed", None)  # found, with no installed metadata
+    module.zero = SimpleNamespace(GatheredParameters=gathered)
+    return module
+
+
+def test_under_zero3_one_gathering_holds_every_forward_of_a_call(tmp_path, monkeypatch):
+    """ZeRO-3's path (DeepSpeed itself cannot run here): each call gathers every parameter of
+    the policy once, before its first forward, and releases them after its last; gradient
+    checkpointing is off for the call's forwards and back on after with the trainer's own
+    settings (TRL forces use_reentrant=True under peft and ZeRO-3); the rewards are those of
+    the unsharded path."""
+    events = []
+    reward = CovoReward("covo_paper", ["stats_token_budget=40"])
+    trainer = trainer_with(reward, tmp_path, gradient_checkpointing_kwargs={"use_reentrant": True})
+    model = trainer.model
+    model.gradient_checkpointing_enable(trainer.args.gradient_checkpointing_kwargs)
+    inputs, prompts, completions, ids = trl_rows(trainer.processing_class)
+    call = dict(prompts=prompts, completions=completions, completion_ids=ids)
+    plain = reward(**call)
+    assert events == []  # no gathering without ZeRO-3
+    monkeypatch.setitem(sys.modules, "deepspeed", fake_deepspeed(events))  # TRL built first
+    trainer.accelerator = ZeroThree(trainer.accelerator)
+    model.model.register_forward_pre_hook(
+        lambda module, args: events.append(("forward", model.is_gradient_checkpointing))
+    )
+    for _ in range(2):
+        gathered = reward(**call)
+        assert gathered == pytest.approx(plain, abs=1e-6)
+    assert len(set(plain)) > 1
+    calls = [events[: len(events) // 2], events[len(events) // 2 :]]
+    for first, *forwards, last in calls:
+        assert first == ("gather", {id(p) for p in model.parameters()})
+        assert last == ("release",)
+        assert len(forwards) > 2 and set(forwards) == {("forward", False)}
+    assert model.is_gradient_checkpointing
+    layer = model.model.layers[0]
+    assert layer._gradient_checkpointing_func.keywords == {"use_reentrant": True}

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 from transformers import LogitsProcessorList, TrainerCallback
 
+from covo.integrations.trl.sharding import synced_generation
 from covo.models import lora
 from covo.rollout.context_cache import ContextCache, split_cache
 from covo.rollout.engine import (
@@ -85,17 +86,6 @@ def completion_of(row: list[int], eos: set[int]) -> list[int]:
 
 def without_eos(ids: list[int], eos: set[int]) -> list[int]:
     return ids[:-1] if ids and ids[-1] in eos else ids
-
-
-def synced_generation(model: nn.Module) -> bool:
-    """Whether `generate` keeps the processes decoding in step (transformers' `synced_gpus`):
-    parameters sharded by FSDP or DeepSpeed ZeRO-3 over several processes."""
-    from transformers.distributed.fsdp import is_fsdp_managed_module
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    world = torch.distributed.get_world_size() if distributed else 1
-    return world > 1 and (is_deepspeed_zero3_enabled() or is_fsdp_managed_module(model))
 
 
 def complete_in_step(model: nn.Module, cache, sequences: Tensor, prompt_mask: Tensor):
