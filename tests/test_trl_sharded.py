@@ -22,6 +22,7 @@ from test_trl_integration import N, oracle_group, trainer_with, trl_rows
 
 pytest.importorskip("trl")
 from covo.integrations.trl import CovoReward  # noqa: E402
+from covo.integrations.trl.capture import complete_in_step, own_rows  # noqa: E402
 from covo.models.loading import build_tiny  # noqa: E402
 from covo.rewards.base import label_for  # noqa: E402
 from covo.rewards.covo.scorer import NaiveScorer  # noqa: E402
@@ -177,3 +178,46 @@ def test_under_zero3_one_gathering_holds_every_forward_of_a_call(tmp_path, monke
     assert model.is_gradient_checkpointing
     layer = model.model.layers[0]
     assert layer._gradient_checkpointing_func.keywords == {"use_reentrant": True}
+
+
+def test_the_completing_forward_of_a_process_whose_rows_ended_early(tmp_path):
+    """Under sharding generate decodes in step: a process whose rows all ended has fed its
+    last token (and copies of it after) while the others decode on. Its completing forward
+    still runs, once, and each row's kept keys and values are those of one forward over its
+    prompt + response (1e-5)."""
+    model = build_tiny().model.eval()
+    prompts = [[1, 87, 85, 265, 201], [1, 33, 2, 201, 1, 279, 85]]
+    width = max(map(len, prompts))
+    input_ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=5,
+            return_dict_in_generate=True,
+        )
+        sequences, cache = out.sequences, out.cache
+        for _ in range(2):  # the finished process decodes on: its last token, then again
+            columns = cache.get_seq_length() + 1
+            full_mask = torch.cat([mask, mask.new_ones(2, columns - width)], 1)
+            model(
+                input_ids=sequences[:, -1:],
+                attention_mask=full_mask,
+                position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0)[:, -1:],
+                cache=cache,
+            )
+    assert cache.get_seq_length() == sequences.shape[1] + 1
+    forwards = []
+    model.model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    with torch.no_grad():
+        cache = complete_in_step(model, cache, sequences, mask)
+    assert len(forwards) == 1
+    rows = [(p + sequences[r, width:].tolist(), width - len(p)) for r, p in enumerate(prompts)]
+    for (ids, _), context in zip(rows, own_rows(cache, rows, "cpu"), strict=True):
+        with torch.no_grad():
+            whole = model(input_ids=torch.tensor([ids]), use_cache=True).cache
+        for (keys, values), layer in zip(context.layers, whole.layers, strict=True):
+            assert torch.allclose(keys, layer.keys, atol=1e-5, rtol=0)
+            assert torch.allclose(values, layer.values, atol=1e-5, rtol=0)
