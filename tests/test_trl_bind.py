@@ -14,7 +14,7 @@ from conftest import grpo_config
 from test_trl_integration import adapted_tiny, dataset, trainer_with, trl_rows
 
 pytest.importorskip("trl")
-from covo.integrations.trl import CovoReward, grpo_trainer  # noqa: E402
+from covo.integrations.trl import CovoReward, checks, grpo_trainer  # noqa: E402
 from covo.integrations.trl import reward as integration  # noqa: E402
 from covo.models.loading import build_tiny  # noqa: E402
 
@@ -49,13 +49,13 @@ def test_strategies_it_cannot_run_under_are_one_line():
         )
     )
     with pytest.raises(ValueError, match=r"^covo rewards under FSDP need FSDP2 \(fsdp_version: 2"):
-        integration.check_strategy(fsdp1, build_tiny().model)
+        checks.check_strategy(fsdp1, build_tiny().model)
     plain = SimpleNamespace(accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=None)))
     model = build_tiny().model
-    integration.check_strategy(plain, model)  # a whole model: nothing to refuse
+    checks.check_strategy(plain, model)  # a whole model: nothing to refuse
     model._tp_size = 2
     with pytest.raises(ValueError, match=r"tensor parallelism \(tp_size 2\) is not supported"):
-        integration.check_strategy(plain, model)
+        checks.check_strategy(plain, model)
 
 
 @pytest.mark.parametrize(
@@ -113,26 +113,26 @@ def test_two_covo_rewards_log_under_their_own_names(tmp_path):
 
 
 def test_settings_that_cost_a_second_forward_are_named_once_at_bind(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="covo.integrations.trl.reward"):
+    with caplog.at_level(logging.WARNING, logger="covo.integrations.trl.checks"):
         trainer_with(CovoReward("self_certainty"), tmp_path, adapted_tiny(0.1))
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and "disable_dropout=True" in lines[0]
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="covo.integrations.trl.reward"):
+    with caplog.at_level(logging.WARNING, logger="covo.integrations.trl.checks"):
         trainer_with(CovoReward("self_certainty"), tmp_path, adapted_tiny(0.0))
     assert not caplog.records
     caplog.clear()
     sliding = build_tiny()
     sliding.model.config.layer_types = ["sliding_attention"] * 2
     sliding.model.config.sliding_window = 4
-    with caplog.at_level(logging.WARNING, logger="covo.integrations.trl.reward"):
+    with caplog.at_level(logging.WARNING, logger="covo.integrations.trl.checks"):
         trainer_with(CovoReward("covo_paper"), tmp_path, sliding)
     (line,) = [r.getMessage() for r in caplog.records]
     assert "not plain full attention" in line and "statistics still come from generate" in line
     caplog.clear()
     first, second = CovoReward("covo"), CovoReward("covo_paper")
     loaded = build_tiny()
-    with caplog.at_level(logging.WARNING, logger="covo.integrations.trl.reward"):
+    with caplog.at_level(logging.WARNING, logger="covo.integrations.trl.checks"):
         trainer = grpo_trainer(
             first,
             reward_funcs=[second],

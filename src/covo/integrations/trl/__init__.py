@@ -7,18 +7,13 @@
 
 `bind` (which `grpo_trainer` calls) also puts the guard, built from `callbacks.collapse_guard`
 of conf/integrations/trl.yaml, among the trainer's callbacks; `callbacks.collapse_guard=null`
-leaves it out.
+leaves it out. What `bind` refuses and warns of: `checks`; the reward under sharded parameters:
+`sharding`; the statistics kept from TRL's own generate: `capture`.
 """
 
+from covo.integrations.trl.checks import GROUP_KEYS, check_whole_groups
 from covo.integrations.trl.guard import CollapseGuardCallback
-from covo.integrations.trl.reward import (
-    GROUP_KEYS,
-    MISSING,
-    CovoReward,
-    check_whole_groups,
-    grpo_trainer,
-    integration_config,
-)
+from covo.integrations.trl.reward import MISSING, CovoReward, grpo_trainer, integration_config
 
 __all__ = [
     "GROUP_KEYS",

@@ -36,9 +36,15 @@ import torch
 from torch import Tensor, nn
 from transformers import LogitsProcessorList, TrainerCallback
 
+from covo.integrations.trl.sharding import synced_generation
 from covo.models import lora
 from covo.rollout.context_cache import ContextCache, split_cache
-from covo.rollout.engine import STAT_NAMES, SamplingStatistics, complete_cache
+from covo.rollout.engine import (
+    STAT_NAMES,
+    SamplingStatistics,
+    complete_cache,
+    position_ids_from,
+)
 
 CACHE_MODES = ("device", "cpu", "none")
 
@@ -80,6 +86,27 @@ def completion_of(row: list[int], eos: set[int]) -> list[int]:
 
 def without_eos(ids: list[int], eos: set[int]) -> list[int]:
     return ids[:-1] if ids and ids[-1] in eos else ids
+
+
+def complete_in_step(model: nn.Module, cache, sequences: Tensor, prompt_mask: Tensor):
+    """`complete_cache` when generate ran in step across processes: every process runs the
+    single-token step (under sharded parameters a forward is a collective), also one whose
+    rows all ended early. That one kept decoding in step with the others, so its cache already
+    holds every column of `sequences` (and copies of the last token after them): its step adds
+    one more column after all of them, which no row's slice reads."""
+    width = cache.get_seq_length() + 1
+    attention_mask = torch.cat(
+        [prompt_mask, prompt_mask.new_ones(len(sequences), width - prompt_mask.shape[1])], 1
+    )
+    model(
+        input_ids=sequences[:, -1:],
+        attention_mask=attention_mask,
+        position_ids=position_ids_from(attention_mask)[:, -1:],
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    return cache
 
 
 def moved(context: ContextCache, device, copy: bool = False) -> ContextCache:
@@ -175,8 +202,9 @@ class GenerationCapture:
         stats = statistics.finish(out.sequences[:, prompt_len:])
         caches = None
         if self.cache != "none":
+            complete = complete_in_step if synced_generation(policy) else complete_cache
             with torch.no_grad():
-                cache = complete_cache(policy, out.cache, out.sequences, prompt_mask)
+                cache = complete(policy, out.cache, out.sequences, prompt_mask)
             rows = [
                 (prompt + without_eos(ids, eos), prompt_len - len(prompt))
                 for prompt, ids in zip(prompts, completions)

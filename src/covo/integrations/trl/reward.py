@@ -15,17 +15,15 @@ read them too, as in covo's own trainer. Each reward's components and diagnostic
 completions' token entropy and self-certainty, are logged through TRL's `log_metric` under
 covo's names (each prefixed with `<reward name>/` when two covo rewards share a trainer).
 
-Under sharded parameters (FSDP2, DeepSpeed ZeRO-3) each process scores its own groups, with
-its own number of forwards, so the reward runs on the full parameters gathered once per call
-(`full_parameters`), as TRL gathers them for generation; FSDP1 and tensor parallelism are
-refused at bind.
+Under sharded parameters (FSDP2, DeepSpeed ZeRO-3) each call runs on the full parameters,
+gathered once (`covo.integrations.trl.sharding`). What `bind` refuses and warns of, and the
+check of each call's rows: `covo.integrations.trl.checks`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import logging
 import time
 import weakref
 from collections.abc import Sequence
@@ -48,23 +46,21 @@ from covo.integrations.trl.capture import (
     GenerationCapture,
     moved,
 )
+from covo.integrations.trl.checks import check_trainer, group_starts, warn_fallbacks
 from covo.integrations.trl.guard import CollapseGuardCallback
+from covo.integrations.trl.sharding import full_parameters
 from covo.metrics.step import group_token_metrics, reward_metrics
 from covo.models import lora
 from covo.models.lora import MissingExtraError
 from covo.rewards.base import Group, GroupReward, label_for
 from covo.rewards.covo.scorer import SCORING_DTYPE_RULE, SCORING_DTYPES, PrefixSharedScorer
-from covo.rollout.context_cache import plain_layers
 from covo.rollout.groups import TOKEN_BUDGET, group_from_ids, group_of
 from covo.rollout.views import declared_views, view_prompts
-
-log = logging.getLogger(__name__)
 
 CONF_DIR = conf_dir()
 MISSING = (
     "covo.integrations.trl needs TRL: pip install -e '.[trl]' (or `bash scripts/setup.sh trl`)"
 )
-GROUP_KEYS = "per_device_train_batch_size, steps_per_generation and num_generations"
 BUDGET_RULE = (
     "stats_token_budget",
     optional(at_least(1, integer_only=True)),
@@ -110,105 +106,6 @@ def integration_config(reward: str, overrides: Sequence[str] = ()) -> DictConfig
     return cfg
 
 
-def check_whole_groups(
-    per_device_train_batch_size: int, steps_per_generation: int, num_generations: int
-) -> None:
-    """Each process generates per_device_train_batch_size x steps_per_generation rows of the
-    sampler's prompt-major order: whole groups only when that is a multiple of the group size."""
-    rows = per_device_train_batch_size * steps_per_generation
-    if rows % num_generations:
-        raise ValueError(
-            f"covo rewards need whole groups on every process: per_device_train_batch_size"
-            f" ({per_device_train_batch_size}) x steps_per_generation ({steps_per_generation})"
-            f" = {rows} is not a multiple of num_generations ({num_generations})"
-        )
-
-
-def group_starts(prompts: list, num_generations: int) -> range:
-    """First row of each group; refuses rows that are not whole contiguous groups (the same
-    prompt `num_generations` times in a row)."""
-    starts = range(0, len(prompts), num_generations)
-    whole = len(prompts) % num_generations == 0 and all(
-        prompts[r] == prompts[s] for s in starts for r in range(s, s + num_generations)
-    )
-    if not whole:
-        raise ValueError(
-            f"covo rewards need whole groups: these {len(prompts)} rows are not whole runs of"
-            f" num_generations ({num_generations}) identical prompts; keep"
-            f" per_device_train_batch_size x steps_per_generation a multiple of num_generations"
-        )
-    return starts
-
-
-def check_whole_eval_groups(per_device_eval_batch_size: int, num_generations_eval: int) -> None:
-    """An evaluation batch of a process holds whole groups only when its rows are a multiple
-    of the evaluation group size (else a group is split across processes or batches)."""
-    if per_device_eval_batch_size % num_generations_eval:
-        raise ValueError(
-            f"covo rewards need whole groups in evaluation too: per_device_eval_batch_size"
-            f" ({per_device_eval_batch_size}) is not a multiple of num_generations_eval"
-            f" ({num_generations_eval})"
-        )
-
-
-def fsdp2_modules(model: torch.nn.Module) -> list:
-    from torch.distributed.fsdp import FSDPModule
-
-    return [module for module in model.modules() if isinstance(module, FSDPModule)]
-
-
-def check_strategy(trainer, model: torch.nn.Module) -> None:
-    """Refuses what `full_parameters` cannot run on: FSDP1 (its forwards need its own
-    wrapper's hooks) and tensor parallelism (each forward is a collective over shards of every
-    layer, and processes score different groups)."""
-    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
-    if plugin is not None and getattr(plugin, "fsdp_version", 1) == 1 and not fsdp2_modules(model):
-        raise ValueError(
-            "covo rewards under FSDP need FSDP2 (fsdp_version: 2 in the accelerate config):"
-            " FSDP1 is not supported"
-        )
-    if (getattr(model, "tp_size", None) or 1) > 1:
-        raise ValueError(
-            f"covo rewards score each process's own groups: tensor parallelism (tp_size"
-            f" {model.tp_size}) is not supported; shard with FSDP2 or ZeRO-3 instead"
-        )
-
-
-@contextlib.contextmanager
-def full_parameters(trainer, model: torch.nn.Module):
-    """The block runs on the policy's full parameters on every process, gathered once: under
-    FSDP2 each sharded module is unsharded and kept so through the block's forwards (none of
-    them is a collective then, whatever their number on each process), resharded after; under
-    DeepSpeed ZeRO-3 TRL's own gathering for generation (`unwrap_model_for_generation`).
-    Costs the full parameters' memory on each process for the reward's time, as generation
-    does. A no-op without sharding."""
-    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
-    if plugin is not None and plugin.zero_stage == 3:
-        from trl.models.utils import unwrap_model_for_generation
-
-        with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator):
-            yield
-        return
-    sharded = fsdp2_modules(model)
-    if not sharded:
-        yield
-        return
-    # each module's own reshard-after-forward setting, put back after (FSDP2 has no getter)
-    resharding = [module._get_fsdp_state()._fsdp_param_group for module in sharded]
-    resharding = [
-        group is not None and group.post_forward_mesh_info is not None for group in resharding
-    ]
-    for module in sharded:
-        module.unshard()
-        module.set_reshard_after_forward(False, recurse=False)
-    try:
-        yield
-    finally:
-        for module, reshard in zip(sharded, resharding):
-            module.reshard()
-            module.set_reshard_after_forward(reshard, recurse=False)
-
-
 def device_token_budget(model: torch.nn.Module) -> int:
     """`stats_token_budget: null`: the tokens of one statistics forward whose keys and values
     and activations (about 2 x layers x kv_heads x head_dim + 16 x hidden values a token) fill
@@ -230,41 +127,6 @@ def token_budget_for(config, element_size: int, free_bytes: int) -> int:
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     values = 2 * config.num_hidden_layers * kv_heads * head_dim + 16 * config.hidden_size
     return min(65536, max(1024, int(BUDGET_SHARE * free_bytes) // (values * element_size)))
-
-
-def check_logits(model: torch.nn.Module) -> None:
-    """covo's statistics read the output head's logits / T; a model that changes them after
-    the head (Gemma 2/3's final softcapping, Cohere's logit_scale) is refused."""
-    config = getattr(model, "config", None)
-    for node in (config, getattr(config, "text_config", None)):
-        if node is None:
-            continue
-        if getattr(node, "final_logit_softcapping", None) is not None:
-            raise ValueError(
-                f"covo rewards read the output head's raw logits: final_logit_softcapping"
-                f" ({node.final_logit_softcapping}) changes them after the head; not supported"
-            )
-        if getattr(node, "logit_scale", None) not in (None, 1, 1.0):
-            raise ValueError(
-                f"covo rewards read the output head's raw logits: logit_scale"
-                f" ({node.logit_scale}) changes them after the head; not supported"
-            )
-
-
-def has_dropout(model: torch.nn.Module) -> bool:
-    """Whether `model` drops units while it trains (a dropout module with p > 0, LoRA's too,
-    or its config's attention dropout)."""
-    attention = getattr(getattr(model, "config", None), "attention_dropout", 0.0) or 0.0
-    return attention > 0 or any(
-        isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()
-    )
-
-
-def plain_cache(model: torch.nn.Module) -> bool:
-    """Whether the model's decoding cache keeps every key and value (no sliding window)."""
-    from transformers import DynamicCache
-
-    return plain_layers(DynamicCache(config=model.config)) is not None
 
 
 @contextlib.contextmanager
@@ -366,17 +228,8 @@ class CovoReward:
         (once per model, however often bound)."""
         if not any(func is self for func in trainer.reward_funcs):
             raise ValueError("bind: this CovoReward is not among the trainer's reward_funcs")
-        args = trainer.args
-        check_whole_groups(
-            args.per_device_train_batch_size, args.steps_per_generation, trainer.num_generations
-        )
-        evaluates = str(args.eval_strategy) not in ("no", "IntervalStrategy.NO")
-        if evaluates or getattr(trainer, "eval_dataset", None) is not None:
-            n_eval = getattr(trainer, "num_generations_eval", None) or trainer.num_generations
-            check_whole_eval_groups(args.per_device_eval_batch_size, n_eval)
+        check_trainer(trainer)
         model = trainer.accelerator.unwrap_model(trainer.model)
-        check_strategy(trainer, model)
-        check_logits(model)
         ours = [f for f in trainer.reward_funcs if isinstance(f, CovoReward)]
         names = [f.__name__ for f in ours]
         if len(set(names)) < len(names):
@@ -391,7 +244,7 @@ class CovoReward:
         self.trainer_ref = weakref.ref(trainer)
         cache = self.capture_cache if self.uses_scorer else "none"
         self.capture = GenerationCapture.install(trainer, cache)
-        self.warn_fallbacks(trainer, model, ours)
+        warn_fallbacks(self, model, ours)
         rollout = getattr(trainer, "rollout_func", None)
         if rollout is not None and not isinstance(rollout, RecordedRollout):
             trainer.rollout_func = RecordedRollout(rollout)
@@ -401,32 +254,6 @@ class CovoReward:
         if self.guard is not None and self.guard not in callbacks:
             callbacks.insert(0, self.guard)
         return self
-
-    def warn_fallbacks(self, trainer, model, ours: list[CovoReward]) -> None:
-        """One warning per setting that makes steps costlier than the capture: dropout
-        (TRL samples with units dropped, so every step runs the batched forward), a cache
-        that is not plain full attention, and a second scorer reward (the kept keys and values
-        go to one of them; the other feeds the completions again)."""
-        name = self.__name__
-        if has_dropout(model):
-            log.warning(
-                f"{name}: the policy has dropout (LoRA dropout too): each step's statistics"
-                " come from a second, batched forward; set disable_dropout=True in GRPOConfig"
-                " (or lora_dropout=0) to read them from generate"
-            )
-        if self.uses_scorer and self.capture_cache != "none" and not plain_cache(model):
-            log.warning(
-                f"{name}: the policy's cache is not plain full attention (a sliding window):"
-                " CoVo's scorer feeds every trajectory again; the statistics still come from"
-                " generate"
-            )
-        scorers = [f for f in ours if f.uses_scorer]
-        if self.uses_scorer and len(scorers) > 1 and scorers[-1] is self:
-            log.warning(
-                f"{name}: {len(scorers)} covo rewards use the scorer: generate's keys and values"
-                " go to the first called, the others feed the trajectories again; keep one"
-                " scorer reward per trainer to avoid it"
-            )
 
     def __call__(
         self, prompts: list, completions: list, completion_ids: list, log_metric=None, **columns
