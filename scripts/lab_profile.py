@@ -25,15 +25,16 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
 from covo.analysis.study import study
+from covo.infra.configs import conf_dir
 from covo.rewards.covo.segmentation import step_ends
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 REWARDS = ["majority", "covo", "seq_logprob"]
 
 
-def study_config(model: str, data: str, problems: int, overrides: list[str]):
-    """The study config of `model` on `data`'s validation problems, as training prompts them."""
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+def study_config(model: str, data: str, problems: int, out: Path, overrides: list[str]):
+    """The study config of `model` on `data`'s validation problems, as training prompts them;
+    its results go to `out`."""
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
         run = compose("train", [f"model={model}", f"data={data}"])
         cfg = compose(
             "study",
@@ -47,6 +48,7 @@ def study_config(model: str, data: str, problems: int, overrides: list[str]):
                 "reward_extractor=boxed",
                 f"sampling.max_new_tokens={run.rollout.max_new_tokens}",
                 "sampling.batch_size=64",
+                f"paths.output_dir={out}",
                 *overrides,
             ],
         )
@@ -95,6 +97,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="model=NAME data=NAME and study overrides")
     parser.add_argument("--problems", type=int, default=64)
     parser.add_argument("--from", dest="done", type=Path, help="a finished study.json")
+    parser.add_argument("--out", type=Path, default=Path("logs/study/lab_profile"),
+                        help="where the study writes study.json")  # fmt: skip
     args = parser.parse_args()
     if args.done:  # states too where its samples are still there (its model is loaded)
         results, states = json.loads(args.done.read_text()), None
@@ -107,7 +111,7 @@ def main() -> None:
             o.split("=", 1) for o in args.overrides if o.split("=")[0] in ("model", "data")
         )
         rest = [o for o in args.overrides if o.split("=")[0] not in ("model", "data")]
-        cfg = study_config(named["model"], named["data"], args.problems, rest)
+        cfg = study_config(named["model"], named["data"], args.problems, args.out, rest)
         results = study(cfg)
         tokenizer = instantiate(cfg.model).tokenizer
         states = mean_states(Path(results["samples"]), tokenizer)
