@@ -31,6 +31,8 @@ from covo.analysis.verdict_stats import rank_agreement
 def cell(c: dict | None) -> str:
     if not c or c.get("value") is None:
         return "-"
+    if c.get("low") is None:  # one seed: no interval
+        return f"{c['value']:+.3f}"
     return f"{c['value']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]"
 
 
@@ -64,14 +66,15 @@ def main() -> None:
                 xs.append(auroc)
                 ys.append(gain["value"])
                 names.append(name)
-                ax.errorbar(
-                    auroc,
-                    gain["value"],
-                    yerr=[[gain["value"] - gain["low"]], [gain["high"] - gain["value"]]],
-                    fmt=marker,
-                    color="gray",
-                    alpha=0.5,
-                )
+                if gain.get("low") is not None:  # one seed: a marker without a bar
+                    ax.errorbar(
+                        auroc,
+                        gain["value"],
+                        yerr=[[gain["value"] - gain["low"]], [gain["high"] - gain["value"]]],
+                        fmt=marker,
+                        color="gray",
+                        alpha=0.5,
+                    )
         ax.scatter(xs, ys, marker=marker, label=study)
         gains = defaultdict(list)
         for run in outcomes["per_run"]:
