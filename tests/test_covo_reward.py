@@ -159,13 +159,18 @@ def test_states_and_branches_passed_to_the_scorer(knobs, cuts, scored_from, pref
 
 def test_scoring_starts_inside_a_token_merged_across_the_brace():
     def tokenize(text: str) -> list[int]:
-        return [ord(p[0]) * 100 + len(p) for p in re.findall(r"\{\d|\\boxed|[^{]", text)]
+        return [ord(p[0]) * 100 + len(p) for p in re.findall(r"\{\d|\\boxed|.", text)]
 
     # "x\boxed{" -> x, \boxed, {   but "x\boxed{4}" -> x, \boxed, {4, }
     branches, starts = build_branches(tokenize, "x\\boxed{", ["4"], "answer")
     assert len(branches[0]) == 4
     assert starts == [2]  # after the common prefix x, \boxed
     assert build_branches(tokenize, "x\\boxed{", ["4"], "template_and_answer")[1] == [0]
+    # the template "{" merges with the answer: "{4", "}" and "{4", "2", "}" are scored whole
+    branches, starts = build_branches(tokenize, "{", ["4", "42"], "answer")
+    assert branches == [[12302, 12501], [12302, 5001, 12501]] and starts == [0, 0]
+    # "x{" and "x{4}": x in common (an odd prefix); the empty answer "x{}": only "}" is scored
+    assert build_branches(tokenize, "x{", ["4", ""], "answer")[1] == [1, 2]
 
 
 def test_several_clusters_can_pass_in_binary_mode():
