@@ -132,18 +132,48 @@ def coins_by_hand(index: int) -> list[float]:
 # what the options give on ITEMS, from the answers alone (labels 19, 12, 6, 8, 8, 8; the
 # reframed view's answers 19 18, 12 7, 6 6, 9 9, 3 3, 8 8)
 HAND = {
-    "majority": [[1, 0, 1, 0], [1, 0, 1, 0], [1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0]],
+    "majority": [
+        [1, 0, 1, 0],
+        [1, 0, 1, 0],
+        [1, 1, 0, 0],
+        [1, 1, 0, 0],
+        [1, 1, 0, 0],
+        [0, 1, 1, 0],
+    ],
     "vote_share": [
-        [0.5, 0.25, 0.5, 0], [0.5] * 4, [0.5] * 4, [0.5, 0.5, 0.25, 0.25],
-        [0.5, 0.5, 0.25, 0], [0.25, 0.5, 0.5, 0],
-    ],  # fmt: skip
-    "ground_truth": [[1, 0, 1, 0], [1, 0, 1, 0], [0, 0, 1, 1], [0, 0, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0]],
+        [0.5, 0.25, 0.5, 0],
+        [0.5] * 4,
+        [0.5] * 4,
+        [0.5, 0.5, 0.25, 0.25],
+        [0.5, 0.5, 0.25, 0],
+        [0.25, 0.5, 0.5, 0],
+    ],
+    "ground_truth": [
+        [1, 0, 1, 0],
+        [1, 0, 1, 0],
+        [0, 0, 1, 1],
+        [0, 0, 1, 0],
+        [1, 1, 0, 0],
+        [1, 0, 0, 0],
+    ],
     "negated_ground_truth": [
-        [-1, 0, -1, 0], [-1, 0, -1, 0], [0, 0, -1, -1], [0, 0, -1, 0], [-1, -1, 0, 0], [-1, 0, 0, 0],
-    ],  # fmt: skip
+        [-1, 0, -1, 0],
+        [-1, 0, -1, 0],
+        [0, 0, -1, -1],
+        [0, 0, -1, 0],
+        [-1, -1, 0, 0],
+        [-1, 0, 0, 0],
+    ],
     # a box, whatever is in it
     "format": [[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 1], [1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 0]],
-    "self_harmony": [[1, 0, 1, 0], [1, 0, 1, 0], [0, 0, 1, 1], [0, 0, 0, 1], [0, 0, 1, 0], [1, 0, 0, 0]],
+    "self_harmony": [
+        [1, 0, 1, 0],
+        [1, 0, 1, 0],
+        [0, 0, 1, 1],
+        [0, 0, 0, 1],
+        [0, 0, 1, 0],
+        [1, 0, 0, 0],
+    ],
     "restrain": [restrain_by_hand(answers) for answers in ANSWERS],
     "random": [coins_by_hand(index) for index in range(len(ANSWERS))],
 }
@@ -363,8 +393,10 @@ def test_study(name, tmp_path, score_records):
     ]
     cfg = compose_config("study", overrides, tmp_path)
     with open_dict(cfg):
-        cfg.problems = {"_target_": "covo.data.jsonl.read_jsonl",
-                        "path": str(write_jsonl(tmp_path / "problems.jsonl", problems))}
+        cfg.problems = {
+            "_target_": "covo.data.jsonl.read_jsonl",
+            "path": str(write_jsonl(tmp_path / "problems.jsonl", problems)),
+        }
     for template in declared_views(reference(name, tmp_path)).values():
         view = [{"prompt": i["prompt"], "responses": i["views"]["reframed"]} for i in ITEMS]
         write_jsonl(samples_path(cfg, template), view)
