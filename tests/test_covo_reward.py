@@ -510,6 +510,8 @@ def test_top1_full_ties_go_to_the_cluster_seen_first():
 def test_top1_ignores_the_threshold_and_no_value_passes_nothing():
     assert pass_top1([0.1, 0.2], [1, 1], 0.5) == [False, True]
     assert pass_threshold([0.1, 0.2], [1, 1], 0.5) == [False, False]
+    # a value at the threshold passes it (the released `>=`)
+    assert pass_threshold([0.5, 0.49, None], [1, 1, 1], 0.5) == [True, False, False]
     # every response one line: no cluster has a value, none passes, every reward is 0
     tokens = [one_line(a, i) for i, a in enumerate(["4", "5", "5"])]
     group, scorer = case_of_tokens(tokens, [[[1.0, 2.0]], [[2.0, 1.0]], [[2.0, 1.0]]])
