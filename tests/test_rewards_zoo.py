@@ -182,3 +182,6 @@ def test_format_reward_wants_a_final_nonempty_box():
     assert out.scores == out.components["format"] == [1.0, 0.0, 0.0, 0.0, 1.0]
     assert list(out.components) == ["format"]
     assert FormatReward()(group(["no box"])).rewards == [0.0]  # N = 1
+    # an equivalence given in Python clusters the answers (here: every two are equal)
+    same = FormatReward(equivalence=lambda a, b: True)(group(texts))
+    assert same.clusters == [0, -1, -1, -1, 0]

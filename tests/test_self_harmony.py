@@ -164,3 +164,13 @@ def test_views_are_trained_on_only_when_asked():
     # built in Python without the knob, the reframed responses only vote for the label
     assert not trains_views(SelfHarmonyReward())
     assert trains_views(SelfHarmonyReward(train_views=True))
+
+
+def test_the_answer_equivalence_given_is_the_one_used():
+    # the reframed view answers 2; the original 12, 12, 7, 7. With the default equivalence no
+    # answer is in both views (all 0); with "equal when the last digits are" 12 is the label
+    view = group(boxed("2", "2"))
+    texts = boxed("12", "12", "7", "7")
+    assert SelfHarmonyReward()(group(texts, reframed=view)).rewards == [0.0] * 4
+    last_digit = SelfHarmonyReward(equivalence=lambda a, b: a[-1] == b[-1])
+    assert last_digit(group(texts, reframed=view)).rewards == [1.0, 1.0, 0.0, 0.0]
