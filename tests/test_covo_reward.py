@@ -12,7 +12,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from covo.rewards.base import Group
-from covo.rewards.covo.reward import NO_ANSWER_SCORE, CoVoReward, build_branches
+from covo.rewards.covo.reward import NO_ANSWER_SCORE, CoVoReward, build_branches, glued_newline
 from covo.rewards.covo.scorer import NaiveScorer
 from covo.rewards.covo.select import pass_threshold, pass_top1
 from covo.rewards.covo.stats import CURIOSITY_FORMS
@@ -535,3 +535,15 @@ def test_covo_guarded_is_covo_with_the_guards_on():
     assert knobs(guarded) == knobs(covo)
     assert (guarded.min_states, guarded.short_penalty, guarded.select) == (2, None, "top1")
     assert (covo.min_states, covo.short_penalty, covo.select) == (1, None, "threshold")
+
+
+def test_a_token_holding_part_of_a_character_is_not_glued_to_the_newline():
+    class Merging:  # "}" and "\n" merge into one token; so do a broken byte and "\n"
+        ids = {"}": [1], "}\n": [2], "\ufffd": [3], "\ufffd\n": [4], "a": [5], "a\n": [5, 10]}
+
+        def encode(self, text, add_special_tokens=False):
+            return self.ids[text]
+
+    assert glued_newline(Merging(), "}", [10]) == [2]
+    assert glued_newline(Merging(), "a", [10]) is None  # no merge: the newline is put after
+    assert glued_newline(Merging(), "\ufffd", [10]) is None
