@@ -73,6 +73,9 @@ def test_reinforce_returns_at_kl_coefficient_one_and_without_a_kl_tensor():
     # a coefficient without a KL tensor: the sequence rewards alone
     returns = reinforce_returns(REWARDS, MASK, kl_coef=0.5)
     torch.testing.assert_close(returns, torch.tensor([[1.0, 1.0, 1.0], [-1.0, -1.0, 0.0]]))
+    # a KL tensor without a coefficient: no penalty (the default coefficient is 0)
+    returns = reinforce_returns(REWARDS, MASK, token_kl=TOKEN_KL)
+    torch.testing.assert_close(returns, torch.tensor([[1.0, 1.0, 1.0], [-1.0, -1.0, 0.0]]))
 
 
 def test_the_values_keep_their_dtype_whatever_the_mask():

@@ -12,7 +12,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from covo.rewards.base import Group
-from covo.rewards.covo.reward import NO_ANSWER_SCORE, CoVoReward, build_branches
+from covo.rewards.covo.reward import NO_ANSWER_SCORE, CoVoReward, build_branches, glued_newline
 from covo.rewards.covo.scorer import NaiveScorer
 from covo.rewards.covo.select import pass_threshold, pass_top1
 from covo.rewards.covo.stats import CURIOSITY_FORMS
@@ -159,13 +159,18 @@ def test_states_and_branches_passed_to_the_scorer(knobs, cuts, scored_from, pref
 
 def test_scoring_starts_inside_a_token_merged_across_the_brace():
     def tokenize(text: str) -> list[int]:
-        return [ord(p[0]) * 100 + len(p) for p in re.findall(r"\{\d|\\boxed|[^{]", text)]
+        return [ord(p[0]) * 100 + len(p) for p in re.findall(r"\{\d|\\boxed|.", text)]
 
     # "x\boxed{" -> x, \boxed, {   but "x\boxed{4}" -> x, \boxed, {4, }
     branches, starts = build_branches(tokenize, "x\\boxed{", ["4"], "answer")
     assert len(branches[0]) == 4
     assert starts == [2]  # after the common prefix x, \boxed
     assert build_branches(tokenize, "x\\boxed{", ["4"], "template_and_answer")[1] == [0]
+    # the template "{" merges with the answer: "{4", "}" and "{4", "2", "}" are scored whole
+    branches, starts = build_branches(tokenize, "{", ["4", "42"], "answer")
+    assert branches == [[12302, 12501], [12302, 5001, 12501]] and starts == [0, 0]
+    # "x{" and "x{4}": x in common (an odd prefix); the empty answer "x{}": only "}" is scored
+    assert build_branches(tokenize, "x{", ["4", ""], "answer")[1] == [1, 2]
 
 
 def test_several_clusters_can_pass_in_binary_mode():
@@ -505,6 +510,8 @@ def test_top1_full_ties_go_to_the_cluster_seen_first():
 def test_top1_ignores_the_threshold_and_no_value_passes_nothing():
     assert pass_top1([0.1, 0.2], [1, 1], 0.5) == [False, True]
     assert pass_threshold([0.1, 0.2], [1, 1], 0.5) == [False, False]
+    # a value at the threshold passes it (the released `>=`)
+    assert pass_threshold([0.5, 0.49, None], [1, 1, 1], 0.5) == [True, False, False]
     # every response one line: no cluster has a value, none passes, every reward is 0
     tokens = [one_line(a, i) for i, a in enumerate(["4", "5", "5"])]
     group, scorer = case_of_tokens(tokens, [[[1.0, 2.0]], [[2.0, 1.0]], [[2.0, 1.0]]])
@@ -528,3 +535,15 @@ def test_covo_guarded_is_covo_with_the_guards_on():
     assert knobs(guarded) == knobs(covo)
     assert (guarded.min_states, guarded.short_penalty, guarded.select) == (2, None, "top1")
     assert (covo.min_states, covo.short_penalty, covo.select) == (1, None, "threshold")
+
+
+def test_a_token_holding_part_of_a_character_is_not_glued_to_the_newline():
+    class Merging:  # "}" and "\n" merge into one token; so do a broken byte and "\n"
+        ids = {"}": [1], "}\n": [2], "\ufffd": [3], "\ufffd\n": [4], "a": [5], "a\n": [5, 10]}
+
+        def encode(self, text, add_special_tokens=False):
+            return self.ids[text]
+
+    assert glued_newline(Merging(), "}", [10]) == [2]
+    assert glued_newline(Merging(), "a", [10]) is None  # no merge: the newline is put after
+    assert glued_newline(Merging(), "\ufffd", [10]) is None

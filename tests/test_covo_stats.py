@@ -122,6 +122,14 @@ def test_curiosity_paper_zero_nlls_and_single_tokens():
     assert curiosity_paper([torch.tensor([0.0, 0.0])]) == 0.0  # all certain: P = U, KL 0
 
 
+def test_curiosity_of_a_confident_step():
+    # [0.6, 0.2] sums to less than 1 and still has P = (0.75, 0.25), KL 0.130812:
+    #   paper c = 0.4 - ln(1.130812) = 0.277064; released e^0.4 - ln(0.130812^(1/3) + 1) = 1.081284
+    step = [torch.tensor([0.6, 0.2])]
+    assert curiosity_paper(step) == pytest.approx(0.277064, abs=1e-6)
+    assert curiosity_released(step) == pytest.approx(1.081284, abs=1e-6)
+
+
 def test_curiosity_released_on_hand_numbers():
     # [1, 1]: e^1 - ln(0 + 1) = 2.718282
     # [3, 1]: e^2 - ln(0.130812^(1/3) + 1) = 7.389056 - ln(1.507617) = 6.978516

@@ -2,12 +2,13 @@
 reward: train.py, `python -m covo.score`, `python -m covo.study`, `covo.analysis.outcomes` and
 TRL's `CovoReward(<name>)`. A new reward YAML is covered without editing this file.
 
-The fixture's groups are built so that the options give different rewards on them (every pair
-except the ablations of the CoVo family, `covo` `consistency` `volatility` `covo_linear`
-`covo_guarded`, which the random tiny model scores alike: those are told apart by their
-configs, tests/test_reward_yaml_values.py). The rewards that follow from the answers alone are
-written out by hand (`HAND`); the others' oracle is the option's reward built straight from its
-YAML (`reference`) and called on the same responses and token ids. A training run records
+The fixture's groups are built so that every two options give different rewards on them
+(`test_the_fixture_tells_the_options_apart`), the ablations of the CoVo family included: its
+last two groups are made of trajectories whose states lean to one answer or the other, on
+which the aggregations part. The rewards that follow from the answers alone are written out by
+hand (`HAND`), those of the CoVo family on those two groups from the states' leanings
+(`COVO_HAND`); the others' oracle is the option's reward built straight from its YAML
+(`reference`) and called on the same responses and token ids. A training run records
 every group its module scored during `fit`."""
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import hydra
 import pytest
 import torch
 from conftest import CONF_DIR, GROUPS_OF_FOUR, compose_config, grpo_config
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_reward_yaml_values import DOCUMENTED, knob_values
 
@@ -31,6 +32,7 @@ from covo.analysis.outcomes import check as check_outcomes
 from covo.analysis.outcomes import run_overrides
 from covo.analysis.score import make_group, score
 from covo.analysis.study import RESULTS_FILE, study
+from covo.analysis.study_samples import samples_path
 from covo.data.jsonl import DataError
 from covo.infra.configs import compose_run
 from covo.launch.train import build, resolve_auto
@@ -71,6 +73,31 @@ ITEMS += [
         "answer": "8",
         "views": {"reframed": ["\\boxed{9}", "Restated: 4 * 2.\n\\boxed{9}"]},
     },
+    # Two groups on which the CoVo aggregations part. The tiny model (seed 0) leans to 3 or to
+    # 8 state by state; with ">" a state closer to the other answer, "<" to the own one
+    # (released distances; the closest pair of distances 0.0018 apart, in means of about 6):
+    {  # 8: ">><<<" (Con 3/5, Vol 2/5) and ">>><<" (2/5, 3/5); 3: "<<<>>" (3/5, 1)
+        "prompt": "What is 4 + 4?",
+        "responses": [
+            "4 + 4 = 8.\n4 + 4 = 9.\nFour and four.\nHmm, wait.\nSo the answer is: \\boxed{8}",
+            "Check: 9.\nYes.\nLet me see.\nFour and four.\nSo the answer is: \\boxed{8}",
+            "Check: 9.\nLet me see.\nThat is 3.\nFour and four.\nSo the answer is: \\boxed{3}",
+            "No idea.",
+        ],
+        "answer": "8",
+        "views": {"reframed": ["\\boxed{3}", "Restated: 4 * 2.\n\\boxed{3}"]},
+    },
+    {  # 8: "><<" (2/3, 1/3); 3: "<<<" and the one-line "<" (1, 0)
+        "prompt": "What is 4 + 4?",
+        "responses": [
+            "So 8.\nFour and four.\n\\boxed{8}",
+            "Restated: 4 * 2.\nMaybe 3.\n\\boxed{3}",
+            "\\boxed{3}",
+            "No idea.",
+        ],
+        "answer": "8",
+        "views": {"reframed": ["\\boxed{8}", "4 * 2 = 8.\n\\boxed{8}"]},
+    },
 ]
 # each response's answer as `boxed_or_last_number` reads it
 ANSWERS = [
@@ -78,6 +105,8 @@ ANSWERS = [
     ["12", "7", "12", "7"],
     ["5", "5", "6", "6"],
     ["3", "3", "8", "9"],
+    ["8", "8", "3", None],
+    ["8", "3", "3", None],
 ]
 
 
@@ -101,20 +130,72 @@ def coins_by_hand(index: int) -> list[float]:
     return [float(rng.random() < 0.5) for _ in range(N)]
 
 
-# what the options give on ITEMS, from the answers alone (labels 19, 12, 6, 8; the reframed
-# view's answers 19 18, 12 7, 6 6, 9 9)
+# what the options give on ITEMS, from the answers alone (labels 19, 12, 6, 8, 8, 8; the
+# reframed view's answers 19 18, 12 7, 6 6, 9 9, 3 3, 8 8)
 HAND = {
-    "majority": [[1, 0, 1, 0], [1, 0, 1, 0], [1, 1, 0, 0], [1, 1, 0, 0]],
-    "vote_share": [[0.5, 0.25, 0.5, 0], [0.5] * 4, [0.5] * 4, [0.5, 0.5, 0.25, 0.25]],
-    "ground_truth": [[1, 0, 1, 0], [1, 0, 1, 0], [0, 0, 1, 1], [0, 0, 1, 0]],
-    "negated_ground_truth": [[-1, 0, -1, 0], [-1, 0, -1, 0], [0, 0, -1, -1], [0, 0, -1, 0]],
-    "format": [[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 1], [1, 1, 1, 1]],  # a box, whatever is in it
-    "self_harmony": [[1, 0, 1, 0], [1, 0, 1, 0], [0, 0, 1, 1], [0, 0, 0, 1]],
+    "majority": [
+        [1, 0, 1, 0],
+        [1, 0, 1, 0],
+        [1, 1, 0, 0],
+        [1, 1, 0, 0],
+        [1, 1, 0, 0],
+        [0, 1, 1, 0],
+    ],
+    "vote_share": [
+        [0.5, 0.25, 0.5, 0],
+        [0.5] * 4,
+        [0.5] * 4,
+        [0.5, 0.5, 0.25, 0.25],
+        [0.5, 0.5, 0.25, 0],
+        [0.25, 0.5, 0.5, 0],
+    ],
+    "ground_truth": [
+        [1, 0, 1, 0],
+        [1, 0, 1, 0],
+        [0, 0, 1, 1],
+        [0, 0, 1, 0],
+        [1, 1, 0, 0],
+        [1, 0, 0, 0],
+    ],
+    "negated_ground_truth": [
+        [-1, 0, -1, 0],
+        [-1, 0, -1, 0],
+        [0, 0, -1, -1],
+        [0, 0, -1, 0],
+        [-1, -1, 0, 0],
+        [-1, 0, 0, 0],
+    ],
+    # a box, whatever is in it
+    "format": [[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 1], [1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 0]],
+    "self_harmony": [
+        [1, 0, 1, 0],
+        [1, 0, 1, 0],
+        [0, 0, 1, 1],
+        [0, 0, 0, 1],
+        [0, 0, 1, 0],
+        [1, 0, 0, 0],
+    ],
     "restrain": [restrain_by_hand(answers) for answers in ANSWERS],
     "random": [coins_by_hand(index) for index in range(len(ANSWERS))],
 }
-# rewards the tiny model cannot tell apart on ITEMS (see the module's docstring)
-ALIKE = {"covo", "consistency", "volatility", "covo_linear", "covo_guarded"}
+# The CoVo family on the last two groups, from the leanings noted there (binary at 0.5; linear
+# RiL = mean Con - mean Vol at 0.05; covo_guarded: only the best cluster passes, one-line
+# trajectories do not vouch). Group 4: the cluster 8 has mean Con 1/2, mean 1 - Vol 1/2 and
+# RiV = |(3/5 e^{0.4i} + 2/5 e^{0.6i}) / 2| = 0.4976; the cluster 3 has Con 3/5, 1 - Vol 0,
+# RiV 3/5. Group 5: cluster 8 (2/3, 1/3), cluster 3 (1, 0) where covo_guarded counts the
+# two-line trajectory only, and the best cluster is 3.
+COVO_HAND = {
+    "covo": [[0, 0, 1, 0], [1, 1, 1, 0]],
+    "covo_last_number": [[0, 0, 1, 0], [1, 1, 1, 0]],  # every answer there is boxed
+    "consistency": [[1, 1, 1, 0], [1, 1, 1, 0]],
+    "volatility": [[1, 1, 0, 0], [1, 1, 1, 0]],
+    "covo_linear": [[0, 0, 0, 0], [1, 1, 1, 0]],
+    "covo_guarded": [[0, 0, 1, 0], [0, 1, 1, 0]],
+}
+LEANINGS = [[">><<<", ">>><<", "<<<>>", None], ["><<", "<<<", "<", None]]
+# Options that give the same rewards on every group by design: none. Each option differs from
+# every other in a knob that changes some group's rewards.
+SAME_BY_DESIGN: set[frozenset[str]] = set()
 
 
 def reference(name: str, tmp_path: Path):
@@ -131,8 +212,8 @@ def test_every_reward_option_is_covered():
 
 
 @pytest.fixture(scope="module")
-def scored(tmp_path_factory) -> dict[str, list[list[float]]]:
-    """covo.score's rewards per reward name: one list of N rewards per item (model=tiny)."""
+def score_records(tmp_path_factory) -> dict[str, list[dict]]:
+    """covo.score's output records per reward name, one per item (model=tiny)."""
     tmp = tmp_path_factory.mktemp("score")
     tokenizer = build_tiny().tokenizer
     source = tmp / "in.jsonl"
@@ -147,9 +228,17 @@ def scored(tmp_path_factory) -> dict[str, list[list[float]]]:
         overrides = ["model=tiny", "device=cpu", "threads=1", "seed=0", f"reward={name}"]
         overrides += [f"input={source}", f"output={target}", "prompt_template='{problem}'"]
         score(compose_config("score", overrides, tmp / name))
-        records = [json.loads(line) for line in target.read_text().splitlines()]
-        out[name] = [[r["reward"] for r in record["responses"]] for record in records]
+        out[name] = [json.loads(line) for line in target.read_text().splitlines()]
     return out
+
+
+@pytest.fixture(scope="module")
+def scored(score_records) -> dict[str, list[list[float]]]:
+    """covo.score's rewards per reward name: one list of N rewards per item."""
+    return {
+        name: [[r["reward"] for r in record["responses"]] for record in records]
+        for name, records in score_records.items()
+    }
 
 
 def rewards_of(reward, loaded) -> list[list[float]]:
@@ -186,9 +275,22 @@ def test_the_fixture_tells_the_options_apart(scored):
         (a, b)
         for i, a in enumerate(REWARDS)
         for b in REWARDS[i + 1 :]
-        if scored[a] == scored[b] and not {a, b} <= ALIKE
+        if scored[a] == scored[b] and frozenset((a, b)) not in SAME_BY_DESIGN
     ]
     assert not alike
+
+
+@pytest.mark.parametrize("name", sorted(COVO_HAND))
+def test_covo_family_on_the_leaning_groups(name, score_records):
+    records = score_records[name][-2:]
+    for record, leanings in zip(records, LEANINGS):
+        # every one of these options reads the distances as covo does
+        leaning = [
+            None if r["ratios"] is None else "".join("<" if x < 1 else ">" for x in r["ratios"])
+            for r in record["responses"]
+        ]
+        assert leaning == leanings
+    assert [[r["reward"] for r in record["responses"]] for record in records] == COVO_HAND[name]
 
 
 @pytest.mark.parametrize("name", REWARDS)
@@ -262,29 +364,58 @@ def test_outcomes(name, tmp_path, scored):
     assert_scores_groups(rewards_of(module.reward, policy_of(module)), scored[name])
 
 
-@pytest.fixture(scope="module")
-def study_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("study_cache")
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
 
 
 @pytest.mark.parametrize("name", REWARDS)
-def test_study(name, tmp_path, study_cache):
+def test_study(name, tmp_path, score_records):
+    """covo.study with ITEMS as its samples (and the reframed view's beside them) gives every
+    prompt the scores and cluster verdicts covo.score gives the same responses."""
+    tokenizer = build_tiny().tokenizer
+    problems = [{"problem": i["prompt"], "answer": i["answer"]} for i in ITEMS]
+    samples = [
+        {"prompt": i["prompt"], "answer": i["answer"], "responses": i["responses"],
+         "response_ids": [encode(tokenizer, t) for t in i["responses"]]}
+        for i in ITEMS
+    ]  # fmt: skip
     overrides = [
         "model=tiny",
         "device=cpu",
         "threads=1",
-        "problems.num_problems=2",
-        "sampling.num_samples=4",
-        "sampling.max_new_tokens=16",
-        "bootstrap.resamples=50",
-        f"paths.cache_dir={study_cache}",  # sampled once, then read by every reward's study
+        "seed=0",
+        "prompt_template='{problem}'",
+        f"sampling.num_samples={N}",
+        "bootstrap.resamples=20",
+        f"samples={write_jsonl(tmp_path / 'samples.jsonl', samples)}",
         f"rewards=[{name}]",
         "baseline=null",
     ]
-    results = study(compose_config("study", overrides, tmp_path))
+    cfg = compose_config("study", overrides, tmp_path)
+    with open_dict(cfg):
+        cfg.problems = {
+            "_target_": "covo.data.jsonl.read_jsonl",
+            "path": str(write_jsonl(tmp_path / "problems.jsonl", problems)),
+        }
+    for template in declared_views(reference(name, tmp_path)).values():
+        view = [{"prompt": i["prompt"], "responses": i["views"]["reframed"]} for i in ITEMS]
+        write_jsonl(samples_path(cfg, template), view)
+    results = study(cfg)
     written = json.loads((tmp_path / RESULTS_FILE).read_text())
     assert list(written["rewards"]) == [name]
-    assert [len(p["rewards"][name]["scores"]) for p in results["prompts"]] == [N, N]
+    scores, hits = [], []
+    for record in score_records[name]:
+        responses, clusters = record["responses"], record["clusters"]
+        scores.append([r["score"] for r in responses if r["score"] is not None])
+        judged = len(clusters) >= 2 and all(c["verdict"] is not None for c in clusters)
+        hits.append(sum(c["verdict"] == c["correct"] for c in clusters) if judged else 0)
+    if name == "random":  # covo.score numbers its groups; the study scores each as group 0
+        scores, hits = [coins_by_hand(0)] * len(ITEMS), None
+    prompts = [p["rewards"][name] for p in results["prompts"]]
+    assert [p["scores"] for p in prompts] == [pytest.approx(s, abs=1e-6) for s in scores]
+    if hits is not None:
+        assert [p["hits"] for p in prompts] == hits
 
 
 @pytest.mark.parametrize("name", REWARDS)

@@ -177,4 +177,11 @@ def test_format_reward_wants_a_final_nonempty_box():
     out = FormatReward()(group(texts))
     assert out.rewards == [1.0, 0.0, 0.0, 0.0, 1.0]
     assert out.answers == ["4", None, None, None, "2"]
+    # the answers' clusters (4 first, then 2), the rewards as scores and as the logged component
+    assert out.clusters == [0, -1, -1, -1, 1]
+    assert out.scores == out.components["format"] == [1.0, 0.0, 0.0, 0.0, 1.0]
+    assert list(out.components) == ["format"]
     assert FormatReward()(group(["no box"])).rewards == [0.0]  # N = 1
+    # an equivalence given in Python clusters the answers (here: every two are equal)
+    same = FormatReward(equivalence=lambda a, b: True)(group(texts))
+    assert same.clusters == [0, -1, -1, -1, 0]

@@ -11,7 +11,13 @@ from covo.rewards.base import Group, GroupReward
 from covo.rewards.harmony import SelfHarmonyReward, harmonic_pseudo_label
 from covo.rewards.majority import MajorityReward
 from covo.rollout.sampling import build_rollout, format_prompts, response_token_stats
-from covo.rollout.views import check_views, concat_rollouts, training_rows, view_prompts
+from covo.rollout.views import (
+    check_views,
+    concat_rollouts,
+    training_rows,
+    trains_views,
+    view_prompts,
+)
 
 torch.set_num_threads(1)
 
@@ -152,3 +158,19 @@ def test_rewards_without_views_train_as_before():
     result = GroupReward(rewards=[1.0, 0.0], answers=["1", None], clusters=[0, -1], scores=[1, 0])
     rollout = object()
     assert training_rows(rollout, rewards, [result], MajorityReward(), 0) == (rollout, rewards)
+
+
+def test_views_are_trained_on_only_when_asked():
+    # built in Python without the knob, the reframed responses only vote for the label
+    assert not trains_views(SelfHarmonyReward())
+    assert trains_views(SelfHarmonyReward(train_views=True))
+
+
+def test_the_answer_equivalence_given_is_the_one_used():
+    # the reframed view answers 2; the original 12, 12, 7, 7. With the default equivalence no
+    # answer is in both views (all 0); with "equal when the last digits are" 12 is the label
+    view = group(boxed("2", "2"))
+    texts = boxed("12", "12", "7", "7")
+    assert SelfHarmonyReward()(group(texts, reframed=view)).rewards == [0.0] * 4
+    last_digit = SelfHarmonyReward(equivalence=lambda a, b: a[-1] == b[-1])
+    assert last_digit(group(texts, reframed=view)).rewards == [1.0, 1.0, 0.0, 0.0]

@@ -65,7 +65,12 @@ def test_tiny_study_end_to_end_and_rescored_from_its_cache(tmp_path, monkeypatch
     lines = [json.loads(line) for line in samples.read_text().splitlines()]
     problems = instantiate(cfg.problems)
     assert [line["prompt"] for line in lines] == [p["problem"] for p in problems]
-    assert all(len(line["responses"]) == len(line["response_ids"]) == 4 for line in lines)
+    assert [line["answer"] for line in lines] == [p["answer"] for p in problems]
+    tokenizer = instantiate(cfg.model).tokenizer
+    for line in lines:  # 4 samples each, the text of their ids; cut only at the 24-token limit
+        decoded = [tokenizer.decode(ids, skip_special_tokens=True) for ids in line["response_ids"]]
+        assert line["responses"] == decoded and len(decoded) == 4
+        assert line["truncated"] == [len(ids) == 24 for ids in line["response_ids"]]
     side = json.loads(samples.with_name(samples.name + ".json").read_text())
     assert side["problems"] == 3 and side["seconds"] > 0
     written = json.loads((tmp_path / RESULTS_FILE).read_text())
@@ -231,9 +236,11 @@ def test_a_reward_scoring_the_same_branches_reuses_the_calls(tmp_path):
     alone = study(
         config(tmp_path, "rewards=[covo_guarded]", "baseline=null", out=tmp_path / "alone")
     )
-    assert both["rewards"]["covo"]["scorer_tokens"]["value"] > 0
+    covo_tokens = both["rewards"]["covo"]["scorer_tokens"]["value"]
+    assert covo_tokens > 0
     assert both["rewards"]["covo_guarded"]["scorer_tokens"]["value"] == 0
-    assert alone["rewards"]["covo_guarded"]["scorer_tokens"]["value"] > 0
+    # alone, covo_guarded feeds exactly the tokens covo fed
+    assert alone["rewards"]["covo_guarded"]["scorer_tokens"]["value"] == covo_tokens
     for with_covo, by_itself in zip(both["prompts"], alone["prompts"]):
         got, want = with_covo["rewards"]["covo_guarded"], by_itself["rewards"]["covo_guarded"]
         assert got["scores"] == want["scores"] and got["hits"] == want["hits"]
