@@ -27,7 +27,6 @@ import os
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -49,7 +48,8 @@ def trivial(completions, **kwargs) -> list[float]:
 
 def run_variant(args) -> dict:
     import torch
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
+    from trl_example import dataset, grpo_config
 
     from covo.integrations.trl import CovoReward
     from covo.integrations.trl.capture import CaptureLifetime
@@ -57,31 +57,17 @@ def run_variant(args) -> dict:
 
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from trl_covo import dataset
-
     cache = os.environ.get("COVO_CACHE_DIR", str(Path("~/.cache/covo").expanduser()))
     load = {"smollm2_135m": loading.load_smollm2, "qwen_coder_05b": loading.load_qwen_coder_05b}
     loaded = load[args.model](cache_dir=cache)
-    rows = args.prompts * args.generations
-    config = GRPOConfig(
-        output_dir=tempfile.mkdtemp(prefix="trl-mem-"),
-        use_cpu=True,
-        bf16=False,
-        per_device_train_batch_size=args.micro,
-        gradient_accumulation_steps=rows // args.micro,
-        num_generations=args.generations,
-        max_completion_length=args.max_new_tokens,
-        temperature=1.0,
-        beta=0.0,
-        learning_rate=1e-6,
-        gradient_checkpointing=False,
-        max_steps=args.steps,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
+    config = grpo_config(
+        prompts=args.prompts,
+        generations=args.generations,
+        max_new_tokens=args.max_new_tokens,
+        steps=args.steps,
         seed=args.seed,
+        micro=args.micro,
+        prefix="trl-mem-",
     )
     reward = trivial
     if args.variant != "trl":
@@ -107,6 +93,7 @@ def run_variant(args) -> dict:
     logs = [e for e in trainer.state.log_history if "loss" in e or "reward" in e]
     return {
         "variant": args.variant,
+        "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
         "peak_rss_gb": peak,
         "rss_before_train_gb": before,
         "step_growth_gb": peak - before,
