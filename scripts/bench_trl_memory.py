@@ -123,6 +123,13 @@ def main() -> None:
         return
     results = []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+
+    def finished(variant: str, process: subprocess.Popen, out: str, err: str) -> None:
+        if process.returncode:
+            sys.exit(f"{variant} failed ({process.returncode}):\n{err[-3000:]}")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+        print(json.dumps(results[-1]), flush=True)
+
     running = []
     for variant in args.variants:
         command = [sys.executable, __file__, "--variant", variant, "--model", args.model]
@@ -130,15 +137,13 @@ def main() -> None:
         command += ["--max-new-tokens", str(args.max_new_tokens), "--steps", str(args.steps)]
         command += ["--micro", str(args.micro)]
         pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        running.append((variant, subprocess.Popen(command, env=env, **pipes)))
-        if not args.parallel:  # each variant ends before the next starts
-            running[-1] = (variant, running[-1][1], running[-1][1].communicate())
-    for variant, process, *done in running:
-        out, err = done[0] if done else process.communicate()
-        if process.returncode:
-            sys.exit(f"{variant} failed ({process.returncode}):\n{err[-3000:]}")
-        results.append(json.loads(out.strip().splitlines()[-1]))
-        print(json.dumps(results[-1]), flush=True)
+        process = subprocess.Popen(command, env=env, **pipes)
+        if args.parallel:
+            running.append((variant, process))
+        else:  # each variant ends, and is printed, before the next starts
+            finished(variant, process, *process.communicate())
+    for variant, process in running:
+        finished(variant, process, *process.communicate())
     base = next((r for r in results if r["variant"] == "trl"), None)
     header = ["variant", "peak RSS GB", "RSS before train GB", "step growth GB"]
     print("| " + " | ".join([*header, "x TRL peak", "x TRL growth", "s"]) + " |")
