@@ -27,7 +27,6 @@ import os
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -49,7 +48,8 @@ def trivial(completions, **kwargs) -> list[float]:
 
 def run_variant(args) -> dict:
     import torch
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
+    from trl_example import dataset, grpo_config
 
     from covo.integrations.trl import CovoReward
     from covo.integrations.trl.capture import CaptureLifetime
@@ -57,31 +57,17 @@ def run_variant(args) -> dict:
 
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from trl_covo import dataset
-
     cache = os.environ.get("COVO_CACHE_DIR", str(Path("~/.cache/covo").expanduser()))
     load = {"smollm2_135m": loading.load_smollm2, "qwen_coder_05b": loading.load_qwen_coder_05b}
     loaded = load[args.model](cache_dir=cache)
-    rows = args.prompts * args.generations
-    config = GRPOConfig(
-        output_dir=tempfile.mkdtemp(prefix="trl-mem-"),
-        use_cpu=True,
-        bf16=False,
-        per_device_train_batch_size=args.micro,
-        gradient_accumulation_steps=rows // args.micro,
-        num_generations=args.generations,
-        max_completion_length=args.max_new_tokens,
-        temperature=1.0,
-        beta=0.0,
-        learning_rate=1e-6,
-        gradient_checkpointing=False,
-        max_steps=args.steps,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
+    config = grpo_config(
+        prompts=args.prompts,
+        generations=args.generations,
+        max_new_tokens=args.max_new_tokens,
+        steps=args.steps,
         seed=args.seed,
+        micro=args.micro,
+        prefix="trl-mem-",
     )
     reward = trivial
     if args.variant != "trl":
@@ -107,6 +93,7 @@ def run_variant(args) -> dict:
     logs = [e for e in trainer.state.log_history if "loss" in e or "reward" in e]
     return {
         "variant": args.variant,
+        "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
         "peak_rss_gb": peak,
         "rss_before_train_gb": before,
         "step_growth_gb": peak - before,
@@ -136,6 +123,13 @@ def main() -> None:
         return
     results = []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+
+    def finished(variant: str, process: subprocess.Popen, out: str, err: str) -> None:
+        if process.returncode:
+            sys.exit(f"{variant} failed ({process.returncode}):\n{err[-3000:]}")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+        print(json.dumps(results[-1]), flush=True)
+
     running = []
     for variant in args.variants:
         command = [sys.executable, __file__, "--variant", variant, "--model", args.model]
@@ -143,15 +137,13 @@ def main() -> None:
         command += ["--max-new-tokens", str(args.max_new_tokens), "--steps", str(args.steps)]
         command += ["--micro", str(args.micro)]
         pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        running.append((variant, subprocess.Popen(command, env=env, **pipes)))
-        if not args.parallel:  # each variant ends before the next starts
-            running[-1] = (variant, running[-1][1], running[-1][1].communicate())
-    for variant, process, *done in running:
-        out, err = done[0] if done else process.communicate()
-        if process.returncode:
-            sys.exit(f"{variant} failed ({process.returncode}):\n{err[-3000:]}")
-        results.append(json.loads(out.strip().splitlines()[-1]))
-        print(json.dumps(results[-1]), flush=True)
+        process = subprocess.Popen(command, env=env, **pipes)
+        if args.parallel:
+            running.append((variant, process))
+        else:  # each variant ends, and is printed, before the next starts
+            finished(variant, process, *process.communicate())
+    for variant, process in running:
+        finished(variant, process, *process.communicate())
     base = next((r for r in results if r["variant"] == "trl"), None)
     header = ["variant", "peak RSS GB", "RSS before train GB", "step growth GB"]
     print("| " + " | ".join([*header, "x TRL peak", "x TRL growth", "s"]) + " |")

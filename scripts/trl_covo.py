@@ -17,30 +17,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from trl_example import dataset, grpo_config
 
-from covo.data.arithmetic import generate
 from covo.integrations.trl import MISSING, CovoReward, grpo_trainer
 from covo.models.loading import load_smollm2
 
-ROOT = Path(__file__).resolve().parents[1]
 SHOWN = ("reward", "reward/", "diag/accuracy", "train/entropy", "collapse/", "time/", "step_time")
-
-
-def dataset(num_problems: int, seed: int):
-    from datasets import Dataset
-
-    template = OmegaConf.load(ROOT / "conf" / "data" / "arithmetic.yaml").prompt_template
-    return Dataset.from_list(
-        [
-            {"prompt": [{"role": "user", "content": template.format(problem=p["problem"])}], **p}
-            for p in generate(num_problems, seed=seed)
-        ]
-    )
 
 
 def main() -> None:
@@ -61,32 +46,19 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     try:
+        import trl  # noqa: F401  (the extra, before anything is loaded)
         from transformers import TrainerCallback
-        from trl import GRPOConfig
     except ImportError:
         sys.exit(f"error: {MISSING}")
     stop = f"callbacks.collapse_guard.stop_on_alarm={str(args.stop_on_alarm).lower()}"
     reward = CovoReward(args.reward, [stop])
     cache = os.environ.get("COVO_CACHE_DIR", str(Path("~/.cache/covo").expanduser()))
     loaded = load_smollm2(cache_dir=cache)
-    rows = args.prompts * args.generations
-    config = GRPOConfig(
-        output_dir=tempfile.mkdtemp(prefix="trl-covo-"),
-        use_cpu=True,
-        bf16=False,
-        per_device_train_batch_size=rows,
-        gradient_accumulation_steps=1,
-        num_generations=args.generations,
-        max_completion_length=args.max_new_tokens,
-        temperature=1.0,
-        beta=0.0,
-        learning_rate=1e-6,
-        gradient_checkpointing=False,
-        max_steps=args.steps,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
+    config = grpo_config(
+        prompts=args.prompts,
+        generations=args.generations,
+        max_new_tokens=args.max_new_tokens,
+        steps=args.steps,
         seed=args.seed,
     )
 
