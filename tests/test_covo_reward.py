@@ -73,10 +73,10 @@ def make_case(answers, distances, nll_per_token=None):
     return case_of_tokens(tokens, distances, nll_per_token)
 
 
-def case_of_tokens(tokens, distances, nll_per_token=None):
+def case_of_tokens(tokens, distances, nll_per_token=None, prompt=PROMPT):
     """Group of responses made of `tokens[i]` and a scorer returning `distances[i]`."""
     tok = WordTokenizer()
-    prompt_ids = [tok.id(p) for p in PROMPT]
+    prompt_ids = [tok.id(p) for p in prompt]
     ids = [[tok.id(t) for t in ts] for ts in tokens]
     nlls = nll_per_token or [[1.0] * len(ts) for ts in tokens]
     group = Group(
@@ -236,9 +236,41 @@ def test_curiosity_is_added_to_the_reward_when_on():
     assert all(math.isnan(v) for v in off.components["curiosity"])
 
 
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        ("aggregation", "one of linear, vector, consistency, volatility"),
+        ("mode", "binary or continuous"),
+        ("colon_merge", "pairs or chains"),
+        ("distance_tokens", "template_and_answer or answer"),
+        ("volatility_index", "released or paper"),
+        ("select", "threshold or top1"),
+    ],
+)
+def test_an_unknown_choice_is_refused_under_its_own_key(key, expected):
+    with pytest.raises(ValueError, match=rf"^reward\.{key}=bogus: expected {expected}$"):
+        CoVoReward(**{key: "bogus"})
+
+
+@pytest.mark.parametrize(
+    ("knobs", "message"),
+    [
+        ({"threshold": -1.5}, "threshold=-1.5: expected a number in [-1, 1]"),
+        ({"threshold": 1.5}, "threshold=1.5: expected a number in [-1, 1]"),
+        ({"max_steps": 0}, "max_steps=0: expected an integer >= 1"),
+        ({"short_penalty": "high"}, "short_penalty=high: expected null or a number"),
+        (
+            {"curiosity": {"form": "paper", "weight": -0.1}},
+            "curiosity.weight=-0.1: expected a number >= 0",
+        ),
+    ],
+)
+def test_an_out_of_range_number_is_refused_under_its_own_key(knobs, message):
+    with pytest.raises(ValueError, match="^" + re.escape("reward." + message) + "$"):
+        CoVoReward(**knobs)
+
+
 def test_unknown_knob_values_are_refused():
-    with pytest.raises(ValueError, match="aggregation"):
-        CoVoReward(aggregation="quadratic")
     with pytest.raises(
         ValueError, match=r"^reward\.curiosity\.form=bored: expected released or paper$"
     ):
@@ -386,6 +418,7 @@ CONFIG_CHANGES = {
 
 def knobs(reward: CoVoReward) -> dict:
     names = (
+        "max_steps",
         "colon_merge",
         "include_prompt_state",
         "distance_tokens",
@@ -547,3 +580,82 @@ def test_a_token_holding_part_of_a_character_is_not_glued_to_the_newline():
     assert glued_newline(Merging(), "}", [10]) == [2]
     assert glued_newline(Merging(), "a", [10]) is None  # no merge: the newline is put after
     assert glued_newline(Merging(), "\ufffd", [10]) is None
+
+
+def test_an_unanswered_response_does_not_stop_the_ones_after_it():
+    group, scorer = make_case([None, "4", "4", "5"], [None, D0, D1, D2])
+    out = CoVoReward()(group, scorer)
+    assert out.answers == [None, "4", "4", "5"]
+    assert out.clusters == [-1, 0, 0, 1]
+    assert out.rewards == [0.0, 1.0, 1.0, 0.0]
+    assert out.details["step_ends"] == [None, [2, 4, 6], [2, 4, 6], [2, 4, 6]]
+    assert out.scores[1:] == pytest.approx([RIV_4, RIV_4, RIV_5], abs=1e-6)
+
+
+def colon_lines(answer: str, i: int) -> list[str]:
+    """Five lines: `x:`, `b:`, `c`, `d`, the answer (x differs per response)."""
+    return ["abcdefgh"[i] + ":", "\n", "b:", "\n", "c", "\n", "d", "\n", " \\boxed{" + answer + "}"]
+
+
+def test_the_colon_merge_chosen_is_the_one_applied():
+    # 5 lines >= max_steps 3: chains fold `a:`, `b:`, `c` into one step (ends 6, 8, 9);
+    # pairs join `a:` `b:` only (ends 4, 6, 8, 9), then 4 units make 3 chunks of 1, 1, 2
+    tokens = [colon_lines("4", 0), colon_lines("5", 1)]
+    distances = [[[1.0, 2.0]] * 3, [[2.0, 1.0]] * 3]
+    group, scorer = case_of_tokens(tokens, distances)
+    chains = CoVoReward(max_steps=3, colon_merge="chains")(group, scorer)
+    assert chains.details["step_ends"] == [[6, 8, 9], [6, 8, 9]]
+    pairs = CoVoReward(max_steps=3, colon_merge="pairs")(group, scorer)
+    assert pairs.details["step_ends"] == [[4, 6, 9], [4, 6, 9]]
+
+
+def test_a_prompt_state_without_a_newline_gets_the_newline_put_after_it():
+    # the prompt ends in "2+2?": the paper's s_0 ends there, so its branches get "\n" in front
+    # (cut at the prompt's end); the states after "\n" and ".\n" cut off that token
+    group, scorer = case_of_tokens(
+        [response("4", 0), response("5", 1)], [D0, D2], prompt=["Question:", " ", "2+2?"]
+    )
+    CoVoReward(include_prompt_state=True)(group, scorer)
+    tok = scorer.tokenizer
+    plain = [tok.encode("The answer is: \\boxed{" + a + "}") for a in ("4", "5")]
+    _, cuts, branches, scored_from = scorer.calls[0]
+    assert cuts == [3, 4, 6] and scored_from == [[0, 0]] * 3
+    prefixes = [[tok.id("\n")], [tok.id("\n")], [tok.id(".\n")]]
+    assert branches == [[prefix + b for b in plain] for prefix in prefixes]
+
+
+def test_a_single_cluster_is_segmented_only_for_curiosity():
+    group, scorer = make_case(["4", "4.0", None], [None, None, None], NLLS)
+    off = CoVoReward()(group, scorer)
+    assert off.details["step_ends"] == [None, None, None]
+    # weight 0.1: the curiosity of test_curiosity_is_added_to_the_reward_when_on is reported,
+    # but K = 1 gives no cluster term and so no bonus
+    on = CoVoReward(curiosity={"form": "paper", "weight": 0.1})(group, scorer)
+    assert on.components["curiosity"][:2] == pytest.approx([1.116825, 1.0], abs=1e-6)
+    assert math.isnan(on.components["curiosity"][2])
+    assert on.details["step_ends"] == [[2, 4, 6], [2, 4, 6], None]
+    assert on.rewards == [0.0, 0.0, 0.0]
+
+
+def test_each_response_is_scored_with_its_own_context_cache():
+    seen = []
+
+    class CachedScorer(FakeScorer):
+        def branch_nll(self, context_ids, state_ends, branches, scored_from, context_cache=None):
+            seen.append(context_cache)
+            return super().branch_nll(context_ids, state_ends, branches, scored_from)
+
+    group, scorer = make_case(["4", "5"], [D0, D2])
+    group.context_caches = ["cache of 0", "cache of 1"]
+    CoVoReward()(group, CachedScorer(scorer.tokenizer, scorer.distances))
+    assert seen == ["cache of 0", "cache of 1"]
+
+
+def test_the_branch_ids_are_the_template_answers_and_newline():
+    tok = WordTokenizer()
+    ids = CoVoReward().branch_ids(tok, ["4", "5"])
+    template = [tok.id(p) for p in ["The", " ", "answer", " ", "is:", " ", "\\boxed", "{"]]
+    assert ids["template_ids"] == template
+    assert ids["answer_ids"] == [template + [tok.id(a), tok.id("}")] for a in ("4", "5")]
+    assert ids["scored_from"] == [0, 0]
+    assert ids["newline_ids"] == [tok.id("\n")]
