@@ -659,3 +659,14 @@ def test_the_branch_ids_are_the_template_answers_and_newline():
     assert ids["answer_ids"] == [template + [tok.id(a), tok.id("}")] for a in ("4", "5")]
     assert ids["scored_from"] == [0, 0]
     assert ids["newline_ids"] == [tok.id("\n")]
+
+
+def test_the_answer_equivalence_given_is_the_one_used():
+    # "4" and "5" are two clusters by default; an equivalence that finds every pair equal
+    # leaves one cluster: K = 1, nothing scored, every reward 0
+    group, scorer = make_case(["4", "4", "5"], [D0, D1, D2])
+    same = CoVoReward(equivalence=lambda a, b: True)(group, scorer)
+    assert same.clusters == [0, 0, 0]
+    assert same.details["representatives"] == ["4"]
+    assert same.rewards == [0.0, 0.0, 0.0]
+    assert scorer.calls == []
