@@ -8,11 +8,18 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from covo.rewards.base import Group
-from covo.rewards.covo.reward import NO_ANSWER_SCORE, CoVoReward, build_branches, glued_newline
+from covo.rewards.covo.reward import (
+    NO_ANSWER_SCORE,
+    CoVoReward,
+    build_branches,
+    encode,
+    glued_newline,
+    token_texts,
+)
 from covo.rewards.covo.scorer import NaiveScorer
 from covo.rewards.covo.select import pass_threshold, pass_top1
 from covo.rewards.covo.stats import CURIOSITY_FORMS
@@ -670,3 +677,28 @@ def test_the_answer_equivalence_given_is_the_one_used():
     assert same.details["representatives"] == ["4"]
     assert same.rewards == [0.0, 0.0, 0.0]
     assert scorer.calls == []
+
+
+def test_token_texts_keep_special_tokens_and_spaces_before_punctuation():
+    # a tokenizer that cleans up spaces by default (" ," -> ","), with an end token: each
+    # token's text is its own, so the texts join back to the response as written
+    vocab = {"So": 0, " ,": 1, "\n": 2, "<|end|>": 3, "[UNK]": 4}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Split(Regex(r" ,|\n|\w+"), behavior="isolated")
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=words, eos_token="<|end|>", clean_up_tokenization_spaces=True
+    )
+    assert token_texts(hf, [0, 1, 2, 3]) == ["So", " ,", "\n", "<|end|>"]
+
+
+def test_texts_are_encoded_without_the_tokenizers_special_tokens():
+    # a tokenizer that puts a start token before every text it encodes: a branch or a state's
+    # text re-tokenised for the newline must not carry it
+    vocab = {"<s>": 0, "So": 1, "\n": 2, "[UNK]": 3}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Split(Regex(r"\n|\w+"), behavior="isolated")
+    start = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    words.post_processor = start
+    hf = PreTrainedTokenizerFast(tokenizer_object=words, bos_token="<s>")
+    assert hf.encode("So\n") == [0, 1, 2]  # the start token is there by default
+    assert encode(hf, "So\n") == [1, 2]
