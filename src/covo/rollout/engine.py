@@ -325,12 +325,10 @@ def position_ids_from(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def complete_cache(model, cache, sequences: Tensor, prompt_mask: Tensor):
-    """`cache` holding every column of `sequences`: decoding never feeds the last sampled
-    token, so its keys and values come from one more single-token step."""
-    if cache is None or cache.get_seq_length() >= sequences.shape[1]:
-        return cache
-    generated = sequences.shape[1] - prompt_mask.shape[1]
+def feed_last_token(model, cache, sequences: Tensor, prompt_mask: Tensor, width: int):
+    """One single-token step of `sequences`' last token into `cache`, the attention mask
+    `width` columns wide (the prompt's mask, then ones)."""
+    generated = width - prompt_mask.shape[1]
     attention_mask = torch.cat([prompt_mask, prompt_mask.new_ones(len(sequences), generated)], 1)
     model(
         input_ids=sequences[:, -1:],
@@ -341,3 +339,11 @@ def complete_cache(model, cache, sequences: Tensor, prompt_mask: Tensor):
         logits_to_keep=1,
     )
     return cache
+
+
+def complete_cache(model, cache, sequences: Tensor, prompt_mask: Tensor):
+    """`cache` holding every column of `sequences`: decoding never feeds the last sampled
+    token, so its keys and values come from one more single-token step."""
+    if cache is None or cache.get_seq_length() >= sequences.shape[1]:
+        return cache
+    return feed_last_token(model, cache, sequences, prompt_mask, sequences.shape[1])

@@ -43,7 +43,7 @@ from covo.rollout.engine import (
     STAT_NAMES,
     SamplingStatistics,
     complete_cache,
-    position_ids_from,
+    feed_last_token,
 )
 
 CACHE_MODES = ("device", "cpu", "none")
@@ -94,19 +94,7 @@ def complete_in_step(model: nn.Module, cache, sequences: Tensor, prompt_mask: Te
     rows all ended early. That one kept decoding in step with the others, so its cache already
     holds every column of `sequences` (and copies of the last token after them): its step adds
     one more column after all of them, which no row's slice reads."""
-    width = cache.get_seq_length() + 1
-    attention_mask = torch.cat(
-        [prompt_mask, prompt_mask.new_ones(len(sequences), width - prompt_mask.shape[1])], 1
-    )
-    model(
-        input_ids=sequences[:, -1:],
-        attention_mask=attention_mask,
-        position_ids=position_ids_from(attention_mask)[:, -1:],
-        cache=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    return cache
+    return feed_last_token(model, cache, sequences, prompt_mask, cache.get_seq_length() + 1)
 
 
 def moved(context: ContextCache, device, copy: bool = False) -> ContextCache:
