@@ -374,7 +374,7 @@ def child_reward_paths(data: Path, steps: int) -> dict:
 
     from covo.infra.checks import instantiate
     from covo.integrations.trl import integration_config
-    from covo.integrations.trl.reward import device_token_budget
+    from covo.integrations.trl.config import device_token_budget
     from covo.models.loading import load_smollm2
     from covo.rollout.sampling import build_rollout, format_prompts
 

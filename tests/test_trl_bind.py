@@ -15,7 +15,7 @@ from test_trl_integration import adapted_tiny, dataset, trainer_with, trl_rows
 
 pytest.importorskip("trl")
 from covo.integrations.trl import CovoReward, checks, grpo_trainer  # noqa: E402
-from covo.integrations.trl import reward as integration  # noqa: E402
+from covo.integrations.trl import config as trl_config  # noqa: E402
 from covo.models.loading import build_tiny  # noqa: E402
 
 torch.set_num_threads(1)
@@ -76,9 +76,9 @@ def test_the_device_budget_from_free_memory():
     config = SimpleNamespace(
         num_attention_heads=28, hidden_size=3584, num_key_value_heads=4, num_hidden_layers=28
     )
-    assert integration.token_budget_for(config, 2, 40 * 2**30) == 12483
-    assert integration.token_budget_for(config, 2, 2**30) == 1024  # at least
-    assert integration.token_budget_for(config, 2, 2**40) == 65536  # at most
+    assert trl_config.token_budget_for(config, 2, 40 * 2**30) == 12483
+    assert trl_config.token_budget_for(config, 2, 2**30) == 1024  # at least
+    assert trl_config.token_budget_for(config, 2, 2**40) == 65536  # at most
 
 
 def test_two_covo_rewards_log_under_their_own_names(tmp_path):
