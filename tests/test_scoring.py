@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import random
+import warnings
+from unittest.mock import PropertyMock, patch
 
 import pytest
 import torch
@@ -228,3 +230,84 @@ def test_empty_state_and_bad_inputs():
         shared.branch_nll([1, 2, 3], [0], [[[4]]], [[0]])
     with pytest.raises(ValueError, match="nothing to score"):
         shared.branch_nll([1, 2, 3], [3], [[[4]]], [[1]])
+
+
+def matmul_dtypes(model, scorer, case, enclosing: torch.dtype | None = None) -> set:
+    """The dtypes the model's query projections computed in while `scorer` scored `case`."""
+    seen = set()
+    hooks = [
+        layer.self_attn.q_proj.register_forward_hook(lambda m, i, out: seen.add(out.dtype))
+        for layer in model.model.layers
+    ]
+    try:
+        if enclosing is None:
+            scorer.branch_nll(*case)
+        else:
+            with torch.autocast("cpu", dtype=enclosing):
+                scorer.branch_nll(*case)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+@pytest.mark.parametrize("kind", [PrefixSharedScorer, NaiveScorer])
+def test_scoring_dtype_sets_the_precision_the_model_computes_in(kind):
+    model = tiny_llama()
+    case = random_case(seed=3)
+    assert matmul_dtypes(model, kind(model, None, torch.bfloat16), case) == {torch.bfloat16}
+    assert matmul_dtypes(model, kind(model, None), case) == {torch.float32}
+    # float32 (or the model's own) turns an enclosing bf16 autocast (Lightning's bf16-mixed) off
+    for dtype in (None, torch.float32):
+        assert matmul_dtypes(model, kind(model, None, dtype), case, torch.bfloat16) == {
+            torch.float32
+        }
+    # bf16 against the same scorer in float32: bf16's 8-bit mantissa moves NLLs near 4 by ~1e-2
+    fp32 = kind(model, None).branch_nll(*case)
+    got = kind(model, None, torch.bfloat16).branch_nll(*case)
+    assert 3e-3 < max((g - w).abs().max().item() for g, w in zip(got, fp32)) < 0.1
+
+
+def test_bf16_autocast_on_a_gpu_is_bf16_not_the_gpus_fp16_default():
+    scorer = PrefixSharedScorer(tiny_llama(), None, torch.bfloat16)
+    cuda = torch.device("cuda")
+    with patch.object(PrefixSharedScorer, "device", new_callable=PropertyMock, return_value=cuda):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # no CUDA here: torch disables it, keeps the dtype
+            assert scorer.autocast().fast_dtype == torch.bfloat16
+
+
+def test_a_bf16_model_scores_with_its_own_dtype_mask():
+    # weights in bf16 and no scoring_dtype: the additive mask is built in the model's dtype
+    model = tiny_llama().to(torch.bfloat16)
+    case = random_case(seed=4)
+    got = PrefixSharedScorer(model, None).branch_nll(*case)
+    want = NaiveScorer(model, None).branch_nll(*case)
+    fp32 = NaiveScorer(tiny_llama(), None).branch_nll(*case)
+    assert max((g - w).abs().max().item() for g, w in zip(got, want)) < 0.03
+    assert max((g - w).abs().max().item() for g, w in zip(got, fp32)) > 3e-3
+
+
+def test_output_head_runs_chunk_size_positions_at_a_time():
+    model = tiny_llama()
+    case = random_case(seed=5)
+    head = model.get_output_embeddings()
+    rows = []
+    hook = head.register_forward_hook(lambda m, i, out: rows.append(out.shape[0]))
+    try:
+        want = PrefixSharedScorer(model, None).branch_nll(*case)
+        distinct = rows.pop()
+        assert not rows  # one call holds every distinct position at the default chunk of 256
+        got = PrefixSharedScorer(model, None, chunk_size=7).branch_nll(*case)
+    finally:
+        hook.remove()
+    assert rows == [7] * (distinct // 7) + ([distinct % 7] if distinct % 7 else [])
+    assert max((g - w).abs().max().item() for g, w in zip(got, want)) <= 1e-5
+
+
+def test_states_without_branches_score_to_empty_tensors():
+    model = tiny_llama()
+    for scorer in (PrefixSharedScorer(model, None), NaiveScorer(model, None)):
+        got = scorer.branch_nll([1, 2, 3], [2, 3], [[], []], [[], []])
+        assert [g.shape for g in got] == [(0,), (0,)]
+        assert scorer.tokens_processed == 0
