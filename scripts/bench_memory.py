@@ -29,10 +29,8 @@ from pathlib import Path
 
 import lightning.pytorch as L
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 VARIANTS = {
     "default": [],
     "lora": ["model.lora.r=8"],
@@ -146,13 +144,13 @@ def held(module) -> dict[str, int]:
 
 def child(variant: str, steps: int, overrides: list[str]) -> None:
     from covo.infra import distributed as dist
+    from covo.infra.configs import compose_run
     from covo.launch.train import build
 
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose(
-            "train",
-            [*VARIANTS[variant], f"trainer.max_steps={steps}", *SHORT_RUN, *overrides],
-        )
+    cfg = compose_run(
+        "train",
+        [*VARIANTS[variant], f"trainer.max_steps={steps}", *SHORT_RUN, *overrides],
+    )
     with open_dict(cfg):
         cfg.paths.output_dir = tempfile.mkdtemp(prefix="covo-bench-memory-")
     L.seed_everything(cfg.seed, verbose=False)

@@ -22,13 +22,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-
+from covo.infra.configs import compose_run
 from covo.launch.train import timed_steps
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 PHASES = ["time/rollout_s", "time/reward_s", "time/update_s"]
 VARIANTS = {
     "covo": ["reward=covo"],
@@ -38,20 +35,19 @@ VARIANTS = {
 
 
 def run(variant: list[str], steps: int, overrides: list[str]) -> list[dict[str, float]]:
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose(
-            "train",
-            [
-                *variant,
-                f"trainer.max_steps={steps}",
-                "logger=none",
-                "callbacks=none",
-                "export_dir=null",
-                "+trainer.limit_val_batches=0",
-                "algorithm.filter.drop_all_zero=false",
-                *overrides,
-            ],
-        )
+    cfg = compose_run(
+        "train",
+        [
+            *variant,
+            f"trainer.max_steps={steps}",
+            "logger=none",
+            "callbacks=none",
+            "export_dir=null",
+            "+trainer.limit_val_batches=0",
+            "algorithm.filter.drop_all_zero=false",
+            *overrides,
+        ],
+    )
     return timed_steps(cfg, "/tmp/covo-bench-overhead")
 
 

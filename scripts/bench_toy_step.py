@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from pathlib import Path
 
-from hydra import compose, initialize_config_dir
+from covo.infra.configs import compose_run
+from covo.launch.train import timed_steps
 
-from covo.callbacks.step_timer import timed_steps
-
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 PHASES = ["time/rollout_s", "time/reward_s", "time/update_s"]
 TOY_STEP = [
     "model=toy_reasoner",
@@ -37,10 +34,9 @@ TOY_STEP = [
 
 
 def run(reward: str, steps: int, overrides: list[str]) -> list[dict[str, float]]:
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose(
-            "train", [*TOY_STEP, f"reward={reward}", f"trainer.max_steps={steps}", *overrides]
-        )
+    cfg = compose_run(
+        "train", [*TOY_STEP, f"reward={reward}", f"trainer.max_steps={steps}", *overrides]
+    )
     return timed_steps(cfg, "/tmp/covo-bench-toy-step")
 
 

@@ -108,21 +108,19 @@ def child_ours(
 ) -> dict:
     """This trainer on the TRL work, or (`data` None) on the default training run's config."""
     import lightning.pytorch as L
-    from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
     import covo.rollout.sampling as rollout_module
+    from covo.infra.configs import compose_run
     from covo.launch.train import build
 
-    conf = Path(rollout_module.__file__).resolve().parents[3] / "conf"
     if data is None:
         overrides = [*QUIET, "threads=1", f"trainer.max_steps={steps}"]
     else:
         overrides = [*OURS, f"data.train.path={data}", f"trainer.max_steps={steps}"]
         overrides += NO_FILTER if no_filter else []
     overrides += list(extra)
-    with initialize_config_dir(str(conf), version_base="1.3"):
-        cfg = compose("train", overrides)
+    cfg = compose_run("train", overrides)
     rows_per_step = cfg.data.batch_size * cfg.rollout.num_samples
     with open_dict(cfg):
         cfg.paths.output_dir = str(out_dir)

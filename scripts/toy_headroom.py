@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import hydra
 import torch
-from hydra import compose, initialize_config_dir
 
+from covo.infra.configs import compose_run
 from covo.models import toy_reasoner
-
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def main() -> None:
@@ -29,11 +26,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose(
-            "train",
-            ["model=toy_reasoner", "data=toy_arithmetic", f"data.val.num_problems={args.problems}"],
-        )
+    cfg = compose_run(
+        "train",
+        ["model=toy_reasoner", "data=toy_arithmetic", f"data.val.num_problems={args.problems}"],
+    )
     items = hydra.utils.instantiate(cfg.data).val_items
     loaded = toy_reasoner.load(args.weights)
     metrics = toy_reasoner.heldout(

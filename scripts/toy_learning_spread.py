@@ -23,13 +23,12 @@ from pathlib import Path
 
 import hydra
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
+from covo.infra.configs import compose_run
 from covo.launch.train import train
 from covo.models import toy_reasoner
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 SHORT_RUN = [  # tests/test_learning.py's, after the experiment and its length
     "+trainer.limit_val_batches=0",
     "trainer.enable_progress_bar=false",
@@ -39,8 +38,7 @@ SHORT_RUN = [  # tests/test_learning.py's, after the experiment and its length
 
 
 def compose_config(overrides: list[str], output_dir: Path):
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
+    cfg = compose_run("train", overrides)
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
     return cfg
