@@ -33,7 +33,10 @@ BUDGET_SHARE = 0.05  # of the device's free memory, for one statistics forward
 
 @contextlib.contextmanager
 def own_hydra(config_dir: Path):
-    """Hydra initialised on `config_dir` for the block, whatever Hydra app is running."""
+    """Hydra initialised on `config_dir` for the block, whatever Hydra app is running.
+
+    Not `covo.infra.configs.compose_run`: that composes with the Hydra already initialised,
+    which inside a user's own Hydra training script is that script's config folder."""
     backup = get_gh_backup()
     GlobalHydra.instance().clear()
     try:
