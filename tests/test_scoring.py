@@ -310,4 +310,30 @@ def test_states_without_branches_score_to_empty_tensors():
     for scorer in (PrefixSharedScorer(model, None), NaiveScorer(model, None)):
         got = scorer.branch_nll([1, 2, 3], [2, 3], [[], []], [[], []])
         assert [g.shape for g in got] == [(0,), (0,)]
-        assert scorer.tokens_processed == 0
+        assert scorer.tokens_processed == scorer.floor_tokens == 0
+
+
+def test_a_state_after_the_first_token_is_scored():
+    # state end 1: the branch follows the context's first token alone
+    model = tiny_llama()
+    want = -model(torch.tensor([[3, 35, 36]])).logits[0, :2].log_softmax(-1)
+    for scorer in (PrefixSharedScorer(model, None), NaiveScorer(model, None)):
+        (got,) = scorer.branch_nll([3, 14, 15], [1], [[[35, 36]]], [[0]])
+        assert got.item() == pytest.approx(((want[0, 35] + want[1, 36]) / 2).item(), abs=1e-5)
+
+
+def test_inputs_of_the_wrong_shape_are_refused_with_their_reason():
+    shared = PrefixSharedScorer(tiny_llama(), None)
+    cases = [
+        (
+            ([1, 2, 3], [2, 3], [[[4]]], [[0]]),
+            "state_ends, branches and scored_from need one entry per state",
+        ),
+        (([1, 2, 3], [2], [[[4], [5]]], [[0]]), "scored_from needs one start per branch"),
+        (([1, 2, 3], [4], [[[4]]], [[0]]), "state end 4 outside [1, 3]"),
+        (([1, 2, 3], [3], [[[4, 5]]], [[2]]), "scored_from 2 leaves nothing to score in [4, 5]"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ValueError) as err:
+            shared.branch_nll(*args)
+        assert str(err.value) == message
