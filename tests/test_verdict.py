@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from covo.analysis.verdict import collect_results, main, markdown, verdict
+from covo.analysis.verdict import brief, collect_results, main, markdown, verdict
 
 N = 2  # samples per problem; 4 problems; test evaluations at steps 0, 5, 10
 BASE = {"0": [1, 1, 0, 2], "1": [1, 1, 1, 1], "2": [2, 1, 0, 1]}  # every reward's step 0: 0.5
@@ -96,6 +96,32 @@ def test_table_names_what_is_primary_and_what_beats_sharpening():
         "| - | - | - | 0.458 [0.100, 0.817] | no |"
     )
     assert "best 0.600 at T = 0.3" in text
+
+
+def test_brief_table_orders_by_gain_and_reads_the_premise_from_its_own_file():
+    data = results()
+    premise = {
+        "rewards": {"majority": {"auroc": {"value": 0.91}}, "covo": {"auroc": {"value": 0.5734}}}
+    }
+    lines = brief(verdict(data), premise).splitlines()
+    assert [line.split(" | ")[0] for line in lines[2:]] == [
+        "| `majority`",
+        "| `random`",
+        "| `covo`",
+    ]
+    p_majority = 2 * stats.t.sf(0.375 / (0.125 / np.sqrt(3)), 2)
+    assert lines[2] == (
+        "| `majority` | 0.910 | 3 | +0.333 [+0.154, +0.513] | +0.250 [+0.250, +0.250] | "
+        f"+0.375 [+0.064, +0.686] | {2 * p_majority:.3f} | yes |"
+    )
+    assert lines[3].startswith("| `random` | - | 3 | -0.042 [") and lines[3].endswith(
+        "| - | - | no |"
+    )
+    assert lines[4].startswith("| `covo` | 0.573 | 3 |")
+    # a reward outside the primary family shows its unadjusted p, marked
+    data["setting"]["primary"] = ["majority"]
+    covo = brief(verdict(data)).splitlines()[4]
+    assert covo.startswith("| `covo` | - |") and covo.endswith(" (not primary) | no |")
 
 
 def write_run(study, reward, seed, lines):

@@ -2,7 +2,8 @@
 
     python -m covo.analysis.verdict write logs/outcomes/<study> docs/results/<study>.json \\
         [--sharpening logs/sharpening/<lab>.json]
-    python -m covo.analysis.verdict table docs/results/<study>.json
+    python -m covo.analysis.verdict table docs/results/<study>.json \\
+        [--brief] [--premise docs/results/<lab>_premise.json]
 
 `write` reads every finished run of an outcome study (`runs/<reward>/seed_<s>/result.json`
 present) and keeps its test-split evaluations (`heldout.jsonl` lines with `"split": "test"`)
@@ -20,7 +21,8 @@ problems; the gain at the step chosen on validation; the greedy, maj@N and pass@
 paired difference against `random` with its t-interval, its paired t p-value and the Holm
 adjustment over the primary comparisons (`setting.primary`, default `PRIMARY`); and whether
 its final accuracy beats the untrained policy at its best temperature ("beyond sharpening":
-the lower t bound above the best of the sharpening baseline).
+the lower t bound above the best of the sharpening baseline). `--brief` keeps the columns the
+README shows; `--premise` adds each reward's premise (its AUROC from a lab profile's JSON).
 """
 
 from __future__ import annotations
@@ -231,6 +233,32 @@ def markdown(results: dict, table: dict) -> str:
     return "\n".join(lines)
 
 
+def p_text(p: float) -> str:
+    return "< 0.001" if p < 0.0005 else f"{p:.3f}"
+
+
+def brief(table: dict, premise: dict | None = None) -> str:
+    """The README's table: premise (AUROC, from a profile JSON), end gain on test, greedy gain,
+    the paired difference against random with its Holm-adjusted p, beyond sharpening."""
+    head = ["reward", "premise (AUROC)", "seeds", "gain at the end", "greedy gain"]
+    head += [f"- {BASELINE} (paired)", "p (Holm)", "beyond sharpening"]
+    lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
+    order = sorted(table["numbers"], key=lambda r: -(table["numbers"][r]["sampled_gain"]["value"]))
+    for reward in order:
+        n, diff = table["numbers"][reward], table["paired"].get(reward)
+        auroc = ((premise or {}).get("rewards", {}).get(reward) or {}).get("auroc")
+        p = "-"
+        if diff is not None and "p_holm" in diff:
+            p = p_text(diff["p_holm"])
+        elif diff is not None and diff["p"] == diff["p"]:
+            p = f"{p_text(diff['p'])} (not primary)"
+        row = [f"`{reward}`", "-" if auroc is None else f"{auroc['value']:.3f}"]
+        row += [str(len(n["seeds"])), fmt(n["sampled_gain"]), fmt(n["greedy_gain"]), fmt(diff), p]
+        row.append({True: "yes", False: "no", None: "-"}[n["beyond_sharpening"]])
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -243,6 +271,8 @@ def main(argv: list[str] | None = None) -> None:
     write.add_argument("--setting", type=Path, default=None, help="a JSON of the setting")
     table = commands.add_parser("table", help="the headline table from a results JSON")
     table.add_argument("results", type=Path)
+    table.add_argument("--brief", action="store_true", help="the README's columns")
+    table.add_argument("--premise", type=Path, default=None, help="a lab profile's JSON")
     args = parser.parse_args(argv)
     if args.command == "write":
         for path in (args.sharpening, args.setting):
@@ -256,10 +286,15 @@ def main(argv: list[str] | None = None) -> None:
         args.out.write_text(json.dumps(results, separators=(",", ":")))
         print(f"{args.out}: {sum(len(r) for r in results['rewards'].values())} runs")
         return
-    if not args.results.is_file():
-        raise DataError(f"{args.results}: no such file")
+    for path in (args.results, args.premise):
+        if path is not None and not path.is_file():
+            raise DataError(f"{path}: no such file")
     results = json.loads(args.results.read_text())
-    print(markdown(results, verdict(results)))
+    premise = json.loads(args.premise.read_text()) if args.premise else None
+    if args.brief or premise is not None:
+        print(brief(verdict(results), premise))
+    else:
+        print(markdown(results, verdict(results)))
 
 
 if __name__ == "__main__":
