@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 from covo.analysis import score
 from covo.answers import AnswerEquivalence
+from covo.infra.errors import DataError
 from covo.models.loading import build_tiny
 from covo.rewards.base import Group, LabelWithheldError, Withheld, label_for
 from covo.rewards.certainty import EntropyReward, SelfCertaintyReward
@@ -184,3 +185,9 @@ def test_negated_ground_truth_gives_correct_answers_minus_one():
     assert out.rewards == [-1.0, 0.0, 0.0]
     assert out.components["correct"] == [1.0, 0.0, 0.0]
     assert out.verdicts == [True, False]
+
+
+def test_ground_truth_without_a_label_says_so():
+    with pytest.raises(DataError) as err:
+        GroundTruthReward()(make_group(boxed("7")), None)
+    assert str(err.value) == "GroundTruthReward needs labels: this item has no answer"

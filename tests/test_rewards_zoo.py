@@ -10,7 +10,7 @@ import torch
 from covo.rewards.base import Group
 from covo.rewards.certainty import EntropyReward, SelfCertaintyReward, SequenceLogProbReward
 from covo.rewards.controls import FormatReward, RandomReward
-from covo.rewards.majority import VoteShareReward
+from covo.rewards.majority import MajorityReward, VoteShareReward
 from covo.rewards.restrain import RestrainReward
 
 torch.set_num_threads(1)
@@ -185,3 +185,78 @@ def test_format_reward_wants_a_final_nonempty_box():
     # an equivalence given in Python clusters the answers (here: every two are equal)
     same = FormatReward(equivalence=lambda a, b: True)(group(texts))
     assert same.clusters == [0, -1, -1, -1, 0]
+
+
+# what every voting and token-statistic reward reports beside its rewards -------------------
+
+
+def test_restrain_at_exactly_the_minimum_share_is_not_penalised():
+    # RESTRAIN penalises a group whose majority share is *below* the threshold: 3 of 10 is not
+    out = RestrainReward(min_majority_share=0.3)(group(boxed(*"1112233445")))
+    assert out.group_metrics["penalized"] == 0.0 and out.verdicts[0] is True
+    assert (
+        RestrainReward(min_majority_share=0.31)(group(boxed(*"1112233445"))).rewards == [-0.5] * 10
+    )
+
+
+def test_restrain_uses_the_answer_equivalence_given():
+    # "equal when the last digits are": 12 and 2 form one cluster of 2, 7 one of 1
+    last_digit = RestrainReward(equivalence=lambda a, b: a[-1] == b[-1])
+    out = last_digit(group(boxed("12", "2", "7")))
+    assert out.clusters == [0, 0, 1]
+    assert RestrainReward()(group(boxed("12", "2", "7"))).clusters == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    "reward,scores",
+    [
+        (VoteShareReward(), [0.5, 0.25, 0.5, 0.0]),
+        (MajorityReward(), [0.5, 0.25, 0.5, 0.0]),
+        # shares 1/2 and 1/4: g = exp(-0.5), exp(-1.125); w = g / sum
+        (RestrainReward(), [0.651355, 0.348645, 0.651355, 0.0]),
+    ],
+    ids=["vote_share", "majority", "restrain"],
+)
+def test_voting_rewards_report_answers_clusters_and_scores(reward, scores):
+    out = reward(group(boxed("3", "5", "3", None)))
+    assert out.answers == ["3", "5", "3", None]
+    assert out.clusters == [0, 1, 0, -1]
+    assert out.scores == pytest.approx(scores, abs=1e-6)
+    assert out.verdicts == [True, False]
+
+
+def test_token_statistic_verdict_is_the_cluster_of_the_best_answered_response():
+    # log-probs: response 0 (answer 3, cluster 0) is the most likely answered one; the
+    # unanswered response 3 is likelier still and must not count
+    texts = boxed("3", "5", "3", None)
+    out = SequenceLogProbReward()(group(texts, [[-0.1], [-0.5], [-0.9], [-0.01]]))
+    assert out.answers == ["3", "5", "3", None] and out.clusters == [0, 1, 0, -1]
+    assert out.scores == pytest.approx([-0.1, -0.5, -0.9, -0.01])
+    assert out.verdicts == [True, False]
+    # the best answered response in cluster 1
+    assert SequenceLogProbReward()(group(texts, [[-0.9], [-0.5], [-0.9], [0.0]])).verdicts == [
+        False,
+        True,
+    ]
+    # nobody answers: no cluster, no verdict
+    silent = SequenceLogProbReward()(group(boxed(None, None), [[-0.1], [-0.2]]))
+    assert silent.clusters == [-1, -1] and silent.verdicts == []
+
+
+def test_refused_knobs_are_named_with_what_is_expected():
+    cases = [
+        (lambda: RestrainReward(sigma=0.0), "reward.sigma=0.0: expected a number > 0"),
+        (
+            lambda: RestrainReward(min_majority_share=1.5),
+            "reward.min_majority_share=1.5: expected a number in [0, 1]",
+        ),
+        (lambda: EntropyReward(reduction="max"), "reward.reduction=max: expected mean or sum"),
+        (
+            lambda: SelfCertaintyReward(last_fraction=0.0),
+            "reward.last_fraction=0.0: expected a number in (0, 1]",
+        ),
+    ]
+    for build, message in cases:
+        with pytest.raises(ValueError) as err:
+            build()
+        assert str(err.value) == message
