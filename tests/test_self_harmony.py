@@ -174,3 +174,29 @@ def test_the_answer_equivalence_given_is_the_one_used():
     assert SelfHarmonyReward()(group(texts, reframed=view)).rewards == [0.0] * 4
     last_digit = SelfHarmonyReward(equivalence=lambda a, b: a[-1] == b[-1])
     assert last_digit(group(texts, reframed=view)).rewards == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_every_view_is_read_from_its_own_rows():
+    # three views: 5 is in all three (harmony 1 over shares 1/2, 1/2, 1), 3 only in two
+    reward = SelfHarmonyReward(views={"reframed": "{prompt} again", "other": "{prompt} once more"})
+    views = {"reframed": group(boxed("5", "3")), "other": group(boxed("5", "5"))}
+    out = reward(group(boxed("3", "5"), **views))
+    assert out.rewards == [0.0, 1.0]
+    assert out.view_rewards == {"reframed": [1.0, 0.0], "other": [1.0, 1.0]}
+    # harmony of 5: 3 / (2 + 2 + 1) = 0.6; of 3: 0 (absent from `other`)
+    assert out.scores == pytest.approx([0.0, 0.6])
+
+
+def test_what_self_harmony_reports_beside_its_rewards():
+    out = SelfHarmonyReward()(
+        group(boxed("2", "2", None, "6"), reframed=group(boxed("2", "6", "6", None)))
+    )
+    # 2: shares 1/2 and 1/4, harmony 2 / (2 + 4) = 1/3; 6: 1/4 and 1/2, also 1/3; the tie
+    # goes to the larger total (equal: 3/4), then the first cluster: 2 (cluster 0)
+    assert out.answers == ["2", "2", None, "6"]
+    assert out.clusters == [0, 0, -1, 1]
+    assert out.rewards == [1.0, 1.0, 0.0, 0.0]
+    assert out.scores == pytest.approx([1 / 3, 1 / 3, 0.0, 1 / 3])
+    assert out.components == {"harmony": out.scores}
+    assert out.verdicts == [True, False]
+    assert out.group_metrics == {"pseudo_label_found": 1.0, "view_answered_frac": 0.75}
