@@ -74,6 +74,7 @@ def test_ground_truth_reward():
     group = make_group(boxed(r"\frac{1}{2}", "2", None, "0.5"), label=r"\boxed{1/2}")
     out = GroundTruthReward()(group, None)
     assert out.rewards == [1.0, 0.0, 0.0, 1.0]
+    assert out.answers == [r"\frac{1}{2}", "2", None, "0.5"]
     assert out.scores == out.rewards
     assert out.clusters == [0, 1, -1, 0]
     assert out.verdicts == [True, False]
