@@ -168,8 +168,23 @@ def test_random_reward_is_a_seeded_coin():
     assert len(patterns) == 6  # each step and rank draws afresh
     rate = sum(sum(draws(0.3, index=i)) for i in range(500)) / 4000
     assert rate == pytest.approx(0.3, abs=0.03)
-    with pytest.raises(ValueError, match="reward.p"):
+    with pytest.raises(ValueError) as err:
         RandomReward(p=1.5)
+    assert str(err.value) == "reward.p=1.5: expected a number in [0, 1]"
+
+
+def test_random_reward_seed_defaults_and_what_it_reports():
+    texts = boxed("12", "2", None, "7", *[str(i) for i in range(28)])
+    seeded = [RandomReward(p=0.5, seed=s)(group(texts)).rewards for s in (0, 7, 8)]
+    assert len({tuple(r) for r in seeded}) == 3  # the seed is part of every group's draws
+    default = RandomReward()(group(texts))  # p 0.5 and seed 0 (docs/rewards.md)
+    assert default.rewards == seeded[0]
+    assert default.answers[:4] == ["12", "2", None, "7"]
+    assert default.clusters[:4] == [0, 1, -1, 2]
+    assert default.scores == default.rewards and default.components == {"random": default.rewards}
+    assert default.verdicts == []  # no cluster passes
+    last_digit = RandomReward(equivalence=lambda a, b: a[-1] == b[-1])(group(texts))
+    assert last_digit.clusters[:4] == [0, 0, -1, 1]
 
 
 def test_format_reward_wants_a_final_nonempty_box():
