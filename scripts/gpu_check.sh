@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The first GPU check (docs/training.md, GPU check): on one H100/H200 whose Python stack is
-# not our pins (torch, transformers, lightning and peft preinstalled; no package downloads),
+# not our pins (torch, transformers 5.17, lightning and peft preinstalled; no package downloads;
+# covo passes a model cache under the installed transformers' name, CACHE_NAME),
 # in at most ~25 minutes, each step under `timeout -k`:
 #   1. the default run with trainer=gpu for a few steps
 #   2. strategy=fsdp on one GPU (the sharding path)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from covo.models.loading import build_tiny
+from covo.rollout.context_cache import CACHE_NAME, cache_of
 from covo.rollout.engine import HFGenerate
 from covo.rollout.sampling import (
     batched_token_stats,
@@ -117,7 +118,7 @@ def test_static_cache_engine_matches_the_dynamic_one():
     # the static cache's keys are those of each trajectory fed alone
     for cache in rollout.context_caches:
         with torch.no_grad():
-            alone = loaded.model(torch.tensor([cache.ids]), use_cache=True).cache
+            alone = cache_of(loaded.model(torch.tensor([cache.ids]), use_cache=True))
         for (k, v), layer in zip(cache.layers, alone.layers):
             assert k.shape == layer.keys.shape
             assert (k - layer.keys).abs().max() <= 1e-5
@@ -131,7 +132,7 @@ def test_static_engine_falls_back_with_one_line(caplog, monkeypatch):
     original = loaded.model.generate
 
     def no_static(**kwargs):
-        if "cache" in kwargs:
+        if CACHE_NAME in kwargs:  # the static cache passed in
             raise InternalTorchDynamoError("static cache unsupported\nsecond line")
         return original(**kwargs)
 

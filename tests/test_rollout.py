@@ -8,6 +8,7 @@ import torch
 
 from covo.models.loading import build_tiny
 from covo.rewards.covo.scorer import NaiveScorer, PrefixSharedScorer
+from covo.rollout.context_cache import cache_of
 from covo.rollout.engine import Generation
 from covo.rollout.sampling import build_rollout, format_prompts
 
@@ -44,7 +45,7 @@ def test_kept_caches_match_each_unpadded_trajectory():
         assert all(k.shape[2] == v.shape[2] == len(ids) for k, v in cache.layers)
         # keys and values equal those of a forward over the trajectory alone
         with torch.no_grad():
-            alone = loaded.model(torch.tensor([ids]), use_cache=True).cache
+            alone = cache_of(loaded.model(torch.tensor([ids]), use_cache=True))
         for (k, v), layer in zip(cache.layers, alone.layers):
             assert (k - layer.keys).abs().max() <= 1e-5
             assert (v - layer.values).abs().max() <= 1e-5

@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from covo.rewards.covo.scorer import NaiveScorer, PrefixSharedScorer, pack_trie, trie_size
-from covo.rollout.context_cache import ContextCache, split_cache
+from covo.rollout.context_cache import ContextCache, cache_of, split_cache
 
 torch.set_num_threads(1)
 VOCAB = 97
@@ -111,7 +111,7 @@ def left_padded_caches(model, contexts: list[list[int]], pad: int = 0) -> list[C
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    return split_cache(out.cache, [(c, width - len(c)) for c in contexts])
+    return split_cache(cache_of(out), [(c, width - len(c)) for c in contexts])
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -270,11 +270,11 @@ def test_scoring_dtype_sets_the_precision_the_model_computes_in(kind):
 
 def test_bf16_autocast_on_a_gpu_is_bf16_not_the_gpus_fp16_default():
     scorer = PrefixSharedScorer(tiny_llama(), None, torch.bfloat16)
-    cuda = torch.device("cuda")
-    with patch.object(PrefixSharedScorer, "device", new_callable=PropertyMock, return_value=cuda):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # no CUDA here: torch disables it, keeps the dtype
-            assert scorer.autocast().fast_dtype == torch.bfloat16
+    gpu = torch.device("cuda")
+    on_gpu = patch.object(PrefixSharedScorer, "device", new_callable=PropertyMock, return_value=gpu)
+    with on_gpu, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no CUDA here: torch disables it, keeps the dtype
+        assert scorer.autocast().fast_dtype == torch.bfloat16
 
 
 def test_a_bf16_model_scores_with_its_own_dtype_mask():

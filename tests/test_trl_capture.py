@@ -15,6 +15,7 @@ from covo.integrations.trl.reward import inference, strip_eos  # noqa: E402
 from covo.models import lora  # noqa: E402
 from covo.models.loading import build_tiny  # noqa: E402
 from covo.rewards.covo.reward import encode  # noqa: E402
+from covo.rollout.context_cache import cache_of
 from covo.rollout.groups import STAT_FIELDS  # noqa: E402
 
 torch.set_num_threads(1)
@@ -213,7 +214,7 @@ def test_generate_returns_the_same_sequences_and_the_true_keys_and_values(tmp_pa
             assert torch.allclose(row[stat], getattr(oracle, field)[0], atol=1e-5, rtol=0)
         assert context.ids == list(ids) + response
         with torch.no_grad():
-            full = model(input_ids=torch.tensor([context.ids]), use_cache=True).cache
+            full = cache_of(model(input_ids=torch.tensor([context.ids]), use_cache=True))
         for (keys, values), layer in zip(context.layers, full.layers, strict=True):
             assert torch.allclose(keys, layer.keys, atol=1e-5, rtol=0)
             assert torch.allclose(values, layer.values, atol=1e-5, rtol=0)

@@ -32,6 +32,7 @@ from covo.models.lora import MissingExtraError, merged_state  # noqa: E402
 from covo.rewards.base import Group, Withheld, label_for  # noqa: E402
 from covo.rewards.covo.reward import encode  # noqa: E402
 from covo.rewards.covo.scorer import PrefixSharedScorer  # noqa: E402
+from covo.rollout.context_cache import cache_of
 from covo.rollout.groups import STAT_FIELDS, group_from_ids, response_stats  # noqa: E402
 from covo.rollout.sampling import format_prompts  # noqa: E402
 
@@ -199,7 +200,7 @@ def test_batched_statistics_equal_one_forward_per_completion(budget, temperature
             continue
         assert caches[i].ids == prompt_ids + ids
         with torch.no_grad():
-            full = model(input_ids=torch.tensor([prompt_ids + ids]), use_cache=True).cache
+            full = cache_of(model(input_ids=torch.tensor([prompt_ids + ids]), use_cache=True))
         for (keys, values), layer in zip(caches[i].layers, full.layers):
             assert torch.allclose(keys, layer.keys, atol=1e-5, rtol=0)
             assert torch.allclose(values, layer.values, atol=1e-5, rtol=0)

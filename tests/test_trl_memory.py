@@ -18,7 +18,7 @@ pytest.importorskip("trl")
 from covo.integrations.trl import CovoReward  # noqa: E402
 from covo.integrations.trl.reward import strip_eos  # noqa: E402
 from covo.models.loading import build_tiny  # noqa: E402
-from covo.rollout.context_cache import ContextCache  # noqa: E402
+from covo.rollout.context_cache import ContextCache, cache_of  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -51,7 +51,7 @@ class CacheSpy:
 
     def __call__(self, *args, **kwargs):
         out = self.original(*args, **kwargs)
-        self.caches.append(weakref.ref(out.cache))
+        self.caches.append(weakref.ref(cache_of(out)))
         return out
 
 

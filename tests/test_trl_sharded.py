@@ -26,6 +26,7 @@ from covo.integrations.trl.capture import complete_in_step, own_rows  # noqa: E4
 from covo.models.loading import build_tiny  # noqa: E402
 from covo.rewards.base import label_for  # noqa: E402
 from covo.rewards.covo.scorer import NaiveScorer  # noqa: E402
+from covo.rollout.context_cache import cache_of, with_cache
 
 
 def run_ranks(script: str, *args: str, timeout: int = 300) -> None:
@@ -198,7 +199,7 @@ def test_the_completing_forward_of_a_process_whose_rows_ended_early(tmp_path):
             max_new_tokens=5,
             return_dict_in_generate=True,
         )
-        sequences, cache = out.sequences, out.cache
+        sequences, cache = out.sequences, cache_of(out)
         for _ in range(2):  # the finished process decodes on: its last token, then again
             columns = cache.get_seq_length() + 1
             full_mask = torch.cat([mask, mask.new_ones(2, columns - width)], 1)
@@ -206,7 +207,7 @@ def test_the_completing_forward_of_a_process_whose_rows_ended_early(tmp_path):
                 input_ids=sequences[:, -1:],
                 attention_mask=full_mask,
                 position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0)[:, -1:],
-                cache=cache,
+                **with_cache(cache),
             )
     assert cache.get_seq_length() == sequences.shape[1] + 1
     forwards = []
@@ -217,7 +218,7 @@ def test_the_completing_forward_of_a_process_whose_rows_ended_early(tmp_path):
     rows = [(p + sequences[r, width:].tolist(), width - len(p)) for r, p in enumerate(prompts)]
     for (ids, _), context in zip(rows, own_rows(cache, rows, "cpu"), strict=True):
         with torch.no_grad():
-            whole = model(input_ids=torch.tensor([ids]), use_cache=True).cache
+            whole = cache_of(model(input_ids=torch.tensor([ids]), use_cache=True))
         for (keys, values), layer in zip(context.layers, whole.layers, strict=True):
             assert torch.allclose(keys, layer.keys, atol=1e-5, rtol=0)
             assert torch.allclose(values, layer.values, atol=1e-5, rtol=0)

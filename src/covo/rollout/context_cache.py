@@ -6,11 +6,29 @@ lets the scorer attend to a trajectory without feeding it again.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 from torch import Tensor
-from transformers import DynamicCache
+from transformers import DynamicCache, LlamaModel
 from transformers.cache_utils import DynamicLayer, StaticLayer
+
+# A model's keys and values are `cache` (forward and generate argument, output field) from
+# transformers 5.24 on and `past_key_values` before (the 5.x releases GPU images ship): covo
+# passes and reads them under the installed release's name.
+CACHE_NAME = (
+    "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else ("past_key_values")
+)
+
+
+def with_cache(cache) -> dict:
+    """`cache` as the keyword a model's forward or `generate` takes it under."""
+    return {CACHE_NAME: cache}
+
+
+def cache_of(output):
+    """The keys and values a forward or `generate` output holds."""
+    return getattr(output, CACHE_NAME)
 
 
 @dataclass

@@ -27,6 +27,8 @@ from transformers import (
     LogitsProcessorList,
 )
 
+from covo.rollout.context_cache import cache_of, with_cache
+
 log = logging.getLogger(__name__)
 
 STAT_NAMES = ("logprobs", "entropy", "self_certainty")
@@ -279,7 +281,7 @@ class HFGenerate:
         if statistics:
             generation.stats = statistics.finish(generation.responses)
         if keep_cache:
-            cache = complete_cache(model, out.cache, out.sequences, prompt_mask)
+            cache = complete_cache(model, cache_of(out), out.sequences, prompt_mask)
             if self.static is not None and cache is self.static[1]:
                 # the next call empties the kept cache: the caller gets the keys and values
                 cache = copied_cache(cache, out.sequences.shape[1])
@@ -294,7 +296,7 @@ class HFGenerate:
         rows = len(kwargs["input_ids"]) * config.num_return_sequences
         try:
             cache = self.static_cache(model, rows, longest)
-            return generate_with(model, config, cache=cache, **kwargs)
+            return generate_with(model, config, **with_cache(cache), **kwargs)
         except FALLBACK_ERRORS as error:
             self.fell_back, self.static = True, None
             log.warning(
@@ -334,7 +336,7 @@ def feed_last_token(model, cache, sequences: Tensor, prompt_mask: Tensor, width:
         input_ids=sequences[:, -1:],
         attention_mask=attention_mask,
         position_ids=position_ids_from(attention_mask)[:, -1:],
-        cache=cache,
+        **with_cache(cache),
         use_cache=True,
         logits_to_keep=1,
     )

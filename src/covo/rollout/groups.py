@@ -20,7 +20,7 @@ from transformers import DynamicCache
 from covo.models.loading import LoadedModel
 from covo.rewards.base import Group, Withheld
 from covo.rewards.covo.reward import encode
-from covo.rollout.context_cache import ContextCache, plain_layers, split_cache
+from covo.rollout.context_cache import ContextCache, cache_of, plain_layers, split_cache, with_cache
 from covo.rollout.engine import STAT_NAMES, position_ids_from
 from covo.rollout.sampling import format_prompts, head_stats
 
@@ -53,7 +53,7 @@ def prompt_prefix(model, prompt_ids: list[int]) -> list[tuple] | None:
     out = model.base_model(
         input_ids=torch.tensor([prompt_ids[:-1]], device=model.device), use_cache=True
     )
-    layers = plain_layers(out.cache)
+    layers = plain_layers(cache_of(out))
     return None if layers is None else [(layer.keys, layer.values) for layer in layers]
 
 
@@ -94,7 +94,7 @@ def response_stats(
             input_ids=torch.tensor(fed, device=device),
             attention_mask=mask,
             position_ids=position_ids_from(mask)[:, -len(fed[0]) :],
-            cache=repeated(prefix, len(rows)),
+            **with_cache(repeated(prefix, len(rows))),
             use_cache=keep_cache or prefix is not None,
         )
         # the hidden state before each response token predicts it; padding is not scored
@@ -107,7 +107,7 @@ def response_stats(
         for j, r in enumerate(rows):
             stats[r] = {name: parts[j] for name, parts in split.items()}
         if keep_cache:
-            kept = split_cache(out.cache, [(prompt_ids + ids, 0) for ids in responses])
+            kept = split_cache(cache_of(out), [(prompt_ids + ids, 0) for ids in responses])
             for r, context in zip(rows, kept or [None] * len(rows)):
                 caches[r] = context
     return stats, caches

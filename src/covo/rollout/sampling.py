@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from covo.rewards.base import Group, Withheld
-from covo.rollout.context_cache import ContextCache, split_cache
+from covo.rollout.context_cache import ContextCache, cache_of, split_cache
 from covo.rollout.engine import (
     STAT_NAMES,
     Generation,
@@ -249,7 +249,7 @@ def response_token_stats(
     flat = head_stats(model, hidden.flatten(0, 1), targets.flatten(), temperature)
     stats = {name: values.view(targets.shape) for name, values in flat.items()}
     if keep_cache:
-        stats["cache"] = out.cache
+        stats["cache"] = cache_of(out)
     return stats
 
 

@@ -38,7 +38,7 @@ from transformers import LogitsProcessorList, TrainerCallback
 
 from covo.integrations.trl.sharding import synced_generation
 from covo.models import lora
-from covo.rollout.context_cache import ContextCache, split_cache
+from covo.rollout.context_cache import ContextCache, cache_of, split_cache
 from covo.rollout.engine import (
     STAT_NAMES,
     SamplingStatistics,
@@ -192,7 +192,7 @@ class GenerationCapture:
         if self.cache != "none":
             complete = complete_in_step if synced_generation(policy) else complete_cache
             with torch.no_grad():
-                cache = complete(policy, out.cache, out.sequences, prompt_mask)
+                cache = complete(policy, cache_of(out), out.sequences, prompt_mask)
             rows = [
                 (prompt + without_eos(ids, eos), prompt_len - len(prompt))
                 for prompt, ids in zip(prompts, completions)

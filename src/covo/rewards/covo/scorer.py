@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from covo.infra.checks import Rule, choice
-from covo.rollout.context_cache import ContextCache
+from covo.rollout.context_cache import ContextCache, with_cache
 
 # the autocast dtype a scorer may run in (`scoring_dtype`); null: the model's own
 SCORING_DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -264,7 +264,7 @@ class PrefixSharedScorer(_ScorerBase):
                 input_ids=packed.input_ids[None].to(device),
                 attention_mask=mask[None, None],
                 position_ids=packed.position_ids[None].to(device),
-                cache=cache.model_cache(n_cached) if cache is not None else None,
+                **with_cache(cache.model_cache(n_cached) if cache is not None else None),
                 use_cache=cache is not None,
             ).last_hidden_state[0]
             nll = gathered_nll(
