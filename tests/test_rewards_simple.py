@@ -192,3 +192,20 @@ def test_ground_truth_without_a_label_says_so():
     with pytest.raises(DataError) as err:
         GroundTruthReward()(make_group(boxed("7")), None)
     assert str(err.value) == "GroundTruthReward needs labels: this item has no answer"
+
+
+def test_answer_settings_are_checked_by_name_and_reach_the_equivalence():
+    cases = [
+        (
+            {"extractor": "first_box"},
+            "reward.extractor=first_box: expected one of released_boxed, boxed, last_number, "
+            "boxed_or_last_number",
+        ),
+        ({"timeout_s": 0.0}, "reward.timeout_s=0.0: expected a number > 0"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError) as err:
+            MajorityReward(**kwargs)
+        assert str(err.value) == message
+    assert MajorityReward(timeout_s=0.5).equivalence.timeout_s == 0.5  # under a second is fine
+    assert MajorityReward().equivalence.timeout_s == 2.0
