@@ -14,10 +14,14 @@ from covo.answers import AnswerEquivalence
 from covo.infra.errors import DataError
 from covo.models.loading import build_tiny
 from covo.rewards.base import Group, LabelWithheldError, Withheld, label_for
-from covo.rewards.certainty import EntropyReward, SelfCertaintyReward
+from covo.rewards.certainty import EntropyReward, SelfCertaintyReward, SequenceLogProbReward
+from covo.rewards.controls import FormatReward, RandomReward
+from covo.rewards.covo.reward import CoVoReward
 from covo.rewards.covo.scorer import PrefixSharedScorer
 from covo.rewards.ground_truth import GroundTruthReward
-from covo.rewards.majority import MajorityReward
+from covo.rewards.harmony import SelfHarmonyReward
+from covo.rewards.majority import MajorityReward, VoteShareReward
+from covo.rewards.restrain import RestrainReward
 from covo.rollout.views import declared_views, view_prompts
 
 torch.set_num_threads(1)
@@ -209,3 +213,13 @@ def test_answer_settings_are_checked_by_name_and_reach_the_equivalence():
         assert str(err.value) == message
     assert MajorityReward(timeout_s=0.5).equivalence.timeout_s == 0.5  # under a second is fine
     assert MajorityReward().equivalence.timeout_s == 2.0
+
+
+def test_every_reward_parses_answers_for_two_seconds_by_default():
+    # math-verify's parse limit: each reward class passes its own default on
+    kinds = [MajorityReward, VoteShareReward, RestrainReward, GroundTruthReward, EntropyReward]
+    kinds += [SelfCertaintyReward, SequenceLogProbReward, RandomReward, FormatReward]
+    kinds += [SelfHarmonyReward, CoVoReward]
+    assert {kind.__name__: kind().equivalence.timeout_s for kind in kinds} == {
+        kind.__name__: 2.0 for kind in kinds
+    }
