@@ -48,11 +48,11 @@ def test_harmonic_mean_picks_the_answer_stable_under_reframing():
 
 
 def test_harmonic_mean_ties_and_empty_views():
-    # equal scores 0.4 = 2 / (1/0.6 + 1/0.3) = 2 / (1/0.4 + 1/0.4): the larger summed share
-    # (0.9 against 0.8) wins
-    view0, view1 = [0] * 6 + [1] * 4, [0] * 3 + [1] * 4 + [2] * 3
+    # equal scores 0.4 = 2 / (1/0.4 + 1/0.4) = 2 / (1/0.6 + 1/0.3): the larger summed share
+    # (0.9 against 0.8) wins, though its cluster comes second
+    view0, view1 = [0] * 4 + [1] * 6, [0] * 4 + [1] * 3 + [2] * 3
     label, harmony = harmonic_pseudo_label([view0, view1], 3)
-    assert (label, harmony[0], harmony[1]) == (0, pytest.approx(0.4), pytest.approx(0.4))
+    assert (label, harmony[0], harmony[1]) == (1, pytest.approx(0.4), pytest.approx(0.4))
     # equal scores and shares: the cluster seen first
     assert harmonic_pseudo_label([[0, 0, 1, 1], [1, 1, 0, 0]], 2)[0] == 0
     # nothing in common, or no answers at all: no label
@@ -90,8 +90,9 @@ def test_self_harmony_edge_cases(original, reframed, rewards):
 def test_view_declarations_are_checked():
     with pytest.raises(ValueError, match=r"reward.views.other must be a string holding \{prompt\}"):
         SelfHarmonyReward(views={"other": "no placeholder"})
-    with pytest.raises(ValueError, match="at least one view"):
+    with pytest.raises(ValueError) as err:
         SelfHarmonyReward(views={})
+    assert str(err.value) == "reward.views must name at least one view for self_harmony"
     with pytest.raises(ValueError, match="needs the view 'reframed'"):
         SelfHarmonyReward()(group(boxed("1")))
     assert check_views(None) == {}
