@@ -111,11 +111,13 @@ class Built:
         return str(value).replace(self.out, OUT).replace(str(self.cfg.paths.log_dir), "<log_dir>")
 
 
-_BUILT: dict[str, Built] = {}
+@pytest.fixture(scope="session")
+def built_runs() -> dict[str, Built]:
+    return {}
 
 
 @pytest.fixture
-def built(tmp_path_factory, monkeypatch):
+def built(built_runs, tmp_path_factory, monkeypatch):
     """The run `RUNS[name]`, built once. `trainer.precision: auto` decides by the CPU: the
     environment fixes it to bf16-mixed, so that `model.dtype: float32` shows apart from null."""
     monkeypatch.setenv("COVO_NATIVE_BF16", "1")
@@ -124,15 +126,15 @@ def built(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("COVO_LOG_DIR", str(tmp_path_factory.getbasetemp() / "logs"))
 
     def get(name: str) -> Built:
-        if name not in _BUILT:
+        if name not in built_runs:
             out = tmp_path_factory.mktemp(f"run_{name}")
             cfg = compose_config("train", [*BASE, *SMALL_DATA, *RUNS[name]], out)
             before = torch.are_deterministic_algorithms_enabled()
-            _BUILT[name] = Built(cfg, *build(cfg), out)
+            built_runs[name] = Built(cfg, *build(cfg), out)
             # the Trainer sets torch's global flag: read now, and put back for other tests
-            _BUILT[name].deterministic = torch.are_deterministic_algorithms_enabled()
+            built_runs[name].deterministic = torch.are_deterministic_algorithms_enabled()
             torch.use_deterministic_algorithms(before)
-        return _BUILT[name]
+        return built_runs[name]
 
     return get
 
