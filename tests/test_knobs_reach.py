@@ -32,6 +32,7 @@ from covo.callbacks.collapse_guard import CollapseGuard
 from covo.callbacks.heldout_eval import HeldoutEval
 from covo.callbacks.progress import StepProgressBar
 from covo.data import arithmetic, reasoning_gym
+from covo.infra.errors import SettingError
 from covo.launch.train import build
 from covo.models.loading import build_tiny
 
@@ -565,7 +566,7 @@ MODEL_READ = {
     # the compute dtype: trainer.precision's (auto follows model.dtype when set)
     "dtype": lambda m: m.precision,
     "master_dtype": lambda m: {p.dtype for p in m.model.parameters()},
-    "gradient_checkpointing": lambda m: m.model.is_gradient_checkpointing,
+    "gradient_checkpointing": lambda m: m.model.is_activation_checkpointing,
     "hold_graphs": lambda m: m.hold_graphs,
     # r 0: no adapters; the others read on the same option with lora.r=8 (`m.lora`)
     "lora.r": lambda m: lora_config(m.model).r if hasattr(m.model, "peft_config") else 0,
@@ -917,3 +918,12 @@ def test_data_knobs_reach_the_data_module(option, tmp_path, monkeypatch):
     assert not unaccounted(keys, expected, NOT_BUILT_DATA), f"data={option}"
     got = read_data(option, cfg, dm, test, path)
     assert {key: got[key] for key in expected} == expected
+
+
+@pytest.mark.parametrize("key", ["devices", "num_nodes"])
+def test_more_processes_than_strategy_auto_runs_are_refused(key, tmp_path):
+    """strategy=auto is one process: Lightning's single-device strategy ignores
+    trainer.devices and trainer.num_nodes, so a run asked for 2 would train on 1 silently."""
+    cfg = compose_config("train", [*BASE, *SMALL_DATA, f"trainer.{key}=2"], tmp_path)
+    with pytest.raises(SettingError, match=rf"^trainer\.{key}=2: expected 1 with strategy=auto"):
+        build(cfg)
