@@ -26,15 +26,37 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 REWARD_DIR = Path("conf") / "reward"
-NUMBER = re.compile(r"^(?P<head>\s*[\w]+:\s*)(?P<value>-?\d+(?:\.\d+)?)(?P<tail>\s*(?:#.*)?)$")
+VALUE = r"-?\d+(?:\.\d+)?(?:e-?\d+)?"
+NUMBER = re.compile(rf"^(?P<head>\s*[\w]+:\s*)(?P<value>{VALUE})(?P<tail>\s*(?:#.*)?)$")
+BOOL = re.compile(r"^(?P<head>\s*[\w]+:\s*)(?P<value>true|false)(?P<tail>\s*(?:#.*)?)$")
+# a number inside a flow list or map on one line: `betas: [0.9, 0.95]`, `{max_terms: 3}`
+FLOW_NUMBER = re.compile(rf"(?<=[\[{{,:] ){VALUE}(?=[,\]}}])")
 TARGET = re.compile(r"^(?P<head>_target_:\s*)(?P<value>[\w.]+)(?P<tail>\s*(?:#.*)?)$")
 
 
 def perturb_number(text: str) -> str:
-    if "." not in text:
+    if "." not in text and "e" not in text:
         return str(int(text) + 1)
     value = float(text)
     return "0.1" if value == 0 else repr(value / 2)
+
+
+def perturbed_lines(line: str, bools: bool = False, flows: bool = False) -> list[str]:
+    """The line with one value perturbed, for each value it holds: a `key: number`; with
+    `bools`, a `key: true|false` flipped; with `flows`, each number of a one-line flow list or
+    map."""
+    if match := NUMBER.match(line):
+        return [f"{match['head']}{perturb_number(match['value'])}{match['tail']}"]
+    if bools and (match := BOOL.match(line)):
+        flipped = "false" if match["value"] == "true" else "true"
+        return [f"{match['head']}{flipped}{match['tail']}"]
+    code = line.split("#", 1)[0]
+    if not flows or not ("[" in code or "{" in code):
+        return []
+    return [
+        f"{line[: m.start()]}{perturb_number(m.group())}{line[m.end() :]}"
+        for m in FLOW_NUMBER.finditer(code)
+    ]
 
 
 def mutants(root: Path) -> list[tuple[Path, int, str, str]]:
@@ -60,10 +82,10 @@ def mutants(root: Path) -> list[tuple[Path, int, str, str]]:
     return out
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tests", nargs="+", default=["tests/test_reward_yaml_values.py"])
-    args = parser.parse_args()
+def run_mutants(find_mutants, tests: list[str]) -> int:
+    """Apply each of `find_mutants(copy)`'s perturbations in turn to a scratch copy of the
+    repository and run `tests` there (`-k` the perturbed file's name); prints each verdict and
+    the count. Exit status 1 when a perturbation survives."""
     with tempfile.TemporaryDirectory() as scratch:
         copy = Path(scratch) / "repo"
         copy.mkdir()
@@ -71,13 +93,13 @@ def main() -> int:
             source = ROOT / part
             (shutil.copytree if source.is_dir() else shutil.copy2)(source, copy / part)
         killed, survived = 0, []
-        for path, index, old, new in mutants(copy):
+        for path, index, old, new in find_mutants(copy):
             lines = path.read_text().splitlines()
             original = path.read_text()
             lines[index] = new
             path.write_text("\n".join(lines) + "\n")
             os.chdir(copy)
-            code = pytest.main(["-q", "-x", "-p", "no:cacheprovider", "-k", path.stem, *args.tests])
+            code = pytest.main(["-q", "-x", "-p", "no:cacheprovider", "-k", path.stem, *tests])
             os.chdir(ROOT)
             path.write_text(original)
             if code == pytest.ExitCode.NO_TESTS_COLLECTED:
@@ -90,7 +112,16 @@ def main() -> int:
                 killed += 1
                 print(f"killed   {name}", flush=True)
     print(f"{killed} killed, {len(survived)} survived of {killed + len(survived)}")
+    for name in survived:
+        print(f"survived: {name}")
     return 1 if survived else 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tests", nargs="+", default=["tests/test_reward_yaml_values.py"])
+    args = parser.parse_args()
+    return run_mutants(mutants, args.tests)
 
 
 if __name__ == "__main__":

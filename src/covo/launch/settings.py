@@ -40,6 +40,8 @@ from covo.optim import check_scheduler
 from covo.rewards.covo.scorer import SCORING_DTYPE_RULE
 from covo.rollout.checks import check_rollout, check_sampling
 
+SINGLE_DEVICE = "covo.infra.strategies.single_device"  # strategy=auto's
+
 # the compute dtype each Lightning precision runs in
 PRECISION_COMPUTE = {
     "32-true": "float32",
@@ -114,7 +116,22 @@ def check_train(cfg: DictConfig):
         )
     check_precision(cfg)
     check_lora(cfg)
+    check_processes(cfg)
     return reward
+
+
+def check_processes(cfg: DictConfig) -> None:
+    """`strategy=auto` runs one process: Lightning's single-device strategy would ignore more
+    `trainer.devices` or `trainer.num_nodes` and train on one without a word."""
+    if cfg.strategy.get("_target_") != SINGLE_DEVICE:
+        return
+    for key in ("devices", "num_nodes"):
+        if cfg.trainer[key] != 1:
+            fail(
+                f"trainer.{key}",
+                cfg.trainer[key],
+                "1 with strategy=auto (one process); strategy=ddp or strategy=fsdp run several",
+            )
 
 
 def check_lora(cfg: DictConfig) -> None:
