@@ -2,6 +2,7 @@
 recomputed from it alone, against numbers computed by hand."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -168,3 +169,17 @@ def test_missing_results_file_is_one_line(tmp_path, capsys):
         main(["table", str(tmp_path / "nope.json")])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'nope.json'}: no such file"
+
+
+def test_the_readme_headline_is_the_results_file():
+    # the README's table, recomputed from docs/results alone: the finished study, ten seeds
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    results = json.loads((docs / "results" / "headline_lr3.3e-5_kl0.1.json").read_text())
+    premise = json.loads((docs / "results" / "calibrated_premise.json").read_text())
+    assert not results["setting"]["partial"] and results["split"] == "test"
+    assert {reward: len(runs) for reward, runs in results["rewards"].items()} == {
+        reward: 10
+        for reward in ("ground_truth", "majority", "covo", "covo_paper", "random", "seq_logprob")
+    }
+    table = brief(verdict(results), premise)
+    assert table in (docs.parent / "README.md").read_text()

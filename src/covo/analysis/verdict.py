@@ -210,8 +210,8 @@ def markdown(results: dict, table: dict) -> str:
         diff = table["paired"].get(reward)
         p = "-"
         if diff is not None and diff["p"] == diff["p"]:
-            p = f"{diff['p']:.3f}"
-            p += f" ({diff['p_holm']:.3f})" if "p_holm" in diff else " (not primary)"
+            p = p_text(diff["p"])
+            p += f" ({p_text(diff['p_holm'])})" if "p_holm" in diff else " (not primary)"
         beyond = {True: "yes", False: "no", None: "-"}[n["beyond_sharpening"]]
         row = [
             reward, str(len(n["seeds"])), fmt(n["sampled_gain"]),
