@@ -198,6 +198,21 @@ def fmt(c: dict | None, sign: str = "+") -> str:
     return text if c.get("low") is None else f"{text} [{c['low']:{sign}.3f}, {c['high']:{sign}.3f}]"
 
 
+def p_text(p: float) -> str:
+    return "< 0.001" if p < 0.0005 else f"{p:.3f}"
+
+
+def p_cell(diff: dict | None, adjusted_only: bool) -> str:
+    """The paired t-test's p and its Holm adjustment (`adjusted_only`: the adjusted one alone);
+    a comparison outside the primary family shows its own p, marked."""
+    if diff is None or diff["p"] != diff["p"]:
+        return "-"
+    if "p_holm" not in diff:
+        return f"{p_text(diff['p'])} (not primary)"
+    holm = p_text(diff["p_holm"])
+    return holm if adjusted_only else f"{p_text(diff['p'])} ({holm})"
+
+
 def markdown(results: dict, table: dict) -> str:
     head = [
         "reward", "seeds", "gain at the end (t)", "gain at the end (seeds x problems)",
@@ -208,10 +223,7 @@ def markdown(results: dict, table: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
     for reward, n in table["numbers"].items():
         diff = table["paired"].get(reward)
-        p = "-"
-        if diff is not None and diff["p"] == diff["p"]:
-            p = p_text(diff["p"])
-            p += f" ({p_text(diff['p_holm'])})" if "p_holm" in diff else " (not primary)"
+        p = p_cell(diff, adjusted_only=False)
         beyond = {True: "yes", False: "no", None: "-"}[n["beyond_sharpening"]]
         row = [
             reward, str(len(n["seeds"])), fmt(n["sampled_gain"]),
@@ -233,10 +245,6 @@ def markdown(results: dict, table: dict) -> str:
     return "\n".join(lines)
 
 
-def p_text(p: float) -> str:
-    return "< 0.001" if p < 0.0005 else f"{p:.3f}"
-
-
 def brief(table: dict, premise: dict | None = None) -> str:
     """The README's table: premise (AUROC, from a profile JSON), end gain on test, greedy gain,
     the paired difference against random with its Holm-adjusted p, beyond sharpening."""
@@ -247,11 +255,7 @@ def brief(table: dict, premise: dict | None = None) -> str:
     for reward in order:
         n, diff = table["numbers"][reward], table["paired"].get(reward)
         auroc = ((premise or {}).get("rewards", {}).get(reward) or {}).get("auroc")
-        p = "-"
-        if diff is not None and "p_holm" in diff:
-            p = p_text(diff["p_holm"])
-        elif diff is not None and diff["p"] == diff["p"]:
-            p = f"{p_text(diff['p'])} (not primary)"
+        p = p_cell(diff, adjusted_only=True)
         row = [f"`{reward}`", "-" if auroc is None else f"{auroc['value']:.3f}"]
         row += [str(len(n["seeds"])), fmt(n["sampled_gain"]), fmt(n["greedy_gain"]), fmt(diff), p]
         row.append({True: "yes", False: "no", None: "-"}[n["beyond_sharpening"]])

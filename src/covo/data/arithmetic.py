@@ -77,9 +77,7 @@ def generate(
     for _ in range(1000 * total + 1000):
         if len(items) == total:
             return items[skip:]
-        item = make_problem(
-            rng, rng.randint(min_operands, max_operands), max_value, operators
-        )
+        item = make_problem(rng, rng.randint(min_operands, max_operands), max_value, operators)
         if parts is not None and part_of(item["problem"], parts) != split:
             continue
         if distinct:

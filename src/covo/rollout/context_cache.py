@@ -16,9 +16,8 @@ from transformers.cache_utils import DynamicLayer, StaticLayer
 # A model's keys and values are `cache` (forward and generate argument, output field) from
 # transformers 5.24 on and `past_key_values` before (the 5.x releases GPU images ship): covo
 # passes and reads them under the installed release's name.
-CACHE_NAME = (
-    "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else ("past_key_values")
-)
+FORWARD_ARGS = inspect.signature(LlamaModel.forward).parameters
+CACHE_NAME = "cache" if "cache" in FORWARD_ARGS else "past_key_values"
 
 
 def with_cache(cache) -> dict:
