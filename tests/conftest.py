@@ -8,6 +8,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
+from covo.models.loading import build_tiny
 from covo.rewards.majority import MajorityReward
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,6 +16,32 @@ CONF_DIR = ROOT / "conf"
 SHARED_DATA = Path(os.environ.get("COVO_BENCHMARK_DIR", ROOT.parent / "shared" / "data"))
 
 torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+
+
+def leaves(node: dict, prefix: str = "") -> dict:
+    """A nested dict's values by dotted key (an empty dict is a value)."""
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict) and value:
+            out.update(leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def options(group: str) -> list[str]:
+    """The options of a config group: the names of conf/<group>/*.yaml."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def saved_tiny(tmp_path_factory) -> Path:
+    """The tiny model and tokenizer saved as a Hugging Face folder (model=hf's name_or_path)."""
+    path = tmp_path_factory.mktemp("tiny_hf")
+    loaded = build_tiny()
+    loaded.model.save_pretrained(path)
+    loaded.tokenizer.save_pretrained(path)
+    return path
 
 
 def compose_config(name: str, overrides: list[str], output_dir: Path) -> DictConfig:

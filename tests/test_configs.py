@@ -10,7 +10,7 @@ from pathlib import Path
 import hydra
 import pytest
 import torch
-from conftest import CONF_DIR, TINY_RUN, compose_config
+from conftest import CONF_DIR, TINY_RUN, compose_config, leaves, options
 from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import Strategy
 from omegaconf import OmegaConf
@@ -18,7 +18,7 @@ from test_reward_yaml_values import knob_values
 
 from covo.launch.settings import check_train
 from covo.launch.train import resolve_auto
-from covo.models.loading import LoadedModel, build_tiny
+from covo.models.loading import LoadedModel
 
 GROUPS = [
     "model",
@@ -34,10 +34,6 @@ GROUPS = [
 ]
 
 
-def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-
-
 def test_groups_are_not_empty():
     for group in GROUPS + ["experiment", "debug", "hparams_search"]:
         assert options(group), group
@@ -48,15 +44,6 @@ def problems_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "problems.jsonl"
     rows = [{"problem": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(40)]
     path.write_text("\n".join(json.dumps(r) for r in rows))
-    return path
-
-
-@pytest.fixture(scope="module")
-def saved_tiny(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny_hf")
-    loaded = build_tiny()
-    loaded.model.save_pretrained(path)
-    loaded.tokenizer.save_pretrained(path)
     return path
 
 
@@ -184,16 +171,6 @@ def own_values(group: str, option: str) -> dict:
         for entry in raw.pop("defaults", ["_self_"])
     ]
     return OmegaConf.to_container(OmegaConf.merge(*parts))
-
-
-def leaves(node: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in node.items():
-        if isinstance(value, dict) and value:
-            out.update(leaves(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def package_of(group: str, option: str) -> str | None:

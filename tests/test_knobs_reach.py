@@ -23,7 +23,7 @@ from pathlib import Path
 import hydra
 import pytest
 import torch
-from conftest import CONF_DIR, compose_config
+from conftest import CONF_DIR, compose_config, leaves, options
 from lightning.pytorch.callbacks import ModelSummary
 from omegaconf import OmegaConf, open_dict
 
@@ -65,20 +65,6 @@ RUN_OF = {
     if override.startswith(f"{group}=")
 }
 RUN_OF["model", "tiny"] = "a"
-
-
-def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-
-
-def leaves(node: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in node.items():
-        if isinstance(value, dict) and value:
-            out.update(leaves(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def yaml_keys(cfg, group: str, option: str) -> set[str]:
@@ -636,15 +622,6 @@ class Model:
     def __init__(self, model, chat_template, hold_graphs, precision, lora):
         self.model, self.chat_template, self.hold_graphs = model, chat_template, hold_graphs
         self.precision, self.lora = precision, lora
-
-
-@pytest.fixture(scope="module")
-def saved_tiny(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny_hf")
-    loaded = build_tiny()
-    loaded.model.save_pretrained(path)
-    loaded.tokenizer.save_pretrained(path)
-    return path
 
 
 def with_lora(node):

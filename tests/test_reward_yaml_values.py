@@ -12,7 +12,7 @@ import re
 import hydra
 import pytest
 import yaml
-from conftest import CONF_DIR, ROOT, compose_config
+from conftest import CONF_DIR, ROOT, compose_config, leaves
 from omegaconf import OmegaConf
 
 from covo.answers import (
@@ -68,16 +68,6 @@ def documented() -> dict[str, tuple[str, dict]]:
 
 
 DOCUMENTED = documented()
-
-
-def leaves(node: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in node.items():
-        if isinstance(value, dict) and value:
-            out.update(leaves(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def test_the_table_names_every_option_and_only_those():
