@@ -94,8 +94,8 @@ def run_mutants(find_mutants, tests: list[str]) -> int:
             (shutil.copytree if source.is_dir() else shutil.copy2)(source, copy / part)
         killed, survived = 0, []
         for path, index, old, new in find_mutants(copy):
-            lines = path.read_text().splitlines()
             original = path.read_text()
+            lines = original.splitlines()
             lines[index] = new
             path.write_text("\n".join(lines) + "\n")
             os.chdir(copy)

@@ -7,20 +7,18 @@ Both scripts run from scripts/, which Python puts first on the path: `from trl_e
 from __future__ import annotations
 
 import tempfile
-from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from covo.data.arithmetic import generate
-
-ROOT = Path(__file__).resolve().parents[1]
+from covo.infra.configs import conf_dir
 
 
 def dataset(num_problems: int, seed: int):
     """`num_problems` arithmetic problems, each a one-message chat prompt with its columns."""
     from datasets import Dataset
 
-    template = OmegaConf.load(ROOT / "conf" / "data" / "arithmetic.yaml").prompt_template
+    template = OmegaConf.load(conf_dir() / "data" / "arithmetic.yaml").prompt_template
     return Dataset.from_list(
         [
             {"prompt": [{"role": "user", "content": template.format(problem=p["problem"])}], **p}
