@@ -2,6 +2,7 @@
 
     taskset -c 0 python scripts/lab_profile.py model=toy_calibrated data=toy_calibrated
     python scripts/lab_profile.py --from logs/study/runs/<time>/study.json   # a finished study
+    python scripts/lab_profile.py --table a/study.json b/study.json   # studies side by side
     python -m covo.study model=smollm2_135m threads=1 reward_extractor=boxed_or_last_number \
         'rewards=[majority,covo,seq_logprob]'     # a real model (then --from its study.json)
 
@@ -12,6 +13,8 @@ signal: the sampled accuracy, pass@N, how much more often the majority answer is
 one sample (majority label accuracy), how well the vote share and CoVo's score rank right
 answers above wrong ones (AUROC), and how many states (CoVo's steps) a response has.
 Other `key=value` arguments are the study's overrides (`rewards=[...]`, `sampling.*`).
+`--table` prints finished studies of the same problems (models of different sizes) as one
+markdown table: the model's accuracy and each reward's AUROC with its 95% interval.
 """
 
 from __future__ import annotations
@@ -92,14 +95,39 @@ def profile(results: dict, states: float | None) -> dict:
     return row
 
 
+def cell(stat: dict) -> str:
+    """`value [low, high]` of a study statistic, three decimals."""
+    return f"{stat['value']:.3f} [{stat['low']:.3f}, {stat['high']:.3f}]"
+
+
+def table(studies: list[dict]) -> str:
+    """Markdown: a row per study (model and the dtype it sampled and scored in, sampled
+    accuracy, sampling and scoring minutes) and a
+    column per reward any of them ran (its AUROC; `-` where a study did not run it)."""
+    rewards = list(dict.fromkeys(r for s in studies for r in s["rewards"]))
+    head = ["model", "sampled accuracy", *(f"{r} AUROC" for r in rewards), "sampling, scoring min"]
+    lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
+    for s in studies:
+        aurocs = [cell(s["rewards"][r]["auroc"]) if r in s["rewards"] else "-" for r in rewards]
+        minutes = f"{s['sampling_seconds'] / 60:.0f}, {s['scoring_seconds'] / 60:.0f}"
+        weights = s["config"].get("model", {}).get("master_dtype", "float32")
+        row = [f"{s['model']} ({weights})", cell(s["model_accuracy"]), *aurocs, minutes]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="model=NAME data=NAME and study overrides")
     parser.add_argument("--problems", type=int, default=64)
     parser.add_argument("--from", dest="done", type=Path, help="a finished study.json")
+    parser.add_argument("--table", nargs="+", type=Path, help="finished study.json files")
     parser.add_argument("--out", type=Path, default=Path("logs/study/lab_profile"),
                         help="where the study writes study.json")  # fmt: skip
     args = parser.parse_args()
+    if args.table:
+        print(table([json.loads(path.read_text()) for path in args.table]))
+        return
     if args.done:  # states too where its samples are still there (its model is loaded)
         results, states = json.loads(args.done.read_text()), None
         samples = Path(results["samples"])

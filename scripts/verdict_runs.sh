@@ -5,8 +5,9 @@
 # ${COVO_STUDY_DIR:-~/.cache/covo/studies}), so an interrupted sitting goes on in the next one.
 #   bash scripts/verdict_runs.sh headline   # 6 rewards x 10 seeds, calibrated lab, lr 3.3e-5, KL 0.1
 #   bash scripts/verdict_runs.sh predict    # the prediction's setting: 10 rewards x 3 seeds, lr 5e-5, KL 0.1
-#   bash scripts/verdict_runs.sh qwen15     # CoVo's premise on Qwen2.5-Coder-1.5B (the qwen15 extra),
-#                                           # in bf16: 3x fp32's matmul rate on an AVX512-BF16 CPU
+#   bash scripts/verdict_runs.sh premise qwen_coder_15b   # CoVo's premise on a model (here the
+#       1.5B of the qwen15 extra; also qwen_coder_05b, smollm2_135m), on the 64 three-operand
+#       problems, in bf16 (3x fp32's matmul rate on an AVX512-BF16 CPU)
 # Each runs one process on one core at the lowest priority (nice 19), so other work goes first;
 # further arguments are overrides of that study (two at once: `... predict cores=[1]`).
 set -euo pipefail
@@ -16,7 +17,7 @@ studies=${COVO_STUDY_DIR:-$HOME/.cache/covo/studies}
 python=${PYTHON:-.venv/bin/python}
 lab='"experiment=toy_calibrated_learns","callbacks.heldout_eval.batch_size=32","callbacks.heldout_eval.extractor=boxed"'
 run() { OMP_NUM_THREADS=1 nice -n 19 "$python" "$@"; }
-what=${1:?usage: scripts/verdict_runs.sh headline|predict|qwen15 [overrides]}
+what=${1:?usage: scripts/verdict_runs.sh headline|predict|premise MODEL [overrides]}
 shift
 case "$what" in
   headline)
@@ -31,9 +32,12 @@ case "$what" in
       'rewards=[seq_logprob,vote_share,majority,entropy,covo_guarded,covo,covo_paper,self_certainty,random,ground_truth]' \
       seeds=3 jobs=1 train.steps=60 eval_every=10 'baselines=[random,ground_truth]' \
       "train.extra=[$lab,\"optimizer.lr=5e-5\",\"algorithm.kl_coef=0.1\"]" "$@" ;;
-  qwen15)
-    run -m covo.study model=qwen_coder_15b model.master_dtype=bfloat16 threads=1 device=cpu reward_extractor=boxed_or_last_number \
+  premise)
+    model=${1:?usage: scripts/verdict_runs.sh premise MODEL [overrides]}
+    shift
+    run -m covo.study model="$model" model.master_dtype=bfloat16 threads=1 device=cpu \
+      reward_extractor=boxed_or_last_number \
       'rewards=[covo,covo_paper,majority,self_certainty,entropy,seq_logprob]' \
-      hydra.run.dir="$studies/qwen15" "$@" ;;
-  *) echo "usage: scripts/verdict_runs.sh headline|predict|qwen15" >&2; exit 2 ;;
+      hydra.run.dir="$studies/$model" "$@" ;;
+  *) echo "usage: scripts/verdict_runs.sh headline|predict|premise MODEL" >&2; exit 2 ;;
 esac

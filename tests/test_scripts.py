@@ -3,6 +3,7 @@ not in the middle of a benchmark."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -18,3 +19,49 @@ def test_every_script_imports():
         [sys.executable, "-c", code, *names], cwd=SCRIPTS, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr.strip().splitlines()[-1]
+
+
+def test_lab_profile_table_puts_studies_of_several_models_side_by_side(tmp_path):
+    """`lab_profile.py --table`: a row per study, a column per reward any study ran, `-` where
+    one did not; values and intervals to three decimals, minutes rounded."""
+
+    def study(model, dtype, accuracy, seconds, **aurocs):
+        return {
+            "model": model,
+            "config": {"model": {"master_dtype": dtype} if dtype else {}},
+            "model_accuracy": dict(zip(("value", "low", "high"), accuracy)),
+            "sampling_seconds": seconds[0],
+            "scoring_seconds": seconds[1],
+            "rewards": {
+                name: {"auroc": dict(zip(("value", "low", "high"), auroc))}
+                for name, auroc in aurocs.items()
+            },
+        }
+
+    studies = [
+        study("smollm2_135m", "bfloat16", (0.0078, 0.0, 0.0196), (1661, 1308),
+              majority=(0.344, 0.2, 0.5), covo=(0.8312, 0.5371, 0.95)),
+        study("qwen_coder_15b", None, (0.75, 0.7, 0.8), (2190, 29.9),
+              covo=(0.7, 0.6, 0.8), seq_logprob=(0.9, 0.85, 0.95)),
+    ]  # fmt: skip
+    paths = []
+    for n, results in enumerate(studies):
+        paths.append(tmp_path / f"{n}.json")
+        paths[-1].write_text(json.dumps(results))
+    done = subprocess.run(
+        [sys.executable, str(SCRIPTS / "lab_profile.py"), "--table", *map(str, paths)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    head, rule, *rows = [line.split(" | ") for line in done.stdout.splitlines()]
+    assert head[1:] == [
+        "sampled accuracy", "majority AUROC", "covo AUROC", "seq_logprob AUROC",
+        "sampling, scoring min |",
+    ]  # fmt: skip
+    assert rows == [
+        ["| smollm2_135m (bfloat16)", "0.008 [0.000, 0.020]", "0.344 [0.200, 0.500]",
+         "0.831 [0.537, 0.950]", "-", "28, 22 |"],
+        ["| qwen_coder_15b (float32)", "0.750 [0.700, 0.800]", "-", "0.700 [0.600, 0.800]",
+         "0.900 [0.850, 0.950]", "36, 0 |"],
+    ]  # fmt: skip
