@@ -102,8 +102,8 @@ def cell(stat: dict) -> str:
 
 def table(studies: list[dict]) -> str:
     """Markdown: a row per study (model and the dtype it sampled and scored in, sampled
-    accuracy, sampling and scoring minutes) and a
-    column per reward any of them ran (its AUROC; `-` where a study did not run it)."""
+    accuracy, sampling and scoring minutes) and a column per reward any of them ran (its
+    AUROC; `-` where a study did not run it)."""
     rewards = list(dict.fromkeys(r for s in studies for r in s["rewards"]))
     head = ["model", "sampled accuracy", *(f"{r} AUROC" for r in rewards), "sampling, scoring min"]
     lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]

@@ -7,7 +7,8 @@
 #   bash scripts/verdict_runs.sh predict    # the prediction's setting: 10 rewards x 3 seeds, lr 5e-5, KL 0.1
 #   bash scripts/verdict_runs.sh premise qwen_coder_15b   # CoVo's premise on a model (here the
 #       1.5B of the qwen15 extra; also qwen_coder_05b, smollm2_135m), on the 64 three-operand
-#       problems, in bf16 (3x fp32's matmul rate on an AVX512-BF16 CPU)
+#       problems, in bf16 where the CPU computes it natively (3x fp32's matmul rate on an
+#       AVX512-BF16 EPYC: scripts/bench_dtype.py), else fp32; COVO_PREMISE_DTYPE=float32 forces one
 # Each runs one process on one core at the lowest priority (nice 19), so other work goes first;
 # further arguments are overrides of that study (two at once: `... predict cores=[1]`).
 set -euo pipefail
@@ -35,7 +36,9 @@ case "$what" in
   premise)
     model=${1:?usage: scripts/verdict_runs.sh premise MODEL [overrides]}
     shift
-    run -m covo.study model="$model" model.master_dtype=bfloat16 threads=1 device=cpu \
+    native='from covo.infra.hardware import cpu_has_native_bf16 as bf16; print("bfloat16" if bf16() else "float32")'
+    dtype=${COVO_PREMISE_DTYPE:-$("$python" -c "$native")}
+    run -m covo.study model="$model" model.master_dtype="$dtype" threads=1 device=cpu \
       reward_extractor=boxed_or_last_number \
       'rewards=[covo,covo_paper,majority,self_certainty,entropy,seq_logprob]' \
       hydra.run.dir="$studies/$model" "$@" ;;

@@ -4,6 +4,7 @@ not in the middle of a benchmark."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -65,3 +66,31 @@ def test_lab_profile_table_puts_studies_of_several_models_side_by_side(tmp_path)
         ["| qwen_coder_15b (float32)", "0.750 [0.700, 0.800]", "-", "0.700 [0.600, 0.800]",
          "0.900 [0.850, 0.950]", "36, 0 |"],
     ]  # fmt: skip
+
+
+def test_the_premise_study_runs_in_bf16_only_where_the_cpu_computes_it(tmp_path):
+    """`verdict_runs.sh premise MODEL`: bf16 weights where covo.infra.hardware finds native
+    bf16, fp32 where torch would emulate it, COVO_PREMISE_DTYPE over both."""
+    fake = tmp_path / "python"  # runs the dtype probe, prints the study's command line
+    fake.write_text(
+        f'#!/bin/sh\nif [ "$1" = -c ]; then exec {sys.executable} "$@"; fi\necho "$@"\n'
+    )
+    fake.chmod(0o755)
+
+    def args(**env):
+        done = subprocess.run(
+            ["bash", str(SCRIPTS / "verdict_runs.sh"), "premise", "qwen_coder_15b", "threads=2"],
+            env={**os.environ, "PYTHON": str(fake), "COVO_STUDY_DIR": str(tmp_path), **env},
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()
+
+    assert args(COVO_NATIVE_BF16="1")[:4] == [
+        "-m", "covo.study", "model=qwen_coder_15b", "model.master_dtype=bfloat16",
+    ]  # fmt: skip
+    assert "model.master_dtype=float32" in args(COVO_NATIVE_BF16="0")
+    forced = args(COVO_NATIVE_BF16="1", COVO_PREMISE_DTYPE="float32")
+    assert "model.master_dtype=float32" in forced
+    assert forced[-2:] == [f"hydra.run.dir={tmp_path}/qwen_coder_15b", "threads=2"]
