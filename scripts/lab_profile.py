@@ -28,6 +28,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
 from covo.analysis.study import study
+from covo.analysis.study_metrics import cell, table
 from covo.infra.configs import conf_dir
 from covo.rewards.covo.segmentation import step_ends
 
@@ -95,25 +96,19 @@ def profile(results: dict, states: float | None) -> dict:
     return row
 
 
-def cell(stat: dict) -> str:
-    """`value [low, high]` of a study statistic, three decimals."""
-    return f"{stat['value']:.3f} [{stat['low']:.3f}, {stat['high']:.3f}]"
-
-
-def table(studies: list[dict]) -> str:
+def side_by_side(studies: list[dict]) -> str:
     """Markdown: a row per study (model and the dtype it sampled and scored in, sampled
     accuracy, sampling and scoring minutes) and a column per reward any of them ran (its
     AUROC; `-` where a study did not run it)."""
     rewards = list(dict.fromkeys(r for s in studies for r in s["rewards"]))
     head = ["model", "sampled accuracy", *(f"{r} AUROC" for r in rewards), "sampling, scoring min"]
-    lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
+    rows = []
     for s in studies:
         aurocs = [cell(s["rewards"][r]["auroc"]) if r in s["rewards"] else "-" for r in rewards]
         minutes = f"{s['sampling_seconds'] / 60:.0f}, {s['scoring_seconds'] / 60:.0f}"
         weights = s["config"].get("model", {}).get("master_dtype", "float32")
-        row = [f"{s['model']} ({weights})", cell(s["model_accuracy"]), *aurocs, minutes]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
+        rows.append([f"{s['model']} ({weights})", cell(s["model_accuracy"]), *aurocs, minutes])
+    return table(head, rows)
 
 
 def main() -> None:
@@ -126,7 +121,7 @@ def main() -> None:
                         help="where the study writes study.json")  # fmt: skip
     args = parser.parse_args()
     if args.table:
-        print(table([json.loads(path.read_text()) for path in args.table]))
+        print(side_by_side([json.loads(path.read_text()) for path in args.table]))
         return
     if args.done:  # states too where its samples are still there (its model is loaded)
         results, states = json.loads(args.done.read_text()), None
