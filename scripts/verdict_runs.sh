@@ -8,7 +8,7 @@
 #   bash scripts/verdict_runs.sh premise qwen_coder_15b   # CoVo's premise on a model (here the
 #       1.5B of the qwen15 extra; also qwen_coder_05b, smollm2_135m), on the 64 three-operand
 #       problems, in bf16 where the CPU computes it natively (3x fp32's matmul rate on an
-#       AVX512-BF16 EPYC: scripts/bench_dtype.py), else fp32; COVO_PREMISE_DTYPE=float32 forces one
+#       AVX512-BF16 EPYC: scripts/bench_precision.py --layer), else fp32; COVO_PREMISE_DTYPE=float32 forces one
 # Each runs one process on one core at the lowest priority (nice 19), so other work goes first;
 # further arguments are overrides of that study (two at once: `... predict cores=[1]`).
 set -euo pipefail
