@@ -2,10 +2,10 @@
 recomputed from it alone, against numbers computed by hand."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT
 from scipy import stats
 
 from covo.analysis.verdict import brief, collect_results, main, markdown, verdict
@@ -173,7 +173,7 @@ def test_missing_results_file_is_one_line(tmp_path, capsys):
 
 def test_the_readme_headline_is_the_results_file():
     # the README's table, recomputed from docs/results alone: the finished study, ten seeds
-    docs = Path(__file__).resolve().parents[1] / "docs"
+    docs = ROOT / "docs"
     results = json.loads((docs / "results" / "headline_lr3.3e-5_kl0.1.json").read_text())
     premise = json.loads((docs / "results" / "calibrated_premise.json").read_text())
     assert not results["setting"]["partial"] and results["split"] == "test"

@@ -198,6 +198,9 @@ def fmt(c: dict | None, sign: str = "+") -> str:
     return text if c.get("low") is None else f"{text} [{c['low']:{sign}.3f}, {c['high']:{sign}.3f}]"
 
 
+BEYOND = {True: "yes", False: "no", None: "-"}  # a gain beyond sharpening, by the table's flag
+
+
 def p_text(p: float) -> str:
     return "< 0.001" if p < 0.0005 else f"{p:.3f}"
 
@@ -224,7 +227,7 @@ def markdown(results: dict, table: dict) -> str:
     for reward, n in table["numbers"].items():
         diff = table["paired"].get(reward)
         p = p_cell(diff, adjusted_only=False)
-        beyond = {True: "yes", False: "no", None: "-"}[n["beyond_sharpening"]]
+        beyond = BEYOND[n["beyond_sharpening"]]
         row = [
             reward, str(len(n["seeds"])), fmt(n["sampled_gain"]),
             fmt(n.get("sampled_gain_bootstrap")), fmt(n["peak_on_validation"]),
@@ -258,7 +261,7 @@ def brief(table: dict, premise: dict | None = None) -> str:
         p = p_cell(diff, adjusted_only=True)
         row = [f"`{reward}`", "-" if auroc is None else f"{auroc['value']:.3f}"]
         row += [str(len(n["seeds"])), fmt(n["sampled_gain"]), fmt(n["greedy_gain"]), fmt(diff), p]
-        row.append({True: "yes", False: "no", None: "-"}[n["beyond_sharpening"]])
+        row.append(BEYOND[n["beyond_sharpening"]])
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
